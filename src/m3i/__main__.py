@@ -1,0 +1,5 @@
+import sys
+
+from m3i.cli import main
+
+sys.exit(main())

@@ -1,0 +1,349 @@
+"""The config schema: dataclasses, YAML presets and `key=value` overrides, validated up-front."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad preset, config file or override; the message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    img_size: int = 32
+    patch_size: int = 4
+    depth: int | None = 6  # override the timm model's depth (null: the model's own)
+    drop_path: float = 0.0
+
+
+@dataclass
+class ViewsConfig:
+    scale_min: float = 0.35
+    scale_max: float = 1.0
+    flip: float = 0.5
+    color_jitter: float = 0.4
+    hue: float = 0.1
+    grayscale: float = 0.1
+
+
+@dataclass
+class MixConfig:
+    ratio: float = 0.5  # share of grid positions that image A occupies in the mixed input
+    isolate: bool = True  # restrict encoder attention to tokens of the same image
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.995  # EMA momentum at step 0
+    momentum_final: float = 1.0  # reached at the last step on a cosine schedule
+
+
+@dataclass
+class DecoderConfig:
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+
+
+@dataclass
+class CategoryTargetConfig:
+    weight: float = 0.0
+    hidden_dim: int = 256  # MLP head hidden width (0: linear head)
+    embed_dim: int = 128  # dimension of the learned class embeddings
+
+
+@dataclass
+class TextTargetConfig:
+    weight: float = 0.0
+    embed_dim: int = 128
+    hidden_dim: int = 256  # image-side MLP head hidden width (0: linear projection)
+    temperature: float = 0.07  # initial value of the learnable temperature
+    width: int = 128  # text transformer
+    depth: int = 2
+    heads: int = 4
+    context_length: int = 32
+    vocab_size: int = 1000  # BPE vocabulary trained on the run's captions
+    tokenizer: str = "bpe"  # "bpe" or a path to a tokenizers `tokenizer.json`
+
+
+@dataclass
+class DenseTargetConfig:
+    weight: float = 0.0
+
+
+@dataclass
+class PixelTargetConfig:
+    weight: float = 0.0
+    norm_pix: bool = True  # per-patch normalised pixels, as MAE
+
+
+@dataclass
+class ViewContrastTargetConfig:
+    weight: float = 0.0
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    temperature: float = 0.2
+
+
+@dataclass
+class ViewRegressTargetConfig:
+    weight: float = 0.0
+    embed_dim: int = 128
+    hidden_dim: int = 256
+
+
+@dataclass
+class TargetsConfig:
+    category: CategoryTargetConfig = field(default_factory=CategoryTargetConfig)
+    text: TextTargetConfig = field(default_factory=TextTargetConfig)
+    intra_view: DenseTargetConfig = field(default_factory=DenseTargetConfig)
+    inter_view: DenseTargetConfig = field(default_factory=DenseTargetConfig)
+    pixels: PixelTargetConfig = field(default_factory=PixelTargetConfig)
+    view_contrast: ViewContrastTargetConfig = field(default_factory=ViewContrastTargetConfig)
+    view_regress: ViewRegressTargetConfig = field(default_factory=ViewRegressTargetConfig)
+
+
+@dataclass
+class DataConfig:
+    spec: str = "shapes"
+    num_train: int | None = None  # None: the source's own size
+    image_size: int = 32  # side of generated `shapes` images
+    workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 3.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class Config:
+    preset: str = "m3i"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
+    init: str = ""  # backbone.safetensors to start from
+
+    def active_targets(self) -> dict[str, Any]:
+        """The target configs whose weight is not zero, by name."""
+        return {
+            f.name: getattr(self.targets, f.name)
+            for f in fields(self.targets)
+            if getattr(self.targets, f.name).weight != 0
+        }
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if is_dataclass(hints[f.name]):
+            keys.extend(_valid_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(Config), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type hint, converting ints to floats."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key {key!r} expects {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key)
+        if is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {key!r} is a section; set its keys, e.g. {key}.X=..."
+                )
+            _apply(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value, e.g. train.steps=20")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def preset_names() -> list[str]:
+    root = importlib.resources.files("m3i") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin} must hold a mapping of config keys")
+    return values
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}; {hint}valid presets: {', '.join(names)}")
+    path = importlib.resources.files("m3i") / "presets" / f"{name}.yaml"
+    values = _read_yaml(path.read_text(), f"preset {name}")
+    values.setdefault("preset", name)
+    return values
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    data: str | None = None,
+) -> Config:
+    """Resolve a config: defaults < preset (or file) < --data < key=value overrides."""
+    cfg = Config()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        values = _read_yaml(path.read_text(), str(path))
+        base = values.pop("base", None)
+        if base is not None:
+            _apply(cfg, preset_values(base))
+        _apply(cfg, values)
+    else:
+        _apply(cfg, preset_values(preset or "m3i"))
+    if data is not None:
+        cfg.data.spec = data
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (e.g. a run's config.yaml)."""
+    cfg = Config()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject configs that cannot train, naming the key and what would work."""
+    checks = [
+        (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (0.0 < cfg.mix.ratio <= 1.0, "mix.ratio must be in (0, 1]: the share of image A"),
+        (
+            cfg.model.img_size % cfg.model.patch_size == 0,
+            f"model.img_size ({cfg.model.img_size}) must be a multiple of model.patch_size "
+            f"({cfg.model.patch_size})",
+        ),
+        (0.0 <= cfg.teacher.momentum <= 1.0, "teacher.momentum must be in [0, 1]"),
+        (0.0 <= cfg.teacher.momentum_final <= 1.0, "teacher.momentum_final must be in [0, 1]"),
+        (
+            cfg.targets.text.tokenizer == "bpe" or Path(cfg.targets.text.tokenizer).is_file(),
+            f"targets.text.tokenizer must be 'bpe' or an existing tokenizer.json, "
+            f"got {cfg.targets.text.tokenizer!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for stage in cfg.stages:
+        if stage not in preset_names() or stage == cfg.preset:
+            raise ConfigError(
+                f"stage {stage!r} is not a single-stage preset; valid: "
+                f"{', '.join(n for n in preset_names() if n != cfg.preset)}"
+            )
+    if not cfg.stages and not cfg.active_targets():
+        raise ConfigError("no active target: set at least one targets.<name>.weight > 0")
+    grid = (cfg.model.img_size // cfg.model.patch_size) ** 2
+    visible_a = round(cfg.mix.ratio * grid)
+    if visible_a < 1:
+        raise ConfigError(f"mix.ratio {cfg.mix.ratio} leaves image A no patch of {grid}")
+    needs_b = cfg.targets.inter_view.weight != 0
+    if needs_b and visible_a == grid:
+        raise ConfigError("targets.inter_view needs image B in the mix: set mix.ratio < 1")
+    needs_masked = cfg.targets.intra_view.weight != 0 or cfg.targets.pixels.weight != 0
+    if needs_masked and visible_a == grid:
+        raise ConfigError("targets.intra_view/pixels need masked positions: set mix.ratio < 1")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

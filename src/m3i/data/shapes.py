@@ -1,0 +1,311 @@
+"""The embedded procedural dataset: one labelled shape on a texture, plus small distractors.
+
+Every sample is a pure function of (seed, split, index) and is rendered on demand, so
+DataLoader workers share the work and nothing is downloaded. The label is the main object's
+category; the caption adds what the label does not say (colour, size, position, background,
+distractors). ``annotations`` gives a segmentation mask and tight boxes for dense evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from m3i.data.sources import DataError, ImageSource, Sample
+
+CLASSES = [
+    "circle", "square", "triangle", "diamond", "cross",
+    "plus", "ring", "star", "ellipse", "half-disc",
+]  # fmt: skip
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (245, 225, 40),
+    "purple": (170, 70, 220),
+    "orange": (250, 145, 30),
+    "cyan": (40, 215, 225),
+    "white": (245, 245, 245),
+    "pink": (250, 130, 190),
+}
+TEXTURES = ["plain", "striped", "checkered", "noisy", "gradient"]
+POSITIONS = [
+    "at the top left", "at the top", "at the top right",
+    "on the left", "in the center", "on the right",
+    "at the bottom left", "at the bottom", "at the bottom right",
+]  # fmt: skip
+# distractor kind -> (half width, half height) in units of the distractor radius
+DISTRACTORS: dict[str, tuple[float, float]] = {
+    "dot": (1.0, 1.0),
+    "dash": (1.6, 0.45),
+    "bar": (0.45, 1.6),
+}
+SMALL_RADIUS = (0.13, 0.16)  # main object half-extent as a fraction of the image side
+LARGE_RADIUS = (0.26, 0.30)
+DISTRACTOR_RADIUS = 0.07
+MIN_DISTRACTOR_RADIUS = 1.6  # pixels, so that every distractor covers a pixel centre
+GAP = 2.0  # pixels between object boxes, so that objects never touch or hide each other
+MAX_DISTRACTORS = 3
+MIN_IMAGE_SIZE = 16
+NUM_SAMPLES = {"train": 10000, "val": 2000}
+_SPLIT_STREAM = {"train": 0, "val": 1}
+_PLURALS = {"dot": "dots", "dash": "dashes", "bar": "bars"}
+_COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+
+
+def _in_polygon(x: np.ndarray, y: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Even-odd point-in-polygon test, vectorised over broadcast ``x`` and ``y``."""
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
+    for (xa, ya), (xb, yb) in zip(vertices, np.roll(vertices, 1, axis=0), strict=True):
+        if ya != yb:
+            crosses = (ya > y) != (yb > y)
+            inside ^= crosses & (x < xa + (xb - xa) * (y - ya) / (yb - ya))
+    return inside
+
+
+_STAR = np.array(
+    [
+        ((1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
+         (1.0 if k % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + k * math.pi / 5) + 0.095)
+        for k in range(10)
+    ]
+)  # fmt: skip
+
+
+def _box(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.maximum(abs(x), abs(y)) <= 1.0
+
+
+def _disc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return x * x + y * y <= 1.0
+
+
+# kind -> inside test on coordinates normalised to the object's half extents ([-1, 1]^2)
+_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": _disc,
+    "square": lambda x, y: np.maximum(abs(x), abs(y)) <= 0.85,
+    "triangle": lambda x, y: (y <= 0.9) & (abs(x) <= (y + 0.9) / 1.8),
+    "diamond": lambda x, y: abs(x) + abs(y) <= 1.0,
+    "cross": lambda x, y: (
+        (np.maximum(abs(x), abs(y)) <= 0.8) & ((abs(x - y) <= 0.32) | (abs(x + y) <= 0.32))
+    ),
+    "plus": lambda x, y: (
+        (np.maximum(abs(x), abs(y)) <= 0.95) & (np.minimum(abs(x), abs(y)) <= 0.25)
+    ),
+    "ring": lambda x, y: (x * x + y * y <= 1.0) & (x * x + y * y >= 0.3),
+    "star": lambda x, y: _in_polygon(x, y, _STAR),
+    "ellipse": lambda x, y: x * x + (y / 0.55) ** 2 <= 1.0,
+    "half-disc": lambda x, y: (x * x + (y - 0.5) ** 2 <= 1.0) & (y <= 0.5),
+    "dot": _disc,
+    "dash": _box,
+    "bar": _box,
+}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One drawn object: kind, colour name, centre and half extents in pixels."""
+
+    kind: str
+    colour: str
+    cx: float
+    cy: float
+    half_width: float
+    half_height: float
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Geometric (x0, y0, x1, y1); every pixel centre of the object lies inside."""
+        return (
+            self.cx - self.half_width,
+            self.cy - self.half_height,
+            self.cx + self.half_width,
+            self.cy + self.half_height,
+        )
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Every random choice of one sample; rendering and captioning are functions of it."""
+
+    label: int
+    large: bool
+    position: int  # index into POSITIONS: 3 * row + column of the third holding the centre
+    main: ShapeObject
+    texture: str
+    dark: tuple[float, float, float]  # the two background colours
+    light: tuple[float, float, float]
+    period: float  # stripe / checker period in pixels
+    angle: float  # stripe / gradient direction in radians
+    noise_seed: int
+    distractors: tuple[ShapeObject, ...]
+
+    def caption(self) -> str:
+        """E.g. 'a large red triangle at the top left on a striped background with two small
+        blue dots'."""
+        size = "large" if self.large else "small"
+        text = f"a {size} {self.main.colour} {self.main.kind} {POSITIONS[self.position]}"
+        text += f" on a {self.texture} background"
+        groups = Counter((obj.colour, obj.kind) for obj in self.distractors)
+        parts = [
+            f"{_COUNT_WORDS[count]} small {colour} {kind if count == 1 else _PLURALS[kind]}"
+            for (colour, kind), count in groups.items()
+        ]
+        if parts:
+            listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+            text += f" with {listed}"
+        return text
+
+
+def _apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether two (x0, y0, x1, y1) boxes are at least GAP pixels apart on some axis."""
+    return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
+
+
+class ShapesDataset(ImageSource):
+    """Procedural shapes: label = main object category, caption = its full description."""
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_samples: int | None = None,
+        image_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if split not in NUM_SAMPLES:
+            raise DataError(f"shapes: unknown split {split!r}; use 'train' or 'val'")
+        if image_size < MIN_IMAGE_SIZE:
+            raise DataError(f"shapes: image_size={image_size} too small; use {MIN_IMAGE_SIZE}+")
+        if seed < 0 or (num_samples is not None and num_samples <= 0):
+            raise DataError(f"shapes: seed={seed}, num_samples={num_samples}; use seed >= 0, n > 0")
+        self.classes = list(CLASSES)
+        self.name = "shapes"
+        self.split = split
+        self.image_size = image_size
+        self.seed = seed
+        self._length = NUM_SAMPLES[split] if num_samples is None else num_samples
+        self._centres = np.arange(image_size, dtype=np.float64) + 0.5
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Sample:
+        scene = self.scene(index)
+        image, _ = self._render(scene)
+        return Sample(torch.from_numpy(image), scene.label, scene.caption())
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        count = len(self) if limit is None else min(limit, len(self))
+        return [self.scene(index).caption() for index in range(count)]
+
+    def annotations(self, index: int) -> dict[str, torch.Tensor]:
+        """``mask`` (H, W) int64: 0 background, 1 + label main object, 1 + num_classes
+        distractors; ``boxes`` (M, 4) float xyxy pixel edges, tight around each object's
+        visible pixels (main object first); ``box_labels`` (M,) int64 (num_classes = distractor).
+        """
+        scene = self.scene(index)
+        _, instances = self._render(scene)
+        num_classes = len(CLASSES)
+        main_id = len(scene.distractors) + 1
+        mask = np.where(instances == main_id, 1 + scene.label, 0)
+        mask[(instances > 0) & (instances < main_id)] = 1 + num_classes
+        boxes = []
+        for instance in [main_id, *range(1, main_id)]:
+            rows, cols = np.nonzero(instances == instance)
+            boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+        box_labels = [scene.label] + [num_classes] * len(scene.distractors)
+        return {
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "box_labels": torch.tensor(box_labels, dtype=torch.int64),
+        }
+
+    def scene(self, index: int) -> Scene:
+        """Sample every parameter of item ``index`` (cheap: nothing is rendered)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} shapes")
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], index])
+        size = self.image_size
+        names = list(COLOURS)
+        label = int(rng.integers(len(CLASSES)))
+        colour = names[rng.integers(len(names))]
+        large = bool(rng.integers(2))
+        position = int(rng.integers(len(POSITIONS)))
+        radius = size * rng.uniform(*(LARGE_RADIUS if large else SMALL_RADIUS))
+        row, column = divmod(position, 3)
+        cx, cy = (
+            rng.uniform(max(k * size / 3, radius), min((k + 1) * size / 3, size - radius))
+            for k in (column, row)
+        )
+        main = ShapeObject(CLASSES[label], colour, cx, cy, radius, radius)
+        texture = TEXTURES[rng.integers(len(TEXTURES))]
+        dark = tuple(rng.uniform(0.0, 45.0, 3))
+        light = tuple(rng.uniform(75.0, 120.0, 3))
+        period = size * rng.uniform(0.12, 0.25)
+        angle = rng.uniform(0.0, 2 * math.pi)
+        if texture == "striped":  # horizontal, vertical or diagonal stripes
+            angle = round(angle / (math.pi / 4)) * (math.pi / 4)
+        noise_seed = int(rng.integers(2**32))
+        occupied = [main.bounds()]
+        distractors = []
+        unit = max(DISTRACTOR_RADIUS * size, MIN_DISTRACTOR_RADIUS)
+        for _ in range(int(rng.integers(MAX_DISTRACTORS + 1))):
+            kind = list(DISTRACTORS)[rng.integers(len(DISTRACTORS))]
+            kind_colour = names[rng.integers(len(names))]
+            half_w, half_h = (unit * extent for extent in DISTRACTORS[kind])
+            for _attempt in range(20):  # a distractor with no free spot is left out
+                candidate = ShapeObject(
+                    kind,
+                    kind_colour,
+                    rng.uniform(half_w, size - half_w),
+                    rng.uniform(half_h, size - half_h),
+                    half_w,
+                    half_h,
+                )
+                if all(_apart(candidate.bounds(), other) for other in occupied):
+                    distractors.append(candidate)
+                    occupied.append(candidate.bounds())
+                    break
+        return Scene(
+            label, large, position, main, texture, dark, light, period, angle, noise_seed,
+            tuple(distractors),
+        )  # fmt: skip
+
+    def _render(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 image (3, S, S), instance map (S, S): 0 background, k = k-th drawn object)."""
+        image = self._background(scene)
+        instances = np.zeros((self.image_size,) * 2, dtype=np.int64)
+        for instance, obj in enumerate((*scene.distractors, scene.main), start=1):
+            x0, y0, x1, y1 = obj.bounds()
+            columns = slice(max(int(x0), 0), min(math.ceil(x1) + 1, self.image_size))
+            rows = slice(max(int(y0), 0), min(math.ceil(y1) + 1, self.image_size))
+            dx = (self._centres[columns] - obj.cx)[None, :] / obj.half_width
+            dy = (self._centres[rows] - obj.cy)[:, None] / obj.half_height
+            inside = _SHAPES[obj.kind](dx, dy)
+            image[:, rows, columns][:, inside] = np.array(COLOURS[obj.colour], np.uint8)[:, None]
+            instances[rows, columns][inside] = instance
+        return image, instances
+
+    def _background(self, scene: Scene) -> np.ndarray:
+        """Blend of the dark and light colours by the texture's weight map, uint8 (3, S, S)."""
+        x = self._centres[None, :]
+        y = self._centres[:, None]
+        along = x * math.cos(scene.angle) + y * math.sin(scene.angle)
+        half = scene.period / 2
+        if scene.texture == "plain":
+            weight = np.zeros_like(along)
+        elif scene.texture == "striped":
+            weight = np.floor(along / half) % 2
+        elif scene.texture == "checkered":
+            weight = (np.floor(x / half) + np.floor(y / half)) % 2
+        elif scene.texture == "noisy":
+            weight = np.random.default_rng(scene.noise_seed).random(along.shape)
+        else:  # gradient
+            weight = (along - along.min()) / (along.max() - along.min())
+        dark = np.array(scene.dark)[:, None, None]
+        light = np.array(scene.light)[:, None, None]
+        return np.rint(dark + (light - dark) * weight).astype(np.uint8)

@@ -1,0 +1,374 @@
+"""Image sources: the procedural shapes set, Fashion-MNIST, image folders and caption files.
+
+Every source yields :class:`Sample` (uint8 RGB image, label or -1, caption or "") and is opened
+from a one-string spec with :func:`open_source`. Bad input raises :class:`DataError` with a
+one-line message that names the file or spec and says what would work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+logger = logging.getLogger("m3i.data")
+
+SPECS = "shapes, fashion-mnist[:DIR], folder:PATH, captions:TRAIN.jsonl[,VAL.jsonl]"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+_FASHION_NOUNS = [
+    "t-shirt", "pair of trousers", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+_FASHION_TEMPLATES = [
+    "a photo of {}", "a grayscale picture of {}", "a low resolution photo of {}",
+    "a black and white image of {}", "a product photo of {}", "a small picture of {}",
+]  # fmt: skip
+# PIL raises SyntaxError for some broken files (e.g. bad PNG chunks during verify()).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_MAX_CORRUPT_FRACTION = 0.01
+_SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line naming the file or spec and what would work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+@dataclass
+class Sample:
+    """One image with its optional label and caption."""
+
+    image: torch.Tensor  # uint8, (3, H, W), RGB
+    label: int  # class index, -1 when the sample has no label
+    caption: str  # "" when the sample has no caption
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """Base class of every source: indexable samples plus class names and cheap captions."""
+
+    classes: list[str] | None
+    name: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        """Non-empty captions in index order (at most ``limit``), without decoding images."""
+        raise NotImplementedError
+
+    @property
+    def num_corrupt(self) -> int:
+        """Images found unreadable so far (always 0 for sources held in memory)."""
+        return 0
+
+    def verify(self) -> int:
+        """Check every image up-front; returns the number of corrupt images (none here)."""
+        return 0
+
+
+def _check_index(index: int, length: int) -> None:
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a source of {length} samples")
+
+
+def _take(length: int, num_samples: int | None, what: str) -> int:
+    """How many of ``length`` items to keep when ``num_samples`` are asked for."""
+    if num_samples is None:
+        return length
+    if not 0 < num_samples <= length:
+        raise DataError(f"{what}: num_samples={num_samples} but it holds {length}; use 1..{length}")
+    return num_samples
+
+
+class FashionMNIST(ImageSource):
+    """Fashion-MNIST from IDX files (gzipped or not); grey images repeated to RGB, 28x28."""
+
+    def __init__(self, root: str, split: str, num_samples: int | None, name: str) -> None:
+        directory = Path(root)
+        if not directory.is_dir():
+            raise DataError(
+                f"{directory}: no such folder; fashion-mnist:DIR needs DIR with the IDX files "
+                "train-images-idx3-ubyte[.gz] etc. (Debian package dataset-fashion-mnist)"
+            )
+        prefix = "train" if split == "train" else "t10k"
+        images = _read_idx(_find_idx(directory, f"{prefix}-images", "idx3"), 2051, 3)
+        labels_file = _find_idx(directory, f"{prefix}-labels", "idx1")
+        labels = _read_idx(labels_file, 2049, 1)
+        if len(images) != len(labels) or len(labels) == 0:
+            raise DataError(
+                f"{labels_file}: {len(labels)} labels for {len(images)} images; "
+                "both files must hold the same non-zero number of samples"
+            )
+        if labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{labels_file}: label {labels.max()} out of range; expected 0..9")
+        keep = _take(len(labels), num_samples, name)
+        self._images = images[:keep]
+        self._labels = labels[:keep]
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> Sample:
+        _check_index(index, len(self))
+        image = torch.from_numpy(self._images[index]).unsqueeze(0).repeat(3, 1, 1)
+        return Sample(image, int(self._labels[index]), self._caption(index))
+
+    def _caption(self, index: int) -> str:
+        template = _FASHION_TEMPLATES[index % len(_FASHION_TEMPLATES)]
+        noun = _FASHION_NOUNS[self._labels[index]]
+        article = "an" if noun[0] in "aeiou" else "a"
+        return template.format(f"{article} {noun}")
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        count = len(self) if limit is None else min(limit, len(self))
+        return [self._caption(index) for index in range(count)]
+
+
+def _find_idx(directory: Path, stem: str, kind: str) -> Path:
+    """The IDX file ``{stem}-{kind}-ubyte`` (or ``{stem}.{kind}-ubyte``), gzipped or not."""
+    matches = sorted(directory.glob(f"{stem}[-.]{kind}-ubyte*"))
+    if not matches:
+        raise DataError(
+            f"{directory}: no {stem}-{kind}-ubyte[.gz] file; fashion-mnist:DIR needs the four "
+            "IDX files train-images, train-labels, t10k-images, t10k-labels"
+        )
+    return matches[0]
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX array; ``magic`` is 0x0801 (1-d) or 0x0803 (3-d)."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError) as error:
+        message = f"{path}: cannot read ({error}); expected an IDX file, gzipped or not"
+        raise DataError(message) from error
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {magic:#06x} expected)")
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated or padded IDX data for shape {shape}; re-download it")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape).copy()
+
+
+class ImageFiles(ImageSource):
+    """Images read lazily from files; corrupt files are skipped, counted and bounded at 1%."""
+
+    def __init__(
+        self,
+        name: str,
+        files: list[Path],
+        labels: list[int],
+        captions: list[str],
+        classes: list[str] | None,
+    ) -> None:
+        self.name = name
+        self.classes = classes
+        self._files = files
+        self._labels = labels
+        self._captions = captions
+        self._corrupt: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> Sample:
+        """The sample at ``index``, or the next readable one (wrapping) if that file is corrupt."""
+        _check_index(index, len(self))
+        while True:
+            if index not in self._corrupt:
+                try:
+                    image = _decode(self._files[index])
+                except _IMAGE_ERRORS as error:
+                    self._mark_corrupt(index, error)
+                else:
+                    return Sample(image, self._labels[index], self._captions[index])
+            index = (index + 1) % len(self)
+
+    @property
+    def num_corrupt(self) -> int:
+        return len(self._corrupt)
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        found = [caption for caption in self._captions if caption]
+        return found if limit is None else found[:limit]
+
+    def verify(self) -> int:
+        """Open every image once (PIL verify); same 1% rule as lazy loading."""
+        for index, path in enumerate(self._files):
+            if index in self._corrupt:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except _IMAGE_ERRORS as error:
+                self._mark_corrupt(index, error)
+        return self.num_corrupt
+
+    def _mark_corrupt(self, index: int, error: Exception) -> None:
+        self._corrupt.add(index)
+        path = self._files[index]
+        logger.warning(
+            "%s: skipped corrupt image %s (%s); %d of %d corrupt so far",
+            self.name, path, error, len(self._corrupt), len(self),
+        )  # fmt: skip
+        if len(self._corrupt) > _MAX_CORRUPT_FRACTION * len(self):
+            raise DataError(
+                f"{path}: unreadable image ({error}); {len(self._corrupt)} of {len(self)} "
+                f"images in {self.name} are corrupt, more than 1%; replace or remove them"
+            )
+
+
+def _decode(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return F.pil_to_tensor(image.convert("RGB"))
+
+
+def _open_folder(
+    root: str, split: str, num_samples: int | None, seed: int, name: str
+) -> ImageFiles:
+    """ImageNet layout: ROOT/train/CLASS/*.png and ROOT/val/CLASS/*; classes from train/."""
+    layout = "expected PATH/train/CLASS/IMAGE.png and optionally PATH/val/CLASS/IMAGE.png"
+    base = Path(root)
+    train_dir = base / "train"
+    if not train_dir.is_dir():
+        missing = base if not base.is_dir() else train_dir
+        raise DataError(f"{missing}: no such folder; folder:PATH {layout}")
+    classes = sorted(entry.name for entry in train_dir.iterdir() if entry.is_dir())
+    split_dir = base / split
+    if split == "val" and not split_dir.is_dir():
+        raise DataError(f"{name} has no val split: {split_dir} is missing; create it or use train")
+    files: list[Path] = []
+    labels: list[int] = []
+    for class_dir in sorted(entry for entry in split_dir.iterdir() if entry.is_dir()):
+        if class_dir.name not in classes:
+            raise DataError(f"{class_dir}: class not in {train_dir}; val classes must exist there")
+        found = sorted(
+            path
+            for path in class_dir.iterdir()
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        )
+        files += found
+        labels += [classes.index(class_dir.name)] * len(found)
+    if not files:
+        raise DataError(f"{split_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); {layout}")
+    keep = _take(len(files), num_samples, name)
+    if keep < len(files):  # files are grouped by class: take a seeded random subset
+        chosen = sorted(random.Random(seed).sample(range(len(files)), keep))
+        files = [files[index] for index in chosen]
+        labels = [labels[index] for index in chosen]
+    return ImageFiles(name, files, labels, [""] * len(files), classes)
+
+
+_LINE_FORMAT = 'each line must be {"image": "a.jpg", "caption": "...", "label": 0 (optional)}'
+
+
+def _read_jsonl(path: Path) -> list[tuple[Path, str, int, int]]:
+    """(image path, caption, label or -1, line number) per non-blank line of a JSONL file."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file; captions:FILE.jsonl needs a JSONL file; {_LINE_FORMAT}"
+        )
+    rows = []
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:  # bad JSON or bad UTF-8
+                message = f"{path}:{number}: malformed JSON ({error}); {_LINE_FORMAT}"
+                raise DataError(message) from error
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("image"), str)
+                and isinstance(record.get("caption"), str)
+            ):
+                raise DataError(f"{path}:{number}: missing image or caption; {_LINE_FORMAT}")
+            label = record.get("label")
+            if label is not None and (type(label) is not int or label < 0):
+                raise DataError(
+                    f"{path}:{number}: label {label!r} is not an integer >= 0; "
+                    "labels must be 0..C-1, or leave out the key for unlabelled samples"
+                )
+            image = Path(record["image"])
+            image = image if image.is_absolute() else path.parent / image
+            rows.append((image, record["caption"], -1 if label is None else label, number))
+    if not rows:
+        raise DataError(f"{path}: no samples; {_LINE_FORMAT}")
+    return rows
+
+
+def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> ImageFiles:
+    """captions:TRAIN.jsonl[,VAL.jsonl]; classes come from the labels of the train file."""
+    paths = [Path(part) for part in arg.split(",")]
+    if len(paths) > 2 or not all(part.strip() for part in arg.split(",")):
+        raise DataError(f"{name}: expected captions:TRAIN.jsonl or captions:TRAIN.jsonl,VAL.jsonl")
+    if split == "val" and len(paths) == 1:
+        raise DataError(f"{name} has no val split; use captions:{arg},VAL.jsonl or the train split")
+    train_rows = _read_jsonl(paths[0])
+    max_label = max(row[2] for row in train_rows)
+    classes = [str(index) for index in range(max_label + 1)] if max_label >= 0 else None
+    rows = train_rows
+    if split == "val":
+        rows = _read_jsonl(paths[1])
+        num_classes = 0 if classes is None else len(classes)
+        for _, _, label, number in rows:
+            if label >= num_classes:
+                raise DataError(
+                    f"{paths[1]}:{number}: label {label} is out of range for the {num_classes} "
+                    f"classes of {paths[0]}; val labels must be 0..{num_classes - 1}"
+                )
+    rows = rows[: _take(len(rows), num_samples, name)]
+    files, captions, labels, _ = (list(column) for column in zip(*rows, strict=True))
+    return ImageFiles(name, files, labels, captions, classes)
+
+
+def open_source(
+    spec: str,
+    split: str = "train",
+    *,
+    num_samples: int | None = None,
+    image_size: int = 32,
+    seed: int = 0,
+) -> ImageSource:
+    """Open a source from its spec; ``image_size`` and ``seed`` shape the procedural set.
+
+    num_samples takes the first n samples in file order, except for ``folder:`` (whose order is
+    grouped by class) where it takes a random subset drawn with ``seed``.
+    """
+    if split not in _SPLITS:
+        raise DataError(f"{spec}: unknown split {split!r}; use 'train' or 'val'")
+    kind, _, arg = spec.partition(":")
+    if kind == "shapes" and not arg:
+        from m3i.data.shapes import ShapesDataset  # shapes imports this module
+
+        return ShapesDataset(split, num_samples, image_size, seed)
+    if kind == "fashion-mnist":
+        return FashionMNIST(arg or FASHION_MNIST_DIR, split, num_samples, spec)
+    if kind == "folder" and arg:
+        return _open_folder(arg, split, num_samples, seed, spec)
+    if kind == "captions" and arg:
+        return _open_captions(arg, split, num_samples, spec)
+    raise DataError(f"unknown data spec {spec!r}; valid specs: {SPECS}")

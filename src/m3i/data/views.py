@@ -1,0 +1,164 @@
+"""Augmented views that record their geometry (crop box and flip), reproducibly.
+
+Geometry convention (the decoder relies on it): ``box = (top, left, height, width)`` as
+fractions of the source image; the view's normalised point (u, v) in [0, 1]^2 (u horizontal)
+maps to the source point x = left + (1 - u if flipped else u) * width, y = top + v * height.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from m3i.data.sources import ImageSource
+
+
+@dataclass
+class ViewConfig:
+    """Augmentation of one view (RandomResizedCrop, flip, colour jitter, grayscale)."""
+
+    size: int = 32  # output side of every view
+    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.4  # brightness/contrast/saturation strength, 0 disables
+    hue: float = 0.1  # hue jitter in [-hue, hue] (of a full turn), 0 disables
+    grayscale: float = 0.1  # probability
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "size >= 1": self.size >= 1,
+            "0 < scale[0] <= scale[1] <= 1": 0 < self.scale[0] <= self.scale[1] <= 1,
+            "0 < ratio[0] <= ratio[1]": 0 < self.ratio[0] <= self.ratio[1],
+            "0 <= flip <= 1": 0 <= self.flip <= 1,
+            "color_jitter >= 0": self.color_jitter >= 0,
+            "0 <= hue <= 0.5": 0 <= self.hue <= 0.5,
+            "0 <= grayscale <= 1": 0 <= self.grayscale <= 1,
+            "std > 0": all(value > 0 for value in self.std),
+        }
+        failed = [rule for rule, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"ViewConfig needs {', '.join(failed)}; got {self}")
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return torch.empty(1).uniform_(low, high, generator=generator).item()
+
+
+def sample_crop(
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) in pixels, drawn exactly as RandomResizedCrop.get_params draws it."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * _uniform(scale[0], scale[1], generator)
+        aspect_ratio = math.exp(_uniform(log_ratio[0].item(), log_ratio[1].item(), generator))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height  # fall back to a central crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _color_jitter(view: torch.Tensor, cfg: ViewConfig, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue in random order, as ColorJitter does."""
+    strength = cfg.color_jitter
+    ops = []
+    if strength:
+        low = max(0.0, 1.0 - strength)
+        adjusts = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+        ops += [(op, _uniform(low, 1.0 + strength, generator)) for op in adjusts]
+    if cfg.hue:
+        ops.append((F.adjust_hue, _uniform(-cfg.hue, cfg.hue, generator)))
+    for op_index in torch.randperm(len(ops), generator=generator).tolist():
+        op, factor = ops[op_index]
+        view = op(view, factor)
+    return view
+
+
+def make_view(
+    image: torch.Tensor, cfg: ViewConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One augmented view: (float image (3, size, size) normalised, box (4,) float =
+    (top, left, height, width) as fractions of the source image, flipped)."""
+    _, height, width = image.shape
+    top, left, h, w = sample_crop(height, width, cfg.scale, cfg.ratio, generator)
+    view = F.resized_crop(image, top, left, h, w, [cfg.size, cfg.size], antialias=True)
+    view = F.to_dtype(view, torch.float32, scale=True)
+    flipped = bool(torch.rand(1, generator=generator).item() < cfg.flip)
+    if flipped:
+        view = F.horizontal_flip(view)
+    view = _color_jitter(view, cfg, generator)
+    if torch.rand(1, generator=generator).item() < cfg.grayscale:
+        view = F.rgb_to_grayscale(view, num_output_channels=3)
+    view = F.normalize(view, list(cfg.mean), list(cfg.std))
+    box = torch.tensor([top / height, left / width, h / height, w / width], dtype=torch.float32)
+    return view, box, flipped
+
+
+def eval_transform(
+    image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Evaluation view: the whole uint8 image resized to (size, size), antialiased, normalised."""
+    view = F.resize(image, [size, size], antialias=True)
+    return F.normalize(F.to_dtype(view, torch.float32, scale=True), list(mean), list(std))
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Two augmented views per sample; item i's randomness is a function of (seed, epoch, i).
+
+    Set ``epoch`` before iterating a DataLoader over it (workers copy the dataset when the
+    iterator starts, so use non-persistent workers or recreate them each epoch).
+    """
+
+    def __init__(self, source: ImageSource, cfg: ViewConfig, seed: int = 0) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator that item ``index`` of the current epoch draws from."""
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        sample = self.source[index]
+        generator = self.generator(index)
+        view1, box1, flip1 = make_view(sample.image, self.cfg, generator)
+        view2, box2, flip2 = make_view(sample.image, self.cfg, generator)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "box1": box1,
+            "flip1": torch.tensor(flip1),
+            "box2": box2,
+            "flip2": torch.tensor(flip2),
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "caption": sample.caption,
+            "index": torch.tensor(index, dtype=torch.int64),
+        }

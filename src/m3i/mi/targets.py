@@ -1,0 +1,263 @@
+"""Targets: a Target = source + target encoder + head + posterior + weight.
+
+Each target reads what the step computed once for all of them (a `StepContext`: encoder
+streams, decoder outputs, teacher features) and returns a `Bound` (loss and MI bound in nats).
+It declares what it reads, so the step computes only what the active targets need:
+
+    stream       "a" | "b" | "pooled" (pooled features of every encoded image)
+    queries      None | "masked" (A's hidden positions, same view) | "other_view" (B's v_B')
+    teacher      None | "view1" | "view2" (dense EMA-teacher tokens, LayerNorm'd)
+    pooled_teacher  None | "view2" (pooled EMA-teacher features of the other view)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from m3i.data.mixing import gather_tokens
+from m3i.mi.posteriors import Bound, boltzmann, gaussian, normalised_l2, nt_xent, symmetric_infonce
+from m3i.models.ema import MomentumTeacher
+from m3i.models.heads import mlp_head
+from m3i.models.text import TextEncoder, tokenize
+from m3i.train.distributed import gather_with_grad
+
+
+@dataclass
+class Stream:
+    """One image role of the mixed input: its encoder tokens and where they sit."""
+
+    tokens: torch.Tensor  # (N, L, D)
+    positions: torch.Tensor  # (N, L) grid indices in the input view
+    samples: torch.Tensor  # (N,) batch index of the image each row holds
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        return self.tokens.mean(dim=1)
+
+
+@dataclass
+class StepContext:
+    batch: dict[str, Any]
+    streams: dict[str, Stream]
+    masked_positions: torch.Tensor | None = None  # (N, Q) view-1 positions image A did not see
+    decoded: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_dense: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    teacher_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    patch_size: int = 16
+
+
+def zero_bound(like: torch.Tensor) -> Bound:
+    """No sample carries this target in the batch: a zero loss that keeps the graph connected."""
+    return Bound(like.sum() * 0.0, torch.zeros((), device=like.device))
+
+
+def mean_bound(bounds: list[Bound]) -> Bound:
+    return Bound(sum(b.loss for b in bounds) / len(bounds), sum(b.mi for b in bounds) / len(bounds))
+
+
+class Target(nn.Module):
+    stream: str = "pooled"
+    queries: str | None = None
+    teacher: str | None = None
+    pooled_teacher: str | None = None
+
+    def __init__(self, name: str, weight: float) -> None:
+        super().__init__()
+        self.name, self.weight = name, weight
+
+    def forward(self, ctx: StepContext) -> Bound:
+        raise NotImplementedError
+
+    def momentum_update(self, momentum: float) -> None:
+        """Update this target's own EMA heads, if it has any."""
+
+
+class CategoryTarget(Target):
+    """Supervised: Boltzmann over learned class embeddings, for every labelled image."""
+
+    def __init__(self, name: str, cfg: Any, encoder_dim: int, num_classes: int) -> None:
+        super().__init__(name, cfg.weight)
+        self.head = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
+        self.class_embedding = nn.Parameter(torch.randn(num_classes, cfg.embed_dim) * 0.02)
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled) @ self.class_embedding.t()
+
+    def forward(self, ctx: StepContext) -> Bound:
+        logits = torch.cat([self.logits(s.pooled) for s in ctx.streams.values()])
+        labels = torch.cat([ctx.batch["label"][s.samples] for s in ctx.streams.values()])
+        labelled = labels >= 0
+        if not labelled.any():
+            return zero_bound(logits)
+        return boltzmann(logits[labelled], labels[labelled])
+
+
+class TextTarget(Target):
+    """CLIP: symmetric InfoNCE between image and caption embeddings over the global batch."""
+
+    def __init__(self, name: str, cfg: Any, encoder_dim: int, tokenizer: Tokenizer) -> None:
+        super().__init__(name, cfg.weight)
+        self.tokenizer, self.context_length = tokenizer, cfg.context_length
+        self.head = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
+        self.encoder = TextEncoder(
+            tokenizer.get_vocab_size(),
+            cfg.width,
+            cfg.depth,
+            cfg.heads,
+            cfg.context_length,
+            cfg.embed_dim,
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids, valid = tokenize(self.tokenizer, captions, self.context_length)
+        device = self.logit_scale.device
+        return F.normalize(self.encoder(ids.to(device), valid.to(device)), dim=-1)
+
+    def encode_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(pooled), dim=-1)
+
+    def forward(self, ctx: StepContext) -> Bound:
+        captions = list(ctx.batch["caption"])
+        has_caption = torch.tensor([bool(c) for c in captions], device=self.logit_scale.device)
+        text = self.encode_text(captions)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        bounds = []
+        for stream in ctx.streams.values():
+            image = self.encode_image(stream.pooled)
+            keep = gather_with_grad(has_caption[stream.samples].float()) > 0
+            if keep.any():
+                image_all = gather_with_grad(image)[keep]
+                text_all = gather_with_grad(text[stream.samples])[keep]
+                bounds.append(symmetric_infonce(scale * image_all @ text_all.t()))
+        return mean_bound(bounds) if bounds else zero_bound(text)
+
+
+class DenseTeacherTarget(Target):
+    """Gaussian regression of the decoder's query outputs onto LayerNorm'd EMA-teacher tokens."""
+
+    def __init__(self, name: str, cfg: Any, decoder_dim: int, encoder_dim: int) -> None:
+        super().__init__(name, cfg.weight)
+        self.head = nn.Linear(decoder_dim, encoder_dim)
+
+    def target_tokens(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ctx: StepContext) -> Bound:
+        prediction = self.head(ctx.decoded[self.queries])
+        return gaussian(prediction, self.target_tokens(ctx))
+
+
+class IntraViewTarget(DenseTeacherTarget):
+    """Image A predicts the teacher's features of its own view where image B sat (data2vec)."""
+
+    stream, queries, teacher = "a", "masked", "view1"
+
+    def target_tokens(self, ctx: StepContext) -> torch.Tensor:
+        tokens = ctx.teacher_dense["view1"][ctx.streams["a"].samples]
+        return gather_tokens(tokens, ctx.masked_positions)
+
+
+class InterViewTarget(DenseTeacherTarget):
+    """Image B predicts the teacher's features of a different view, densely (SiameseIM)."""
+
+    stream, queries, teacher = "b", "other_view", "view2"
+
+    def target_tokens(self, ctx: StepContext) -> torch.Tensor:
+        return ctx.teacher_dense["view2"][ctx.streams["b"].samples]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, P, patch_size**2 * C), row-major patches, (p, q, c) inside each."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // patch_size) * (w // patch_size), -1)
+
+
+class PixelTarget(Target):
+    """MAE: Gaussian regression onto per-patch normalised pixels at A's hidden positions."""
+
+    stream, queries = "a", "masked"
+
+    def __init__(self, name: str, cfg: Any, decoder_dim: int, patch_size: int) -> None:
+        super().__init__(name, cfg.weight)
+        self.norm_pix = cfg.norm_pix
+        self.head = nn.Linear(decoder_dim, patch_size * patch_size * 3)
+
+    def forward(self, ctx: StepContext) -> Bound:
+        images = ctx.batch["view1"][ctx.streams["a"].samples]
+        target = gather_tokens(patchify(images, ctx.patch_size), ctx.masked_positions)
+        if self.norm_pix:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return gaussian(self.head(ctx.decoded["masked"]), target)
+
+
+class PooledViewTarget(Target):
+    """Another view's pooled EMA-teacher features, through an online and an EMA projector."""
+
+    pooled_teacher = "view2"
+
+    def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
+        super().__init__(name, cfg.weight)
+        self.projector = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
+        self.teacher_projector = MomentumTeacher(self.projector)
+
+    def momentum_update(self, momentum: float) -> None:
+        self.teacher_projector.update(self.projector, momentum)
+
+    def pairs(self, ctx: StepContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(online projection, teacher projection) for each encoded stream."""
+        keys = self.teacher_projector(ctx.teacher_pooled["view2"])
+        return [(self.projector(s.pooled), keys[s.samples]) for s in ctx.streams.values()]
+
+
+class ViewContrastTarget(PooledViewTarget):
+    """MoCo v3 / SimCLR: NT-Xent between a view and another view over the global batch."""
+
+    def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
+        super().__init__(name, cfg, encoder_dim)
+        self.temperature = cfg.temperature
+
+    def forward(self, ctx: StepContext) -> Bound:
+        return mean_bound(
+            [
+                nt_xent(gather_with_grad(q), gather_with_grad(k), self.temperature)
+                for q, k in self.pairs(ctx)
+            ]
+        )
+
+
+class ViewRegressTarget(PooledViewTarget):
+    """BYOL: a predictor regresses the other view's EMA projection (normalised L2)."""
+
+    def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
+        super().__init__(name, cfg, encoder_dim)
+        self.predictor = mlp_head(cfg.embed_dim, cfg.hidden_dim, cfg.embed_dim)
+
+    def forward(self, ctx: StepContext) -> Bound:
+        return mean_bound([normalised_l2(self.predictor(q), k) for q, k in self.pairs(ctx)])
+
+
+def build_targets(
+    cfg: Any, encoder_dim: int, patch_size: int, num_classes: int, tokenizer: Tokenizer | None
+) -> dict[str, Target]:
+    """The active targets of a config (weight != 0), by name."""
+    dec = cfg.decoder.dim
+    makers = {
+        "category": lambda c: CategoryTarget("category", c, encoder_dim, num_classes),
+        "text": lambda c: TextTarget("text", c, encoder_dim, tokenizer),
+        "intra_view": lambda c: IntraViewTarget("intra_view", c, dec, encoder_dim),
+        "inter_view": lambda c: InterViewTarget("inter_view", c, dec, encoder_dim),
+        "pixels": lambda c: PixelTarget("pixels", c, dec, patch_size),
+        "view_contrast": lambda c: ViewContrastTarget("view_contrast", c, encoder_dim),
+        "view_regress": lambda c: ViewRegressTarget("view_regress", c, encoder_dim),
+    }
+    return {name: makers[name](target_cfg) for name, target_cfg in cfg.active_targets().items()}

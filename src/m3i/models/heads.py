@@ -1,0 +1,19 @@
+"""Pooling and projection heads."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """A 2-layer MLP (timm's Mlp, GELU) or, with hidden_dim 0, a linear projection."""
+    if hidden_dim <= 0:
+        return nn.Linear(in_dim, out_dim)
+    return Mlp(in_dim, hidden_dim, out_dim)
+
+
+def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
+    """Global average pooling over an image's own tokens, (N, L, D) -> (N, D)."""
+    return tokens.mean(dim=1)

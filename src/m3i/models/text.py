@@ -1,0 +1,83 @@
+"""The text target encoder: a subword tokenizer (`tokenizers`) and a small text transformer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import Block
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+
+SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
+
+
+def train_bpe(captions: list[str], vocab_size: int) -> Tokenizer:
+    """A lower-cased BPE vocabulary trained on the run's captions; every text ends with [EOS]."""
+    if not captions:
+        raise ValueError("cannot train a tokenizer: the data has no captions")
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False
+    )
+    tokenizer.train_from_iterator(captions, trainer=trainer)
+    eos = tokenizer.token_to_id("[EOS]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A [EOS]", special_tokens=[("[EOS]", eos)]
+    )
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not a tokenizers tokenizer.json: {err}") from None
+
+
+def tokenize(
+    tokenizer: Tokenizer, texts: list[str], context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (N, context_length) and the valid-token mask (N, context_length)."""
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
+    ids = torch.full((len(texts), context_length), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(texts), context_length), dtype=torch.bool)
+    for row, encoding in enumerate(tokenizer.encode_batch(list(texts))):
+        tokens = encoding.ids[:context_length] or [pad_id]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        valid[row, : len(tokens)] = True
+    return ids, valid
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings, transformer blocks, mean over valid tokens, projection."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        context_length: int,
+        embed_dim: int,
+    ) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=4.0) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.projection = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(ids) + self.position_embedding[:, : ids.shape[1]]
+        mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~valid, torch.finfo(x.dtype).min)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=mask)
+        x = self.norm(x)
+        weights = valid.to(x.dtype)[..., None]
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return self.projection(pooled)

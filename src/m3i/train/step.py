@@ -1,0 +1,145 @@
+"""One M3I step: batch -> mix -> backbone -> decoder / teacher -> targets -> weighted loss.
+
+The step computes each shared piece once (one patch embedding of the input views, one
+encoder pass over the mix, one teacher pass over every target view, one decoder pass per
+kind of query) and only the pieces that the active targets read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from m3i.config import Config
+from m3i.data.mixing import gather_tokens, pair_partners, split_positions
+from m3i.mi.targets import StepContext, Stream, Target, build_targets
+from m3i.models.backbone import Backbone
+from m3i.models.decoder import Decoder, grid_coords, view_to_view
+from m3i.models.ema import MomentumTeacher
+
+
+class M3IModel(nn.Module):
+    """Backbone, decoder, targets and EMA teacher of one pre-training run."""
+
+    def __init__(
+        self, cfg: Config, num_classes: int = 0, tokenizer: Tokenizer | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.model)
+        self.targets = nn.ModuleDict(
+            build_targets(
+                cfg, self.backbone.embed_dim, cfg.model.patch_size, num_classes, tokenizer
+            )
+        )
+        targets = list(self.targets.values())
+        self.decoder = None
+        if any(t.queries for t in targets):
+            d = cfg.decoder
+            self.decoder = Decoder(self.backbone.embed_dim, d.dim, d.depth, d.heads)
+        self.teacher = None
+        if any(t.teacher or t.pooled_teacher for t in targets):
+            self.teacher = MomentumTeacher(self.backbone)
+
+    def _streams_to_encode(self, grid_size: int) -> tuple[bool, bool]:
+        targets: list[Target] = list(self.targets.values())
+        count_a = round(self.cfg.mix.ratio * grid_size)
+        pooled = any(t.stream == "pooled" for t in targets)
+        use_a = any(t.stream == "a" for t in targets) or pooled
+        use_b = count_a < grid_size and (any(t.stream == "b" for t in targets) or pooled)
+        return use_a, use_b
+
+    def encode(self, batch: dict[str, Any]) -> StepContext:
+        """Everything the active targets read, computed once."""
+        view1 = batch["view1"]
+        n, device = view1.shape[0], view1.device
+        backbone = self.backbone
+        partners = pair_partners(n, device)
+        pos_a, pos_b = split_positions(n, backbone.num_patches, self.cfg.mix.ratio, device)
+        use_a, use_b = self._streams_to_encode(backbone.num_patches)
+        hidden_from_a = pos_b
+        if not use_a:
+            pos_a = pos_a[:, :0]
+        if not use_b:
+            pos_b = pos_b[:, :0]
+        patches = backbone.embed_patches(view1)
+        tokens_a, tokens_b = backbone.encode_mix(
+            gather_tokens(patches, pos_a),
+            gather_tokens(patches[partners], pos_b),
+            self.cfg.mix.isolate,
+        )
+        samples = torch.arange(n, device=device)
+        streams = {}
+        if use_a:
+            streams["a"] = Stream(tokens_a, pos_a, samples)
+        if use_b:
+            streams["b"] = Stream(tokens_b, pos_b, partners)
+        ctx = StepContext(
+            batch, streams, masked_positions=hidden_from_a, patch_size=backbone.patch_size
+        )
+        self._run_teacher(ctx)
+        self._run_decoder(ctx)
+        return ctx
+
+    def _run_teacher(self, ctx: StepContext) -> None:
+        targets = list(self.targets.values())
+        views = sorted(
+            {t.teacher for t in targets if t.teacher}
+            | {t.pooled_teacher for t in targets if t.pooled_teacher}
+        )
+        if self.teacher is None or not views:
+            return
+        images = torch.cat([ctx.batch[v] for v in views])
+        with torch.no_grad():
+            tokens = self.teacher(images).float()
+        for view, chunk in zip(views, tokens.chunk(len(views)), strict=True):
+            ctx.teacher_dense[view] = F.layer_norm(chunk, chunk.shape[-1:])
+            ctx.teacher_pooled[view] = chunk.mean(dim=1)
+
+    def _run_decoder(self, ctx: StepContext) -> None:
+        if self.decoder is None:
+            return
+        grid = self.backbone.grid
+        coords = grid_coords(grid, ctx.batch["view1"].device)
+        kinds = {t.queries for t in self.targets.values() if t.queries}
+        if "masked" in kinds:
+            a = ctx.streams["a"]
+            ctx.decoded["masked"] = self.decoder(
+                a.tokens, coords[a.positions], coords[ctx.masked_positions]
+            )
+        if "other_view" in kinds:
+            b, batch = ctx.streams["b"], ctx.batch
+            query_coords, geometry = view_to_view(
+                grid,
+                batch["box2"][b.samples],
+                batch["flip2"][b.samples],
+                batch["box1"][b.samples],
+                batch["flip1"][b.samples],
+            )
+            ctx.decoded["other_view"] = self.decoder(
+                b.tokens, coords[b.positions], query_coords, geometry
+            )
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached)."""
+        ctx = self.encode(batch)
+        total = torch.zeros((), device=batch["view1"].device)
+        monitors = {}
+        for name, target in self.targets.items():
+            bound = target(ctx)
+            total = total + target.weight * bound.loss
+            monitors[f"loss/{name}"] = bound.loss.detach()
+            monitors[f"mi/{name}"] = bound.mi.detach()
+        return total, monitors
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """The EMA update of the teacher and of the targets' own EMA heads."""
+        if self.teacher is not None:
+            self.teacher.update(self.backbone, momentum)
+        for target in self.targets.values():
+            target.momentum_update(momentum)

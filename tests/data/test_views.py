@@ -1,0 +1,139 @@
+"""Augmented views: the recorded box and flip are true, and randomness is reproducible."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torchvision.transforms as legacy
+from torch.utils.data import default_collate
+
+from m3i.data.shapes import ShapesDataset
+from m3i.data.views import ViewConfig, ViewDataset, eval_transform, make_view, sample_crop
+
+GEOMETRY_ONLY = ViewConfig(
+    size=32, color_jitter=0.0, hue=0.0, grayscale=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def ramp(height: int, width: int) -> torch.Tensor:
+    """uint8 image whose channels encode x, y and x + y of each pixel centre."""
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    return torch.stack([xs / width * 255, ys / height * 255, (xs / width + ys / height) * 127])
+
+
+def bilinear(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sample ``image`` at pixel coordinates (x, y) (pixel edges at integers), edges clamped."""
+    _, height, width = image.shape
+    x = (x - 0.5).clamp(0, width - 1)
+    y = (y - 0.5).clamp(0, height - 1)
+    x0 = x.floor().long().clamp(max=width - 2)
+    y0 = y.floor().long().clamp(max=height - 2)
+    fx, fy = x - x0, y - y0
+    top = image[:, y0, x0] * (1 - fx) + image[:, y0, x0 + 1] * fx
+    bottom = image[:, y0 + 1, x0] * (1 - fx) + image[:, y0 + 1, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def expected_view(image: torch.Tensor, box: torch.Tensor, flipped: bool, size: int) -> torch.Tensor:
+    """The source sampled where the documented convention maps every view pixel centre."""
+    top, left, height, width = box.tolist()
+    u = (torch.arange(size) + 0.5) / size
+    u_grid, v_grid = u[None, :].expand(size, size), u[:, None].expand(size, size)
+    x = left + ((1 - u_grid) if flipped else u_grid) * width
+    y = top + v_grid * height
+    return bilinear(image, x * image.shape[2], y * image.shape[1])
+
+
+def test_crop_sampler_matches_torchvision() -> None:
+    cases = [((64, 48), (0.35, 1.0), (3 / 4, 4 / 3)), ((20, 28), (0.08, 1.0), (0.1, 0.2))]
+    cases += [((5, 100), (0.5, 1.0), (5.0, 9.0)), ((100, 3), (0.9, 1.0), (3 / 4, 4 / 3))]
+    for (height, width), scale, ratio in cases:
+        for seed in range(50):
+            torch.manual_seed(seed)
+            reference = legacy.RandomResizedCrop.get_params(
+                torch.zeros(3, height, width), list(scale), list(ratio)
+            )
+            generator = gen(seed)
+            assert sample_crop(height, width, scale, ratio, generator) == tuple(reference)
+
+
+@pytest.mark.parametrize("height,width", [(48, 64), (20, 28)])
+def test_recorded_box_and_flip_are_true(height: int, width: int) -> None:
+    exact = ramp(height, width)
+    image = exact.round().to(torch.uint8)
+    slope = 255 / min(height, width)  # value change per source pixel along the steeper ramp
+    flips = set()
+    for seed in range(40):
+        view, box, flipped = make_view(image, GEOMETRY_ONLY, gen(seed))
+        flips.add(flipped)
+        assert view.shape == (3, 32, 32) and view.dtype == torch.float32
+        top, left, box_height, box_width = box.tolist()
+        assert min(top, left) >= 0 and max(top + box_height, left + box_width) <= 1 + 1e-6
+        assert 0.3 < box_height * box_width <= 1.0
+        error = (view * 255 - expected_view(exact, box, flipped, 32)).abs()
+        assert error[:, 2:-2, 2:-2].max() < 2.0  # a quarter-pixel slip would exceed this
+        assert error.max() < 0.5 * slope + 1.0  # borders: resampling clamps at the crop edge
+    assert flips == {True, False}
+
+
+def test_flip_probability_extremes() -> None:
+    image = ramp(30, 30).round().to(torch.uint8)
+    for probability, expected in ((1.0, True), (0.0, False)):
+        cfg = replace(GEOMETRY_ONLY, flip=probability)
+        for seed in range(5):
+            view, box, flipped = make_view(image, cfg, gen(seed))
+            assert flipped is expected
+            left_minus_right = view[0, :, 0] - view[0, :, -1]
+            assert bool((left_minus_right > 0).all()) is expected  # x ramp decreases if flipped
+
+
+def test_normalisation_and_colour_ops() -> None:
+    image = ShapesDataset()[0].image
+    view, _, _ = make_view(image, ViewConfig(color_jitter=0, hue=0, grayscale=0), gen(3))
+    plain, _, _ = make_view(image, GEOMETRY_ONLY, gen(3))
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(view * std + mean, plain)
+    grey, _, _ = make_view(image, replace(GEOMETRY_ONLY, grayscale=1.0), gen(3))
+    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+    jittered, box, _ = make_view(image, ViewConfig(mean=(0, 0, 0), std=(1, 1, 1)), gen(3))
+    assert not torch.allclose(jittered, plain) and 0 <= jittered.min() and jittered.max() <= 1
+    assert torch.equal(box, make_view(image, GEOMETRY_ONLY, gen(3))[1])
+    with pytest.raises(ValueError, match="scale"):
+        ViewConfig(scale=(0.5, 0.2))
+
+
+def test_view_dataset_is_reproducible_and_collates() -> None:
+    source = ShapesDataset(num_samples=8)
+    views = ViewDataset(source, ViewConfig(size=24), seed=1)
+    torch.manual_seed(0)
+    first = views[3]
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = ViewDataset(source, ViewConfig(size=24), seed=1)[3]
+    for key in ("view1", "view2", "box1", "box2", "flip1", "flip2"):
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(first["view1"], first["view2"])
+    views.epoch = 1
+    assert not torch.equal(views[3]["view1"], first["view1"])
+    views.epoch = 0
+    assert torch.equal(views[3]["view1"], first["view1"])
+    assert first["label"].item() == source[3].label and first["caption"] == source[3].caption
+
+    batch = default_collate([views[i] for i in range(4)])
+    assert batch["view1"].shape == (4, 3, 24, 24) and batch["box2"].shape == (4, 4)
+    assert batch["flip1"].dtype == torch.bool and batch["flip1"].shape == (4,)
+    assert batch["label"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["caption"] == [source[i].caption for i in range(4)]
+
+
+def test_eval_transform_resizes_whole_image() -> None:
+    image = torch.full((3, 20, 40), 128, dtype=torch.uint8)
+    image[:, :, 20:] = 0
+    view = eval_transform(image, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert view.shape == (3, 16, 16)
+    torch.testing.assert_close(view[:, :, :7], torch.full((3, 16, 7), (128 / 255 - 0.5) / 0.25))
+    torch.testing.assert_close(view[:, :, 9:], torch.full((3, 16, 7), -2.0))

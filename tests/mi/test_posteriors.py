@@ -1,0 +1,145 @@
+"""The two posterior families against reference implementations and closed forms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+from open_clip.loss import ClipLoss
+
+from m3i.mi.posteriors import boltzmann, gaussian, normalised_l2, nt_xent, symmetric_infonce
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07, 100.0])
+def test_symmetric_infonce_equals_open_clip(n, scale):
+    image, text = unit(n, 16, n), unit(n, 16, 100 + n)
+    logit_scale = torch.tensor(scale)
+    reference = ClipLoss()(image, text, logit_scale)
+    bound = symmetric_infonce(scale * image @ text.t())
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bound.mi, math.log(n) - reference, atol=1e-5, rtol=1e-5)
+
+
+def test_symmetric_infonce_is_not_one_directional():
+    # An asymmetric logit matrix: the two directions differ, the loss is their mean.
+    logits = torch.tensor([[3.0, 0.0, 0.0], [2.5, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    labels = torch.arange(3)
+    rows, cols = F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels)
+    assert abs(rows.item() - cols.item()) > 1e-3
+    torch.testing.assert_close(symmetric_infonce(logits).loss, (rows + cols) / 2)
+
+
+# lightly at batch size 1: logits (2, 1), the only candidate is the positive, loss 0; nt_xent's
+# masked 2x2 logits give the same (the positive is the only finite logit), so 1 is included.
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_nt_xent_equals_lightly(n, temperature):
+    g = torch.Generator().manual_seed(n)
+    z0, z1 = torch.randn(n, 12, generator=g), torch.randn(n, 12, generator=g)  # not normalised
+    reference = NTXentLoss(temperature=temperature, memory_bank_size=0)(z0, z1)
+    bound = nt_xent(z0, z1, temperature)
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(bound.mi)
+    torch.testing.assert_close(
+        bound.mi, math.log(max(2 * n - 1, 1)) - reference, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_nt_xent_gradient_equals_lightly():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    a0, a1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+    b0, b1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+    nt_xent(a0, a1, 0.2).loss.backward()
+    NTXentLoss(temperature=0.2)(b0, b1).backward()
+    torch.testing.assert_close(a0.grad, b0.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a1.grad, b1.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_boltzmann_is_cross_entropy(n, classes):
+    g = torch.Generator().manual_seed(10 * n + classes)
+    logits = torch.randn(n, classes, generator=g) * 3
+    labels = torch.randint(0, classes, (n,), generator=g)
+    bound = boltzmann(logits, labels)
+    # brute force: -log softmax at the label, averaged
+    manual = sum(-(logits[i, labels[i]] - torch.logsumexp(logits[i], 0)) for i in range(n)) / n
+    torch.testing.assert_close(bound.loss, F.cross_entropy(logits, labels))
+    torch.testing.assert_close(bound.loss, manual)
+    torch.testing.assert_close(bound.mi, math.log(classes) - bound.loss.detach())
+
+
+def test_boltzmann_uniform_logits_give_zero_bound():
+    bound = boltzmann(torch.zeros(3, 5), torch.tensor([0, 4, 2]))
+    torch.testing.assert_close(bound.loss, torch.tensor(math.log(5)))
+    torch.testing.assert_close(bound.mi, torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("noise_std", [0.5, 1.0, 2.0])
+def test_gaussian_bound_on_gaussian_channel(noise_std):
+    d, n = 4, 200_000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    z_y = x + noise_std * torch.randn(n, d, generator=g)
+    bound = gaussian(x, z_y)
+    true_mi = d * 0.5 * math.log((1 + noise_std**2) / noise_std**2)
+    assert bound.mi.item() == pytest.approx(true_mi, rel=0.03)
+    assert bound.loss.item() == pytest.approx(noise_std**2, rel=0.02)
+
+
+def test_gaussian_loss_is_mse_over_all_leading_dims():
+    g = torch.Generator().manual_seed(1)
+    prediction, target = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    bound = gaussian(prediction, target)
+    manual = (
+        sum(
+            (prediction[i, j, k] - target[i, j, k]) ** 2
+            for i in range(2)
+            for j in range(5)
+            for k in range(3)
+        )
+        / 30
+    )
+    torch.testing.assert_close(bound.loss, manual)
+    # mi: per dimension 0.5 log(Var[target] / MSE), summed (biased variance over the 10 rows)
+    p, t = prediction.reshape(10, 3), target.reshape(10, 3)
+    variance = [t[:, k].var(unbiased=False).item() for k in range(3)]
+    error = [(p[:, k] - t[:, k]).pow(2).mean().item() for k in range(3)]
+    mi = sum(0.5 * math.log(variance[k] / error[k]) for k in range(3))
+    assert bound.mi.item() == pytest.approx(mi, rel=1e-5)
+
+
+def test_gaussian_single_row_has_zero_bound():
+    bound = gaussian(torch.ones(1, 4), torch.zeros(1, 4))
+    assert bound.loss.item() == pytest.approx(1.0)
+    assert bound.mi.item() == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_normalised_l2_is_two_minus_two_cos(n):
+    g = torch.Generator().manual_seed(n)
+    prediction, target = torch.randn(n, 6, generator=g) * 3, torch.randn(n, 6, generator=g)
+    cos = []
+    for i in range(n):
+        dot = sum(prediction[i, k] * target[i, k] for k in range(6))
+        norm_p = math.sqrt(sum(prediction[i, k].item() ** 2 for k in range(6)))
+        norm_t = math.sqrt(sum(target[i, k].item() ** 2 for k in range(6)))
+        cos.append(dot.item() / (norm_p * norm_t))
+    expected = sum(2 - 2 * c for c in cos) / n
+    assert normalised_l2(prediction, target).loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_normalised_l2_hand_cases():
+    v = torch.tensor([[1.0, 2.0, 2.0]])
+    assert normalised_l2(5 * v, v).loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert normalised_l2(-v, 2 * v).loss.item() == pytest.approx(4.0)
+    orthogonal = normalised_l2(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]]))
+    assert orthogonal.loss.item() == pytest.approx(2.0)

@@ -1,0 +1,341 @@
+"""Targets on a hand-built StepContext, against brute-force and library references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+from open_clip.loss import ClipLoss
+
+from m3i.config import (
+    CategoryTargetConfig,
+    DenseTargetConfig,
+    PixelTargetConfig,
+    TextTargetConfig,
+    ViewContrastTargetConfig,
+    ViewRegressTargetConfig,
+)
+from m3i.mi.targets import (
+    CategoryTarget,
+    InterViewTarget,
+    IntraViewTarget,
+    PixelTarget,
+    StepContext,
+    Stream,
+    TextTarget,
+    ViewContrastTarget,
+    ViewRegressTarget,
+)
+from m3i.models.text import train_bpe
+
+ENC_DIM, DEC_DIM = 12, 10
+CAPTIONS = [
+    "a red circle on a blue background",
+    "a green square next to a yellow triangle",
+    "two small blue circles",
+    "a large red square",
+    "a yellow triangle above a green circle",
+]
+
+
+def make_streams(n: int, grid: int, seed: int, both: bool = True) -> dict[str, Stream]:
+    """Stream a holds sample i in row i, stream b the partner n - 1 - i (as the step does)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(n, grid, generator=g).argsort(dim=1)
+    half = grid // 2
+    streams = {
+        "a": Stream(
+            torch.randn(n, half, ENC_DIM, generator=g),
+            order[:, :half].sort(dim=1).values,
+            torch.arange(n),
+        )
+    }
+    if both:
+        streams["b"] = Stream(
+            torch.randn(n, grid - half, ENC_DIM, generator=g),
+            order[:, half:].sort(dim=1).values,
+            torch.arange(n - 1, -1, -1),
+        )
+    return streams
+
+
+# ---------------------------------------------------------------- category
+
+
+def category_target(classes: int) -> CategoryTarget:
+    torch.manual_seed(0)
+    cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
+    return CategoryTarget("category", cfg, ENC_DIM, classes)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_category_loss_over_labelled_rows_of_both_streams(n):
+    classes = 4
+    target = category_target(classes)
+    streams = make_streams(n, 16, seed=n)
+    # sample 1 is unlabelled (when there is one)
+    labels = torch.tensor([(3 * i + 1) % classes if i != 1 else -1 for i in range(n)])
+    ctx = StepContext({"label": labels}, streams)
+    bound = target(ctx)
+    # brute force: one cross-entropy term per (stream, row) whose image is labelled
+    terms = []
+    for stream in streams.values():
+        logits = target.logits(stream.tokens.mean(dim=1))
+        for row in range(n):
+            label = int(labels[stream.samples[row]])
+            if label >= 0:
+                terms.append(F.cross_entropy(logits[row : row + 1], torch.tensor([label])))
+    expected = sum(terms) / len(terms)
+    torch.testing.assert_close(bound.loss, expected)
+    torch.testing.assert_close(bound.mi, math.log(classes) - expected.detach())
+
+
+def test_category_logits_are_head_times_class_embeddings():
+    target = category_target(5)
+    pooled = torch.randn(3, ENC_DIM)
+    expected = target.head(pooled) @ target.class_embedding.t()
+    torch.testing.assert_close(target.logits(pooled), expected)
+    assert target.logits(pooled).shape == (3, 5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_category_without_labels_is_finite_zero_and_backpropagates(n):
+    target = category_target(4)
+    streams = make_streams(n, 16, seed=n)
+    for s in streams.values():
+        s.tokens.requires_grad_(True)
+    ctx = StepContext({"label": torch.full((n,), -1)}, streams)
+    bound = target(ctx)
+    assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
+    assert bound.mi.item() == 0.0
+    bound.loss.backward()  # the zero loss is still part of a graph
+    assert streams["a"].tokens.grad is not None
+    assert torch.count_nonzero(streams["a"].tokens.grad) == 0
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CAPTIONS, vocab_size=80)
+
+
+def text_target(tokenizer) -> TextTarget:
+    torch.manual_seed(0)
+    cfg = TextTargetConfig(
+        weight=1.0, embed_dim=8, hidden_dim=16, width=16, depth=1, heads=2, context_length=12
+    )
+    return TextTarget("text", cfg, ENC_DIM, tokenizer).eval()
+
+
+def test_text_init_temperature(tokenizer):
+    target = text_target(tokenizer)
+    assert (1 / target.logit_scale.exp()).item() == pytest.approx(0.07, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_text_one_stream_equals_open_clip(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=n, both=False)
+    captions = [CAPTIONS[i] for i in range(n)]
+    bound = target(StepContext({"caption": captions}, streams))
+    image = target.encode_image(streams["a"].tokens.mean(dim=1))
+    text = target.encode_text(captions)
+    reference = ClipLoss()(image, text, target.logit_scale.exp())
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bound.mi, math.log(n) - reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_text_excludes_captionless_samples(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=n, both=False)
+    captions = [CAPTIONS[i] if i != 1 else "" for i in range(n)]
+    bound = target(StepContext({"caption": captions}, streams))
+    keep = [i for i in range(n) if captions[i]]
+    image = target.encode_image(streams["a"].tokens.mean(dim=1))[keep]
+    text = target.encode_text([captions[i] for i in keep])  # encoded without the empty ones
+    reference = ClipLoss()(image, text, target.logit_scale.exp())
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_text_two_streams_average_their_clip_losses(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=10 + n)
+    captions = [CAPTIONS[i] if i != 0 or n == 1 else "" for i in range(n)]
+    bound = target(StepContext({"caption": captions}, streams))
+    losses = []
+    for stream in streams.values():
+        image = target.encode_image(stream.tokens.mean(dim=1))
+        rows = [r for r in range(n) if captions[int(stream.samples[r])]]
+        text = target.encode_text([captions[int(stream.samples[r])] for r in rows])
+        losses.append(ClipLoss()(image[rows], text, target.logit_scale.exp()))
+    torch.testing.assert_close(bound.loss, sum(losses) / 2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_text_without_captions_is_finite_zero(n, tokenizer):
+    target = text_target(tokenizer)
+    bound = target(StepContext({"caption": [""] * n}, make_streams(n, 16, seed=n)))
+    assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def brute_force_patches(image: torch.Tensor, p: int) -> list[list[float]]:
+    """Row-major patches of a (C, H, W) image, each flattened as (p, q, channel)."""
+    c, h, w = image.shape
+    patches = []
+    for row in range(h // p):
+        for col in range(w // p):
+            values = []
+            for y in range(p):
+                for x in range(p):
+                    for ch in range(c):
+                        values.append(image[ch, row * p + y, col * p + x].item())
+            patches.append(values)
+    return patches
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_pixel_target_equals_brute_force(n, norm_pix):
+    p, size = 4, 12  # a 3x3 grid of 4x4 patches
+    grid = (size // p) ** 2
+    torch.manual_seed(0)
+    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=norm_pix), DEC_DIM, p)
+    g = torch.Generator().manual_seed(n)
+    view1 = torch.rand(n, 3, size, size, generator=g) * 2 + torch.arange(n)[:, None, None, None]
+    streams = make_streams(n, grid, seed=n)
+    streams["a"].samples = torch.arange(n - 1, -1, -1)  # row r of stream a holds sample n-1-r
+    masked = torch.stack([torch.randperm(grid, generator=g)[:4] for _ in range(n)])
+    decoded = torch.randn(n, 4, DEC_DIM, generator=g)
+    ctx = StepContext(
+        {"view1": view1},
+        streams,
+        masked_positions=masked,
+        decoded={"masked": decoded},
+        patch_size=p,
+    )
+    bound = target(ctx)
+
+    rows = []
+    for r in range(n):
+        patches = brute_force_patches(view1[int(streams["a"].samples[r])], p)
+        for q in range(masked.shape[1]):
+            values = patches[int(masked[r, q])]
+            if norm_pix:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+                values = [(v - mean) / math.sqrt(var + 1e-6) for v in values]
+            rows.append(values)
+    reference = torch.tensor(rows, dtype=torch.float32).reshape(n, masked.shape[1], -1)
+    prediction = target.head(decoded)
+    expected = ((prediction - reference) ** 2).mean()
+    torch.testing.assert_close(bound.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- dense teacher
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
+    grid, q = 16, 8
+    torch.manual_seed(0)
+    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    g = torch.Generator().manual_seed(n)
+    streams = make_streams(n, grid, seed=n)
+    streams["a"].samples = torch.arange(n - 1, -1, -1)
+    masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
+    teacher = {
+        "view1": torch.randn(n, grid, ENC_DIM, generator=g),
+        "view2": torch.randn(n, grid, ENC_DIM, generator=g),
+    }
+    decoded = torch.randn(n, q, DEC_DIM, generator=g)
+    ctx = StepContext(
+        {}, streams, masked_positions=masked, decoded={"masked": decoded}, teacher_dense=teacher
+    )
+    reference = torch.empty(n, q, ENC_DIM)
+    for r in range(n):
+        for j in range(q):
+            reference[r, j] = teacher["view1"][int(streams["a"].samples[r]), int(masked[r, j])]
+    torch.testing.assert_close(target.target_tokens(ctx), reference)
+    expected = F.mse_loss(target.head(decoded), reference)
+    torch.testing.assert_close(target(ctx).loss, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_inter_view_regresses_partner_teacher_view2_densely(n):
+    grid = 16
+    torch.manual_seed(0)
+    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    g = torch.Generator().manual_seed(n)
+    streams = make_streams(n, grid, seed=n)
+    teacher = {
+        "view1": torch.randn(n, grid, ENC_DIM, generator=g),
+        "view2": torch.randn(n, grid, ENC_DIM, generator=g),
+    }
+    decoded = torch.randn(n, grid, DEC_DIM, generator=g)
+    ctx = StepContext({}, streams, decoded={"other_view": decoded}, teacher_dense=teacher)
+    reference = torch.empty(n, grid, ENC_DIM)
+    for r in range(n):
+        partner = n - 1 - r  # stream b row r holds image B = sample n-1-r
+        for j in range(grid):
+            reference[r, j] = teacher["view2"][partner, j]
+    torch.testing.assert_close(target.target_tokens(ctx), reference)
+    expected = F.mse_loss(target.head(decoded), reference)
+    torch.testing.assert_close(target(ctx).loss, expected)
+
+
+# ---------------------------------------------------------------- pooled views
+
+
+def pooled_ctx(n: int, seed: int) -> StepContext:
+    g = torch.Generator().manual_seed(seed)
+    streams = make_streams(n, 16, seed=seed)
+    return StepContext({}, streams, teacher_pooled={"view2": torch.randn(n, ENC_DIM, generator=g)})
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_view_contrast_equals_lightly_nt_xent(n):
+    torch.manual_seed(0)
+    cfg = ViewContrastTargetConfig(weight=1.0, embed_dim=8, hidden_dim=16, temperature=0.2)
+    target = ViewContrastTarget("view_contrast", cfg, ENC_DIM)
+    with torch.no_grad():  # make the EMA projector differ from the online one
+        for param in target.teacher_projector.module.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    ctx = pooled_ctx(n, seed=n)
+    bound = target(ctx)
+    assert torch.isfinite(bound.loss) and torch.isfinite(bound.mi)
+    losses = []
+    for stream in ctx.streams.values():
+        query = target.projector(stream.tokens.mean(dim=1))
+        key = target.teacher_projector.module(ctx.teacher_pooled["view2"][stream.samples])
+        losses.append(NTXentLoss(temperature=0.2, memory_bank_size=0)(query, key))
+    torch.testing.assert_close(bound.loss, sum(losses) / len(losses), atol=1e-5, rtol=1e-5)
+    bound.loss.backward()
+    assert all(p.grad is None for p in target.teacher_projector.parameters())
+    if n > 1:  # at n = 1 the loss is identically 0
+        grads = [p.grad for p in target.projector.parameters()]
+        assert all(grad is not None for grad in grads)
+        assert any(grad.abs().sum() > 0 for grad in grads)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_view_regress_is_normalised_l2_to_ema_projection(n):
+    torch.manual_seed(0)
+    cfg = ViewRegressTargetConfig(weight=1.0, embed_dim=8, hidden_dim=16)
+    target = ViewRegressTarget("view_regress", cfg, ENC_DIM)
+    ctx = pooled_ctx(n, seed=n)
+    bound = target(ctx)
+    losses = []
+    for stream in ctx.streams.values():
+        prediction = target.predictor(target.projector(stream.tokens.mean(dim=1)))
+        key = target.teacher_projector.module(ctx.teacher_pooled["view2"][stream.samples])
+        cos = F.cosine_similarity(prediction, key, dim=-1)
+        losses.append((2 - 2 * cos).mean())
+    torch.testing.assert_close(bound.loss, sum(losses) / len(losses), atol=1e-5, rtol=1e-5)

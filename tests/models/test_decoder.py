@@ -1,0 +1,163 @@
+"""Decoder queries: positions relative to the input view, geometry, sin-cos embedding."""
+
+import math
+
+import pytest
+import torch
+
+from m3i.models.decoder import Decoder, grid_coords, sincos_embedding, view_to_view
+
+G = 4
+GRID = (G, G)
+
+
+def decoder(dim: int = 16, random_geometry: bool = True) -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(encoder_dim=12, dim=dim, depth=1, heads=2).eval()
+    if random_geometry:
+        with torch.no_grad():
+            model.geometry.weight.normal_()
+    return model
+
+
+def test_grid_coords_are_patch_centres_row_major():
+    coords = grid_coords((2, 3))
+    expected = [[r + 0.5, c + 0.5] for r in range(2) for c in range(3)]
+    assert coords.tolist() == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pure_shift_gives_shifted_input_embeddings(n):
+    shifts = [(1, 2), (-1, 0), (0, -3)][:n]
+    size = 0.5
+    input_box = torch.tensor([[0.3, 0.25, size, size]] * n)
+    step = size / G  # one input-view patch, as a fraction of the image
+    target_box = torch.tensor(
+        [[0.3 + dy * step, 0.25 + dx * step, size, size] for dy, dx in shifts]
+    )
+    no_flip = torch.zeros(n, dtype=torch.bool)
+    coords, geometry = view_to_view(GRID, target_box, no_flip, input_box, no_flip)
+    assert coords.shape == (n, G * G, 2) and geometry.shape == (n, 3)
+    torch.testing.assert_close(geometry, torch.zeros(n, 3), atol=1e-6, rtol=0)
+
+    model = decoder()
+    assert model.geometry.weight.abs().sum() > 0
+    queries = model.query_embedding(coords, geometry)
+    input_embeddings = sincos_embedding(grid_coords(GRID), model.dim)  # (P, dim), row-major
+    for i, (dy, dx) in enumerate(shifts):
+        for r in range(G):
+            for c in range(G):
+                p = r * G + c
+                expected_coords = torch.tensor([r + dy + 0.5, c + dx + 0.5])
+                torch.testing.assert_close(coords[i, p], expected_coords, atol=1e-5, rtol=0)
+                if 0 <= r + dy < G and 0 <= c + dx < G:  # lands on an input patch
+                    shifted = input_embeddings[(r + dy) * G + (c + dx)]
+                    torch.testing.assert_close(queries[i, p], shifted, atol=1e-5, rtol=0)
+
+
+def test_identity_view_has_input_coords_and_zero_geometry():
+    box = torch.tensor([[0.1, 0.2, 0.7, 0.4]])
+    for flip in (False, True):
+        flips = torch.tensor([flip])
+        coords, geometry = view_to_view(GRID, box, flips, box, flips)
+        torch.testing.assert_close(coords[0], grid_coords(GRID), atol=1e-5, rtol=0)
+        torch.testing.assert_close(geometry, torch.zeros(1, 3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_flipped_copy_mirrors_columns(n):
+    box = torch.tensor([[0.1, 0.2, 0.6, 0.6]] * n)
+    input_flip = torch.tensor([False, True, False][:n])
+    target_flip = ~input_flip
+    coords, geometry = view_to_view(GRID, box, target_flip, box, input_flip)
+    for i in range(n):
+        for r in range(G):
+            for c in range(G):
+                expected = torch.tensor([r + 0.5, (G - 1 - c) + 0.5])
+                torch.testing.assert_close(coords[i, r * G + c], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(geometry, torch.tensor([[0.0, 0.0, 1.0]] * n), atol=1e-6, rtol=0)
+
+
+def test_zoom_out_has_spacing_two_and_log2_geometry():
+    input_box = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
+    target_box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])  # twice as large, same centre
+    no_flip = torch.zeros(1, dtype=torch.bool)
+    coords, geometry = view_to_view(GRID, target_box, no_flip, input_box, no_flip)
+    # target patch r's centre is at image y = (r + 0.5) / G, i.e. input-view units
+    # ((r + 0.5) / G - 0.25) / 0.5 * G = 2r + 1 - G / 2
+    for r in range(G):
+        for c in range(G):
+            expected = torch.tensor([2 * r + 1 - G / 2, 2 * c + 1 - G / 2])
+            torch.testing.assert_close(coords[0, r * G + c], expected, atol=1e-5, rtol=0)
+    grid = coords[0].reshape(G, G, 2)
+    torch.testing.assert_close(grid[1:, :, 0] - grid[:-1, :, 0], torch.full((G - 1, G), 2.0))
+    torch.testing.assert_close(grid[:, 1:, 1] - grid[:, :-1, 1], torch.full((G, G - 1), 2.0))
+    log2 = math.log(2)
+    torch.testing.assert_close(geometry, torch.tensor([[log2, log2, 0.0]]))
+
+
+def test_anisotropic_scale_geometry():
+    input_box = torch.tensor([[0.0, 0.0, 0.4, 0.8]])
+    target_box = torch.tensor([[0.0, 0.0, 0.2, 0.8]])
+    no_flip = torch.zeros(1, dtype=torch.bool)
+    _, geometry = view_to_view(GRID, target_box, no_flip, input_box, no_flip)
+    torch.testing.assert_close(geometry, torch.tensor([[math.log(0.5), 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dim", [4, 8, 16])
+def test_sincos_embedding_brute_force(dim):
+    coords = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [7.0, 5.0]])
+    emb = sincos_embedding(coords, dim)
+    quarter = dim // 4
+    for i, (y, x) in enumerate(coords.tolist()):
+        expected = []
+        for fn, value in ((math.sin, y), (math.cos, y), (math.sin, x), (math.cos, x)):
+            expected += [fn(value / 10000 ** (k / quarter)) for k in range(quarter)]
+        torch.testing.assert_close(emb[i], torch.tensor(expected), atol=1e-6, rtol=1e-6)
+
+
+def test_sincos_embedding_rejects_dim_not_multiple_of_four():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_embedding(torch.zeros(1, 2), 6)
+
+
+def test_query_embedding_adds_linear_geometry():
+    model = decoder()
+    coords = torch.rand(2, 5, 2) * G
+    geometry = torch.tensor([[0.3, -0.2, 1.0], [0.0, 0.0, 0.0]])
+    emb = model.query_embedding(coords, geometry)
+    expected = sincos_embedding(coords, model.dim) + (geometry @ model.geometry.weight.t())[:, None]
+    torch.testing.assert_close(emb, expected)
+    torch.testing.assert_close(model.query_embedding(coords, None), sincos_embedding(coords, 16))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_decoder_forward_shape_and_query_dependence(n):
+    model = decoder()
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randn(n, 6, 12, generator=g)
+    token_coords = torch.rand(n, 6, 2, generator=g) * G
+    query_coords = torch.rand(n, 5, 2, generator=g) * G
+    out = model(tokens, token_coords, query_coords)
+    assert out.shape == (n, 5, model.dim)
+    assert torch.isfinite(out).all()
+    moved = query_coords.clone()
+    moved[:, 0] += 1.0
+    assert not torch.allclose(model(tokens, token_coords, moved)[:, 0], out[:, 0], atol=1e-4)
+    geometry = torch.ones(n, 3)
+    assert not torch.allclose(model(tokens, token_coords, query_coords, geometry), out, atol=1e-4)
+
+
+def test_decoder_tokens_travel_with_their_coords():
+    """Permuting tokens together with their coords changes nothing; tokens alone does."""
+    model = decoder()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 6, 12, generator=g)
+    token_coords = torch.rand(2, 6, 2, generator=g) * G
+    query_coords = torch.rand(2, 3, 2, generator=g) * G
+    out = model(tokens, token_coords, query_coords)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    together = model(tokens[:, perm], token_coords[:, perm], query_coords)
+    torch.testing.assert_close(together, out, atol=1e-5, rtol=1e-5)
+    alone = model(tokens[:, perm], token_coords, query_coords)
+    assert not torch.allclose(alone, out, atol=1e-4)

@@ -1,0 +1,162 @@
+"""The momentum teacher: no gradient, eval mode, the EMA formula, the cosine schedule."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from m3i.config import load_config
+from m3i.models.ema import MomentumTeacher, momentum_at
+from m3i.models.text import train_bpe
+from m3i.train.step import M3IModel
+
+
+def student() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def perturb(module: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=g))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_teacher_receives_no_gradient(n):
+    online = student().train()
+    teacher = MomentumTeacher(online)
+    teacher.train()
+    x = torch.randn(n, 4)
+    loss = online(x).pow(2).sum() + teacher(x).pow(2).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in online.parameters())
+    for param in teacher.parameters():
+        assert param.requires_grad is False
+        assert param.grad is None
+    assert teacher(x).requires_grad is False
+
+
+def test_teacher_stays_in_eval_mode():
+    online = student()
+    teacher = MomentumTeacher(online)
+    container = nn.ModuleDict({"online": online, "teacher": teacher})
+    container.train()
+    assert online.training
+    assert not teacher.training
+    assert not any(m.training for m in teacher.modules())
+    teacher.train(True)
+    assert not any(m.training for m in teacher.modules())
+    # eval mode: deterministic (no dropout) and BatchNorm uses its running statistics
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(teacher(x), teacher(x))
+    torch.testing.assert_close(teacher(x), online.eval()(x))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.99, 1.0])
+def test_update_follows_ema_formula(momentum):
+    online = student()
+    teacher = MomentumTeacher(online)
+    perturb(teacher.module, seed=1)  # teacher and student differ before the update
+    perturb(online, seed=2)
+    with torch.no_grad():
+        online(torch.randn(6, 4))  # in train mode: changes BatchNorm's running statistics
+    before = {k: v.clone() for k, v in teacher.module.named_parameters()}
+    teacher.update(online, momentum)
+    student_params = dict(online.named_parameters())
+    for name, value in teacher.module.named_parameters():
+        old, new = before[name].flatten().tolist(), student_params[name].flatten().tolist()
+        expected = [momentum * o + (1 - momentum) * s for o, s in zip(old, new, strict=True)]
+        torch.testing.assert_close(value.flatten(), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+        if momentum == 1.0:
+            assert torch.equal(value, before[name])
+    for (name, ema_buf), buf in zip(teacher.module.named_buffers(), online.buffers(), strict=True):
+        assert torch.equal(ema_buf, buf), name
+
+
+def test_momentum_schedule_is_cosine():
+    base, final, total = 0.995, 1.0, 100
+    for step in (0, total // 2, total):
+        expected = final - (final - base) * (math.cos(math.pi * step / total) + 1) / 2
+        assert momentum_at(step, total, base, final) == pytest.approx(expected, abs=1e-12)
+    assert momentum_at(0, total, base, final) == pytest.approx(base)
+    assert momentum_at(total // 2, total, base, final) == pytest.approx((base + final) / 2)
+    assert momentum_at(total, total, base, final) == pytest.approx(final)
+    assert momentum_at(2 * total, total, base, final) == pytest.approx(final)
+    values = [momentum_at(step, total, base, final) for step in range(total + 1)]
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    assert values[0] < values[-1]
+    assert momentum_at(5, 0, base, final) == final
+
+
+# ---------------------------------------------------------------- inside M3IModel
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def m3i_model() -> M3IModel:
+    cfg = load_config(
+        "m3i",
+        overrides=[
+            "model.name=vit_tiny_patch16_224",
+            "model.img_size=16",
+            "model.patch_size=4",
+            "model.depth=2",
+            "decoder.dim=32",
+            "decoder.depth=1",
+            "decoder.heads=2",
+            "targets.category.hidden_dim=16",
+            "targets.category.embed_dim=8",
+            "targets.text.hidden_dim=16",
+            "targets.text.embed_dim=8",
+            "targets.text.width=16",
+            "targets.text.depth=1",
+            "targets.text.heads=2",
+            "targets.text.context_length=8",
+        ],
+    )
+    torch.manual_seed(0)
+    return M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+
+
+def batch(n: int) -> dict:
+    g = torch.Generator().manual_seed(n)
+    return {
+        "view1": torch.randn(n, 3, 16, 16, generator=g),
+        "view2": torch.randn(n, 3, 16, 16, generator=g),
+        "box1": torch.tensor([[0.0, 0.1, 0.8, 0.8]] * n),
+        "box2": torch.tensor([[0.2, 0.0, 0.6, 0.7]] * n),
+        "flip1": torch.zeros(n, dtype=torch.bool),
+        "flip2": torch.tensor([True, False, True][:n]),
+        "label": torch.arange(n) % 3,
+        "caption": CAPTIONS[:n],
+    }
+
+
+@pytest.mark.parametrize("n", [2])
+def test_m3i_teacher_no_grad_and_momentum_update(n):
+    model = m3i_model().train()
+    assert model.teacher is not None and not model.teacher.training
+    loss, monitors = model(batch(n))
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, param in model.teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+    assert any(p.grad is not None for p in model.backbone.parameters())
+    # a plain SGD step on everything trainable, then the EMA update
+    trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    teacher_before = {k: v.clone() for k, v in model.teacher.module.named_parameters()}
+    torch.optim.SGD(trainable, lr=0.5).step()
+    for name, param in model.teacher.module.named_parameters():
+        assert torch.equal(param, teacher_before[name]), f"optimizer moved teacher {name}"
+    momentum = 0.9
+    model.momentum_update(momentum)
+    backbone = dict(model.backbone.vit.named_parameters())
+    moved = False
+    for name, param in model.teacher.module.vit.named_parameters():
+        expected = momentum * teacher_before[f"vit.{name}"] + (1 - momentum) * backbone[name]
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5)
+        moved |= not torch.equal(param, teacher_before[f"vit.{name}"])
+    assert moved

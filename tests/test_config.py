@@ -1,0 +1,103 @@
+"""Config: presets, overrides and the errors for bad keys and values."""
+
+import pytest
+
+from m3i.config import ConfigError, load_config, parse_override, preset_names, preset_values
+
+PRESETS = [
+    "m3i",
+    "supervised",
+    "clip",
+    "mae",
+    "data2vec",
+    "siameseim",
+    "byol",
+    "moco",
+    "multistage",
+]
+
+
+def test_every_required_preset_ships_and_loads():
+    assert set(PRESETS) <= set(preset_names())
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert cfg.preset == name
+        assert preset_values(name)["description"]
+
+
+def test_presets_switch_targets_by_weight():
+    active = {name: set(load_config(name).active_targets()) for name in PRESETS[:-1]}
+    assert active["m3i"] == {"category", "text", "intra_view", "inter_view"}
+    assert active["supervised"] == {"category"}
+    assert active["clip"] == {"text"}
+    assert active["mae"] == {"pixels"}
+    assert active["data2vec"] == {"intra_view"}
+    assert active["siameseim"] == {"inter_view"}
+    assert active["byol"] == {"view_regress"}
+    assert active["moco"] == {"view_contrast"}
+    assert load_config("multistage").stages == ["data2vec", "siameseim", "supervised", "clip"]
+
+
+def test_nested_overrides_are_typed():
+    cfg = load_config(
+        "m3i",
+        overrides=[
+            "train.steps=20",
+            "train.lr=1e-3",
+            "model.name=vit_small_patch16_224",
+            "targets.text.weight=0",
+            "model.depth=3",
+            "mix.isolate=false",
+        ],
+    )
+    assert cfg.train.steps == 20 and isinstance(cfg.train.lr, float)
+    assert cfg.model.name == "vit_small_patch16_224" and cfg.model.depth == 3
+    assert cfg.targets.text.weight == 0.0 and "text" not in cfg.active_targets()
+    assert cfg.mix.isolate is False
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stpes=3"], "unknown config key 'train.stpes'; did you mean 'train.steps'"),
+        (["targets.txt.weight=0"], "unknown config key 'targets.txt'; did you mean 'targets.text'"),
+        (["train.steps=many"], "config key 'train.steps' expects int"),
+        (["train=3"], "config key 'train' is a section"),
+        (["train.steps"], "is not key=value"),
+        (["mix.ratio=0"], "mix.ratio must be in (0, 1]"),
+        (["model.img_size=30"], "must be a multiple of model.patch_size"),
+        (
+            [
+                "targets.category.weight=0",
+                "targets.text.weight=0",
+                "targets.intra_view.weight=0",
+                "targets.inter_view.weight=0",
+            ],
+            "no active target",
+        ),
+        (["mix.ratio=1.0"], "targets.inter_view needs image B"),
+    ],
+)
+def test_bad_overrides_fail_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("m3i", overrides=overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_names_the_closest():
+    with pytest.raises(ConfigError, match="unknown preset 'sueprvised'; did you mean supervised"):
+        load_config("sueprvised")
+
+
+def test_config_file_with_base_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: clip\ntrain:\n  steps: 7\n")
+    cfg = load_config(config_file=path)
+    assert cfg.train.steps == 7 and set(cfg.active_targets()) == {"text"}
+    path.write_text("train:\n  stepz: 7\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(config_file=path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(config_file=tmp_path / "missing.yaml")
