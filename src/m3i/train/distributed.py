@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
 
 
 def is_distributed() -> bool:
@@ -26,4 +27,4 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()), dim=0)
+    return torch.cat(dist_functional.all_gather(x.contiguous()), dim=0)

@@ -164,7 +164,11 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     source = open_source(
-        cfg.data.spec, "train", num_samples=cfg.data.num_train, image_size=cfg.data.image_size
+        cfg.data.spec,
+        "train",
+        num_samples=cfg.data.num_train,
+        image_size=cfg.data.image_size,
+        seed=cfg.data.seed,
     )
     model = build_model(cfg, source, out_dir).to(device)
     optimizer = create_optimizer_v2(
