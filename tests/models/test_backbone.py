@@ -12,6 +12,7 @@ from m3i.data.mixing import gather_tokens, split_positions
 from m3i.models.backbone import Backbone, load_timm_model, read_backbone_metadata
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
+from tests.tiny import TINY_M3I
 
 SIZE, PATCH = 16, 4
 NAMES = [
@@ -141,21 +142,9 @@ def m3i_model(isolate: bool) -> M3IModel:
     cfg = load_config(
         "m3i",
         overrides=[
-            "model.name=vit_tiny_patch16_224",
+            *TINY_M3I,
             f"model.img_size={SIZE}",
             f"model.patch_size={PATCH}",
-            "model.depth=2",
-            "decoder.dim=32",
-            "decoder.depth=1",
-            "decoder.heads=2",
-            "targets.category.hidden_dim=16",
-            "targets.category.embed_dim=8",
-            "targets.text.hidden_dim=16",
-            "targets.text.embed_dim=8",
-            "targets.text.width=16",
-            "targets.text.depth=1",
-            "targets.text.heads=2",
-            "targets.text.context_length=8",
             f"mix.isolate={str(isolate).lower()}",
         ],
     )

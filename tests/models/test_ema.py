@@ -10,6 +10,7 @@ from m3i.config import load_config
 from m3i.models.ema import MomentumTeacher, momentum_at
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
+from tests.tiny import TINY_M3I
 
 
 def student() -> nn.Module:
@@ -100,21 +101,9 @@ def m3i_model() -> M3IModel:
     cfg = load_config(
         "m3i",
         overrides=[
-            "model.name=vit_tiny_patch16_224",
+            *TINY_M3I,
             "model.img_size=16",
             "model.patch_size=4",
-            "model.depth=2",
-            "decoder.dim=32",
-            "decoder.depth=1",
-            "decoder.heads=2",
-            "targets.category.hidden_dim=16",
-            "targets.category.embed_dim=8",
-            "targets.text.hidden_dim=16",
-            "targets.text.embed_dim=8",
-            "targets.text.width=16",
-            "targets.text.depth=1",
-            "targets.text.heads=2",
-            "targets.text.context_length=8",
         ],
     )
     torch.manual_seed(0)
