@@ -124,8 +124,26 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         "supervised",
         overrides=FAST + ["train.steps=20", "train.log_every=1", "train.max_bad_steps=4"],
     )
-    with pytest.raises(TrainingError, match="4 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="4 non-finite losses or gradients in a row"):
         pretrain(cfg, tmp_path, progress=False)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert ["skipped" in r for r in records] == [False, True, True, False, True, True, True, True]
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_skipped(tmp_path, monkeypatch):
+    original = CategoryTarget.forward
+
+    def nan_gradient(self, ctx):
+        bound = original(self, ctx)
+        bound.loss.register_hook(lambda grad: grad * float("nan"))
+        return bound
+
+    monkeypatch.setattr(CategoryTarget, "forward", nan_gradient)
+    cfg = load_config("supervised", overrides=FAST + ["train.steps=5", "train.max_bad_steps=3"])
+    with pytest.raises(TrainingError, match="non-finite gradient norm"):
+        pretrain(cfg, tmp_path, progress=False)
+    assert [r["skipped"].startswith("non-finite gradient") for r in read_metrics(tmp_path)] == [
+        True
+    ] * 3
+    assert not (tmp_path / "backbone.safetensors").exists()

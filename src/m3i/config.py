@@ -11,6 +11,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from m3i.data.mixing import count_a
+
 
 class ConfigError(ValueError):
     """A bad preset, config file or override; the message is one line."""
@@ -308,6 +310,17 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (
+            cfg.decoder.dim % 4 == 0 and cfg.decoder.dim % cfg.decoder.heads == 0,
+            f"decoder.dim ({cfg.decoder.dim}) must be a multiple of 4 and of decoder.heads "
+            f"({cfg.decoder.heads})",
+        ),
+        (
+            cfg.mix.isolate or cfg.train.batch_size % 2 == 0,
+            "mix.isolate=false needs an even train.batch_size: with an odd one the middle sample "
+            "is mixed with itself and its hidden patches leak",
+        ),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (0.0 < cfg.mix.ratio <= 1.0, "mix.ratio must be in (0, 1]: the share of image A"),
         (
@@ -336,7 +349,7 @@ def validate(cfg: Config) -> None:
     if not cfg.stages and not cfg.active_targets():
         raise ConfigError("no active target: set at least one targets.<name>.weight > 0")
     grid = (cfg.model.img_size // cfg.model.patch_size) ** 2
-    visible_a = round(cfg.mix.ratio * grid)
+    visible_a = count_a(cfg.mix.ratio, grid)
     if visible_a < 1:
         raise ConfigError(f"mix.ratio {cfg.mix.ratio} leaves image A no patch of {grid}")
     needs_b = cfg.targets.inter_view.weight != 0

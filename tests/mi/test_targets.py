@@ -76,7 +76,7 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
     streams = make_streams(n, 16, seed=n)
     # sample 1 is unlabelled (when there is one)
     labels = torch.tensor([(3 * i + 1) % classes if i != 1 else -1 for i in range(n)])
-    ctx = StepContext({"label": labels}, streams)
+    ctx = StepContext({"label": labels}, streams, 4)
     bound = target(ctx)
     # brute force: one cross-entropy term per (stream, row) whose image is labelled
     terms = []
@@ -105,7 +105,7 @@ def test_category_without_labels_is_finite_zero_and_backpropagates(n):
     streams = make_streams(n, 16, seed=n)
     for s in streams.values():
         s.tokens.requires_grad_(True)
-    ctx = StepContext({"label": torch.full((n,), -1)}, streams)
+    ctx = StepContext({"label": torch.full((n,), -1)}, streams, 4)
     bound = target(ctx)
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
     assert bound.mi.item() == 0.0
@@ -140,7 +140,7 @@ def test_text_one_stream_equals_open_clip(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams))
+    bound = target(StepContext({"caption": captions}, streams, 4))
     image = target.encode_image(streams["a"].tokens.mean(dim=1))
     text = target.encode_text(captions)
     reference = ClipLoss()(image, text, target.logit_scale.exp())
@@ -153,7 +153,7 @@ def test_text_excludes_captionless_samples(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] if i != 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams))
+    bound = target(StepContext({"caption": captions}, streams, 4))
     keep = [i for i in range(n) if captions[i]]
     image = target.encode_image(streams["a"].tokens.mean(dim=1))[keep]
     text = target.encode_text([captions[i] for i in keep])  # encoded without the empty ones
@@ -166,7 +166,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=10 + n)
     captions = [CAPTIONS[i] if i != 0 or n == 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams))
+    bound = target(StepContext({"caption": captions}, streams, 4))
     losses = []
     for stream in streams.values():
         image = target.encode_image(stream.tokens.mean(dim=1))
@@ -179,7 +179,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
 @pytest.mark.parametrize("n", [1, 2])
 def test_text_without_captions_is_finite_zero(n, tokenizer):
     target = text_target(tokenizer)
-    bound = target(StepContext({"caption": [""] * n}, make_streams(n, 16, seed=n)))
+    bound = target(StepContext({"caption": [""] * n}, make_streams(n, 16, seed=n), 4))
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
 
 
@@ -257,7 +257,7 @@ def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
     }
     decoded = torch.randn(n, q, DEC_DIM, generator=g)
     ctx = StepContext(
-        {}, streams, masked_positions=masked, decoded={"masked": decoded}, teacher_dense=teacher
+        {}, streams, 4, masked_positions=masked, decoded={"masked": decoded}, teacher_dense=teacher
     )
     reference = torch.empty(n, q, ENC_DIM)
     for r in range(n):
@@ -280,7 +280,7 @@ def test_inter_view_regresses_partner_teacher_view2_densely(n):
         "view2": torch.randn(n, grid, ENC_DIM, generator=g),
     }
     decoded = torch.randn(n, grid, DEC_DIM, generator=g)
-    ctx = StepContext({}, streams, decoded={"other_view": decoded}, teacher_dense=teacher)
+    ctx = StepContext({}, streams, 4, decoded={"other_view": decoded}, teacher_dense=teacher)
     reference = torch.empty(n, grid, ENC_DIM)
     for r in range(n):
         partner = n - 1 - r  # stream b row r holds image B = sample n-1-r
@@ -297,7 +297,9 @@ def test_inter_view_regresses_partner_teacher_view2_densely(n):
 def pooled_ctx(n: int, seed: int) -> StepContext:
     g = torch.Generator().manual_seed(seed)
     streams = make_streams(n, 16, seed=seed)
-    return StepContext({}, streams, teacher_pooled={"view2": torch.randn(n, ENC_DIM, generator=g)})
+    return StepContext(
+        {}, streams, 4, teacher_pooled={"view2": torch.randn(n, ENC_DIM, generator=g)}
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -78,3 +78,24 @@ def test_image_b_of_mix_k_is_sample_n_minus_1_minus_k(source):
     assert ctx.streams["b"].samples.tolist() == [2, 1, 0]
     a, b = ctx.streams["a"].positions, ctx.streams["b"].positions
     assert torch.equal(torch.cat([a, b], 1).sort(1).values, torch.arange(16).expand(3, 16))
+
+
+def test_position_embeddings_tokens_and_temperature_get_no_weight_decay(source):
+    from timm.optim import create_optimizer_v2
+
+    cfg = load_config("m3i", overrides=SMALL)
+    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(source.captions(), 200))
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {
+        names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    }
+    expected = {
+        "backbone.vit.pos_embed",
+        "backbone.vit.cls_token",
+        "decoder.mask_token",
+        "targets.text.encoder.position_embedding",
+        "targets.text.logit_scale",
+    }
+    assert expected <= no_decay
+    assert "backbone.vit.blocks.0.attn.qkv.weight" not in no_decay

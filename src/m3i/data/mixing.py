@@ -10,6 +10,11 @@ def pair_partners(n: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.arange(n - 1, -1, -1, device=device)
 
 
+def count_a(ratio: float, num_patches: int) -> int:
+    """How many grid positions image A occupies."""
+    return round(ratio * num_patches)
+
+
 def split_positions(
     n: int, num_patches: int, ratio: float, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,10 +22,10 @@ def split_positions(
 
     Returns sorted position indices (n, La) for image A and (n, P - La) for image B.
     """
-    count_a = round(ratio * num_patches)
+    visible = count_a(ratio, num_patches)
     order = torch.rand(n, num_patches, device=device).argsort(dim=1)
-    pos_a = order[:, :count_a].sort(dim=1).values
-    pos_b = order[:, count_a:].sort(dim=1).values
+    pos_a = order[:, :visible].sort(dim=1).values
+    pos_b = order[:, visible:].sort(dim=1).values
     return pos_a, pos_b
 
 

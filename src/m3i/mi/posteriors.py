@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 @dataclass
 class Bound:
-    """A target's loss (to minimise) and its mutual-information lower bound in nats."""
+    """A target's loss (to minimise) and its mutual-information bound in nats.
+
+    Boltzmann: a true lower bound. Gaussian: an estimate of one (see the module docstring)."""
 
     loss: torch.Tensor
     mi: torch.Tensor

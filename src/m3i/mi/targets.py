@@ -46,11 +46,11 @@ class Stream:
 class StepContext:
     batch: dict[str, Any]
     streams: dict[str, Stream]
+    patch_size: int
     masked_positions: torch.Tensor | None = None  # (N, Q) view-1 positions image A did not see
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_dense: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
     teacher_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
-    patch_size: int = 16
 
 
 def zero_bound(like: torch.Tensor) -> Bound:

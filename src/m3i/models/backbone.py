@@ -40,7 +40,7 @@ class Backbone(nn.Module):
             self.timm_kwargs["depth"] = cfg.depth
         try:
             vit = timm.create_model(cfg.name, pretrained=False, **self.timm_kwargs)
-        except RuntimeError as err:
+        except (RuntimeError, TypeError, AssertionError) as err:
             raise ValueError(f"model.name {cfg.name!r}: {err}") from None
         if not isinstance(vit, VisionTransformer) or vit.pos_embed is None:
             raise ValueError(

@@ -1,8 +1,7 @@
-"""Pooling and projection heads."""
+"""Projection heads."""
 
 from __future__ import annotations
 
-import torch
 from timm.layers import Mlp
 from torch import nn
 
@@ -12,8 +11,3 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     if hidden_dim <= 0:
         return nn.Linear(in_dim, out_dim)
     return Mlp(in_dim, hidden_dim, out_dim)
-
-
-def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
-    """Global average pooling over an image's own tokens, (N, L, D) -> (N, D)."""
-    return tokens.mean(dim=1)

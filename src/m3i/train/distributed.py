@@ -15,10 +15,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (same shape on every rank) from all ranks along dim 0, keeping gradients.
 

@@ -186,30 +186,39 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
     dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
     stream = batches(dataset, cfg, device)
     bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
+
+    def skip_step(step: int, why: str, bad_so_far: int) -> int:
+        """Log a skipped step; stop the run after train.max_bad_steps in a row."""
+        append_jsonl(out_dir / "metrics.jsonl", {"step": step, "skipped": why})
+        log.warning("step %d skipped: %s", step, why)
+        if bad_so_far + 1 >= cfg.train.max_bad_steps:
+            last = out_dir / "checkpoint.pt"
+            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
+            raise TrainingError(
+                f"{bad_so_far + 1} non-finite losses or gradients in a row (last at step {step}: "
+                f"{why}); lower train.lr or check the data; {where}"
+            )
+        return bad_so_far + 1
+
     bar = tqdm(range(1, steps + 1), disable=not progress, desc=cfg.preset, dynamic_ncols=True)
     model.train()
     for step in bar:
         batch = next(stream)
         loss, monitors = model(batch)
         if not torch.isfinite(loss):
-            bad_in_a_row += 1
-            append_jsonl(
-                out_dir / "metrics.jsonl",
-                {"step": step, "skipped": f"non-finite loss {loss.item()}"},
-            )
-            log.warning("step %d skipped: non-finite loss %s", step, loss.item())
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_in_a_row} non-finite losses in a row (last at step {step}); lower "
-                    f"train.lr or check the data; the last good checkpoint is in {out_dir}"
-                )
+            bad_in_a_row = skip_step(step, f"non-finite loss {loss.item()}", bad_in_a_row)
+            scheduler.step_update(step)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if not torch.isfinite(grad_norm):
+            why = f"non-finite gradient norm {grad_norm.item()}"
+            bad_in_a_row = skip_step(step, why, bad_in_a_row)
             scheduler.step_update(step)
             continue
         bad_in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         momentum = momentum_at(step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final)
         model.momentum_update(momentum)

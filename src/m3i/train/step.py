@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.config import Config
-from m3i.data.mixing import gather_tokens, pair_partners, split_positions
+from m3i.data.mixing import count_a, gather_tokens, pair_partners, split_positions
 from m3i.mi.targets import StepContext, Stream, Target, build_targets
 from m3i.models.backbone import Backbone
 from m3i.models.decoder import Decoder, grid_coords, view_to_view
@@ -47,10 +47,11 @@ class M3IModel(nn.Module):
 
     def _streams_to_encode(self, grid_size: int) -> tuple[bool, bool]:
         targets: list[Target] = list(self.targets.values())
-        count_a = round(self.cfg.mix.ratio * grid_size)
         pooled = any(t.stream == "pooled" for t in targets)
         use_a = any(t.stream == "a" for t in targets) or pooled
-        use_b = count_a < grid_size and (any(t.stream == "b" for t in targets) or pooled)
+        use_b = count_a(self.cfg.mix.ratio, grid_size) < grid_size and (
+            any(t.stream == "b" for t in targets) or pooled
+        )
         return use_a, use_b
 
     def encode(self, batch: dict[str, Any]) -> StepContext:
@@ -78,9 +79,7 @@ class M3IModel(nn.Module):
             streams["a"] = Stream(tokens_a, pos_a, samples)
         if use_b:
             streams["b"] = Stream(tokens_b, pos_b, partners)
-        ctx = StepContext(
-            batch, streams, masked_positions=hidden_from_a, patch_size=backbone.patch_size
-        )
+        ctx = StepContext(batch, streams, backbone.patch_size, masked_positions=hidden_from_a)
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -94,8 +93,7 @@ class M3IModel(nn.Module):
         if self.teacher is None or not views:
             return
         images = torch.cat([ctx.batch[v] for v in views])
-        with torch.no_grad():
-            tokens = self.teacher(images).float()
+        tokens = self.teacher(images).float()
         for view, chunk in zip(views, tokens.chunk(len(views)), strict=True):
             ctx.teacher_dense[view] = F.layer_norm(chunk, chunk.shape[-1:])
             ctx.teacher_pooled[view] = chunk.mean(dim=1)
@@ -135,6 +133,18 @@ class M3IModel(nn.Module):
             monitors[f"loss/{name}"] = bound.loss.detach()
             monitors[f"mi/{name}"] = bound.mi.detach()
         return total, monitors
+
+    def no_weight_decay(self) -> set[str]:
+        """Position embeddings, prefix and <mask> tokens and the temperature (timm's convention)."""
+        names = (
+            "pos_embed",
+            "cls_token",
+            "reg_token",
+            "mask_token",
+            "position_embedding",
+            "logit_scale",
+        )
+        return {n for n, _ in self.named_parameters() if n.split(".")[-1] in names}
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
