@@ -78,6 +78,10 @@ def test_nested_overrides_are_typed():
         ),
         (["mix.ratio=1.0"], "targets.inter_view needs image B"),
         (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1"),
+        (
+            ["init=/no/such/backbone.safetensors"],
+            "init '/no/such/backbone.safetensors' does not exist",
+        ),
         (["decoder.dim=30"], "decoder.dim (30) must be a multiple of 4 and of decoder.heads"),
         (["mix.isolate=false", "train.batch_size=63"], "mix.isolate=false needs an even"),
     ],

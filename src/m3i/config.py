@@ -312,6 +312,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (
+            not cfg.init or Path(cfg.init).is_file(),
+            f"init {cfg.init!r} does not exist; give a backbone.safetensors written by m3i",
+        ),
+        (
             cfg.decoder.dim % 4 == 0 and cfg.decoder.dim % cfg.decoder.heads == 0,
             f"decoder.dim ({cfg.decoder.dim}) must be a multiple of 4 and of decoder.heads "
             f"({cfg.decoder.heads})",

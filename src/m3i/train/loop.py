@@ -159,8 +159,6 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         from m3i.train.stages import run_stages
 
         return run_stages(cfg, out_dir, progress)
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write_text(out_dir / "metrics.jsonl", "")
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     source = open_source(
@@ -171,6 +169,8 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         seed=cfg.data.seed,
     )
     model = build_model(cfg, source, out_dir).to(device)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(out_dir / "metrics.jsonl", "")
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
