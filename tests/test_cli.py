@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from m3i.cli import main
-from m3i.config import load_config
+from m3i.config import load_config, preset_names, preset_values
 from m3i.mi.posteriors import Bound
 from m3i.mi.targets import CategoryTarget
 from m3i.train.loop import TrainingError, pretrain
@@ -89,7 +89,10 @@ def test_multistage_runs_each_stage_from_the_last_backbone(tmp_path):
 def test_presets_lists_one_line_each(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) >= 9 and any(line.startswith("m3i ") for line in lines)
+    assert [line.split()[0] for line in lines] == preset_names()
+    for line in lines:
+        name, description = line.split(maxsplit=1)
+        assert description == preset_values(name)["description"]
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,35 @@ def save_run(
     atomic_torch_save(state, out_dir / "checkpoint.pt")
 
 
+def optimise(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float
+) -> str | None:
+    """Backward, clip and step; returns why the step was skipped (non-finite), else None."""
+    if not torch.isfinite(loss):
+        return f"non-finite loss {loss.item()}"
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if not torch.isfinite(grad_norm):
+        return f"non-finite gradient norm {grad_norm.item()}"
+    optimizer.step()
+    return None
+
+
+def record_skip(out_dir: Path, step: int, why: str, bad_in_a_row: int, max_bad: int) -> None:
+    """Log a skipped step; stop the run after `max_bad` in a row."""
+    append_jsonl(out_dir / "metrics.jsonl", {"step": step, "skipped": why})
+    log.warning("step %d skipped: %s", step, why)
+    if bad_in_a_row >= max_bad:
+        last = out_dir / "checkpoint.pt"
+        where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
+        raise TrainingError(
+            f"{bad_in_a_row} non-finite losses or gradients in a row (last at step {step}: "
+            f"{why}); lower train.lr or check the data; {where}"
+        )
+
+
 def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
     """Run a pre-training config into out_dir; returns out_dir."""
     out_dir = Path(out_dir)
@@ -186,40 +215,18 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
     dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
     stream = batches(dataset, cfg, device)
     bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
-
-    def skip_step(step: int, why: str, bad_so_far: int) -> int:
-        """Log a skipped step; stop the run after train.max_bad_steps in a row."""
-        append_jsonl(out_dir / "metrics.jsonl", {"step": step, "skipped": why})
-        log.warning("step %d skipped: %s", step, why)
-        if bad_so_far + 1 >= cfg.train.max_bad_steps:
-            last = out_dir / "checkpoint.pt"
-            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
-            raise TrainingError(
-                f"{bad_so_far + 1} non-finite losses or gradients in a row (last at step {step}: "
-                f"{why}); lower train.lr or check the data; {where}"
-            )
-        return bad_so_far + 1
-
     bar = tqdm(range(1, steps + 1), disable=not progress, desc=cfg.preset, dynamic_ncols=True)
     model.train()
     for step in bar:
         batch = next(stream)
         loss, monitors = model(batch)
-        if not torch.isfinite(loss):
-            bad_in_a_row = skip_step(step, f"non-finite loss {loss.item()}", bad_in_a_row)
-            scheduler.step_update(step)
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if not torch.isfinite(grad_norm):
-            why = f"non-finite gradient norm {grad_norm.item()}"
-            bad_in_a_row = skip_step(step, why, bad_in_a_row)
-            scheduler.step_update(step)
+        skipped = optimise(model, optimizer, loss, cfg.train.grad_clip)
+        scheduler.step_update(step)
+        if skipped:
+            bad_in_a_row += 1
+            record_skip(out_dir, step, skipped, bad_in_a_row, cfg.train.max_bad_steps)
             continue
         bad_in_a_row = 0
-        optimizer.step()
         momentum = momentum_at(step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final)
         model.momentum_update(momentum)
         scheduler.step_update(step)

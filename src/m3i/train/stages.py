@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def stage_configs(cfg: Config) -> list[Config]:
     configs = []
     for index, name in enumerate(cfg.stages):
         values = preset_values(name)
-        values.update(json.loads(json.dumps(shared)))
+        values.update(copy.deepcopy(shared))
         values["train"]["steps"] = share + (rest if index == len(cfg.stages) - 1 else 0)
         values["init"] = cfg.init
         configs.append(config_from_dict(values))
