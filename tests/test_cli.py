@@ -13,7 +13,8 @@ from m3i.mi.posteriors import Bound
 from m3i.mi.targets import CategoryTarget
 from m3i.train.loop import TrainingError, pretrain
 
-FAST = ["model.depth=2", "decoder.depth=1", "data.num_train=512", "train.batch_size=32"]
+QUIET = ["monitor.every=0", "monitor.final_eval=[]"]  # no monitors, no final evaluation
+FAST = ["model.depth=2", "decoder.depth=1", "data.num_train=512", "train.batch_size=32", *QUIET]
 
 
 def read_metrics(run):
@@ -53,7 +54,12 @@ def test_30_steps_of_m3i_lower_every_target_loss(tmp_path):
 def test_zero_steps_writes_the_initial_timm_backbone(tmp_path):
     assert (
         pretrain_cli(
-            tmp_path, "--preset", "supervised", "--set", "train.steps=0", "--set", "model.depth=2"
+            tmp_path,
+            "--preset",
+            "supervised",
+            "--set=train.steps=0",
+            "--set=model.depth=2",
+            *[f"--set={s}" for s in QUIET],
         )
         == 0
     )
@@ -84,6 +90,33 @@ def test_multistage_runs_each_stage_from_the_last_backbone(tmp_path):
         load_file(stages[3] / "backbone.safetensors"),
     )
     assert all(torch.equal(final[k], last_stage[k]) for k in final)
+
+
+def test_monitors_final_evaluation_and_report(tmp_path, capsys):
+    monitor = ["monitor.every=4", "monitor.knn_train=64", "monitor.knn_val=32"]
+    final = ["monitor.final_eval_num_train=64", "monitor.final_eval_num_val=32"]
+    run = ["train.steps=8", "train.log_every=2", "data.num_train=64"]
+    sets = [f"--set={s}" for s in FAST[:4] + monitor + final + run]
+    assert pretrain_cli(tmp_path, "--preset", "supervised", *sets) == 0
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
+    for record in (records[0], records[2], records[4]):  # step 0 (the initial model), 4, 8
+        assert 0 <= record["monitor/knn_top1"] <= 100
+        assert 1 <= record["monitor/rankme"] <= 64  # at most min(N, D) = min(64, 192)
+        assert record["monitor/feature_std"] > 0
+    assert "monitor/rankme" not in records[1]
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("m3i: knn on shapes: top1 ")
+    assert lines[1].startswith("m3i: linear on shapes: top1 ")
+    assert f"report in {tmp_path / 'report'}" in out.err
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["task"] for e in evals] == ["knn", "linear"]
+    assert (tmp_path / "report" / "summary.md").is_file()
+    assert (tmp_path / "report" / "monitors.png").stat().st_size > 0
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
+    )
 
 
 def test_presets_lists_one_line_each(capsys):

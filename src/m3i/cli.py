@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from m3i.config import ConfigError, load_config, preset_names, preset_values
+from m3i.eval import TASKS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +34,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets, one line each")
+    ev = sub.add_parser("eval", help="evaluate a backbone: " + ", ".join(TASKS))
+    ev.add_argument("task", help=" | ".join(TASKS))
+    ev.add_argument(
+        "--checkpoint", required=True, help="a run directory or its backbone.safetensors"
+    )
+    ev.add_argument("--data", help="data spec (default: the run's own, else shapes)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)",
+    )
+    rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", help="write here instead of each run's report/")
     return parser
 
 
@@ -47,6 +67,64 @@ def _pretrain(args: argparse.Namespace) -> int:
     )
     pretrain(cfg, out, progress=not args.quiet)
     print(f"m3i: wrote {out / 'backbone.safetensors'} and {out / 'metrics.jsonl'}", file=sys.stderr)
+    final_evaluation(cfg, out)
+    from m3i.eval.report import write_report
+
+    write_report([out])
+    print(f"m3i: report in {out / 'report'} (summary.md and plots)", file=sys.stderr)
+    return 0
+
+
+def final_evaluation(cfg, out: Path) -> None:
+    """Run `monitor.final_eval` on the finished run and print one line per task."""
+    from m3i.eval.features import EvalError
+    from m3i.eval.settings import EvalSettings
+    from m3i.eval.tasks import evaluate
+
+    monitor = cfg.monitor
+    settings = EvalSettings(
+        num_train=min(
+            cfg.data.num_train or monitor.final_eval_num_train, monitor.final_eval_num_train
+        ),
+        num_val=monitor.final_eval_num_val,
+        image_size=cfg.data.image_size,
+        data_seed=cfg.data.seed,
+        device=cfg.train.device,
+    )
+    try:
+        results = evaluate(monitor.final_eval, out, cfg.data.spec, settings)
+    except EvalError as err:
+        print(f"m3i: no final evaluation: {err}", file=sys.stderr)
+        return
+    for result in results:
+        print(f"m3i: {result['task']} on {result['data']}: {format_metrics(result['metrics'])}")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from m3i.eval.settings import load_settings
+    from m3i.eval.tasks import evaluate
+
+    settings = load_settings(args.overrides)
+    (result,) = evaluate([args.task], args.checkpoint, args.data, settings)
+    summary = f"{result['task']} on {result['data']}: {format_metrics(result['metrics'])}"
+    if args.json:
+        print(summary, file=sys.stderr)
+        print(json.dumps(result))
+    else:
+        print(summary)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from m3i.eval.report import write_report
+
+    written = write_report(args.runs, args.out)
+    for path in written:
+        print(path)
     return 0
 
 
@@ -64,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from m3i.data.sources import DataError
     from m3i.train.loop import TrainingError
 
+    commands = {"pretrain": _pretrain, "eval": _eval, "report": _report}
     try:
-        if args.command == "pretrain":
-            return _pretrain(args)
+        if args.command in commands:
+            return commands[args.command](args)
         return _presets()
     except (ConfigError, DataError, TrainingError, ValueError) as err:
         print(f"m3i: error: {err}", file=sys.stderr)

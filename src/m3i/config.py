@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from m3i.data.mixing import count_a
+from m3i.eval import TASKS
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,17 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = 50  # steps between collapse monitors and online kNN (0: off)
+    knn_train: int = 1000  # kNN memory: the first train images
+    knn_val: int = 500  # kNN queries: held-out val images
+    tensorboard: bool = True  # also log to out/tensorboard when tensorboard is installed
+    final_eval: list[str] = field(default_factory=lambda: ["knn", "linear"])  # after training
+    final_eval_num_train: int = 10000  # at most this many train images (and data.num_train)
+    final_eval_num_val: int = 2000
+
+
+@dataclass
 class Config:
     preset: str = "m3i"
     description: str = ""
@@ -151,6 +163,7 @@ class Config:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
     init: str = ""  # backbone.safetensors to start from
 
@@ -178,8 +191,8 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _valid_keys(Config), n=3, cutoff=0.6)
+def _unknown_key(key: str, root: type) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(root), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -209,19 +222,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "", root: type | None = None) -> None:
+    """Set nested dataclass fields from a nested dict, checking keys and types."""
+    root = root or type(obj)
     hints = get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown_key(key)
+            raise _unknown_key(key, root)
         if is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"config key {key!r} is a section; set its keys, e.g. {key}.X=..."
                 )
-            _apply(getattr(obj, name), value, key + ".")
+            _apply(getattr(obj, name), value, key + ".", root)
         else:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
@@ -239,6 +254,13 @@ def parse_override(text: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return nested
+
+
+def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `key=value` overrides to any config dataclass (e.g. the evaluation settings)."""
+    for text in overrides:
+        _apply(obj, parse_override(text))
+    return obj
 
 
 def preset_names() -> list[str]:
@@ -289,17 +311,18 @@ def load_config(
         _apply(cfg, preset_values(preset or "m3i"))
     if data is not None:
         cfg.data.spec = data
-    for text in overrides:
-        _apply(cfg, parse_override(text))
+    apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a resolved config (e.g. a run's config.yaml)."""
+def config_from_dict(values: dict[str, Any], check: bool = True) -> Config:
+    """Rebuild a resolved config (e.g. a run's config.yaml); `check=False` skips `validate`
+    (to read a finished run whose `init` file has moved)."""
     cfg = Config()
     _apply(cfg, values)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -326,6 +349,15 @@ def validate(cfg: Config) -> None:
             "is mixed with itself and its hidden patches leak",
         ),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (
+            set(cfg.monitor.final_eval) <= set(TASKS),
+            f"monitor.final_eval {cfg.monitor.final_eval} may only list {', '.join(TASKS)}",
+        ),
+        (cfg.monitor.every >= 0, "monitor.every must be >= 0 (0: no monitors)"),
+        (
+            cfg.monitor.knn_train >= 1 and cfg.monitor.knn_val >= 1,
+            "monitor.knn_train and monitor.knn_val must be >= 1",
+        ),
         (0.0 < cfg.mix.ratio <= 1.0, "mix.ratio must be in (0, 1]: the share of image A"),
         (
             cfg.model.img_size % cfg.model.patch_size == 0,

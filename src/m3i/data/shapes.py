@@ -202,6 +202,9 @@ class ShapesDataset(ImageSource):
         count = len(self) if limit is None else min(limit, len(self))
         return [self.scene(index).caption() for index in range(count)]
 
+    def labels(self) -> list[int]:
+        return [self.scene(index).label for index in range(len(self))]
+
     def annotations(self, index: int) -> dict[str, torch.Tensor]:
         """``mask`` (H, W) int64: 0 background, 1 + label main object, 1 + num_classes
         distractors; ``boxes`` (M, 4) float xyxy pixel edges, tight around each object's

@@ -74,6 +74,10 @@ class ImageSource(torch.utils.data.Dataset):
         """Non-empty captions in index order (at most ``limit``), without decoding images."""
         raise NotImplementedError
 
+    def labels(self) -> list[int]:
+        """Every sample's label in index order (-1: none), without decoding images."""
+        return [self[index].label for index in range(len(self))]
+
     @property
     def num_corrupt(self) -> int:
         """Images found unreadable so far (always 0 for sources held in memory)."""
@@ -142,6 +146,9 @@ class FashionMNIST(ImageSource):
     def captions(self, limit: int | None = None) -> list[str]:
         count = len(self) if limit is None else min(limit, len(self))
         return [self._caption(index) for index in range(count)]
+
+    def labels(self) -> list[int]:
+        return self._labels.tolist()
 
 
 def _find_idx(directory: Path, stem: str, kind: str) -> Path:
@@ -213,6 +220,9 @@ class ImageFiles(ImageSource):
     def captions(self, limit: int | None = None) -> list[str]:
         found = [caption for caption in self._captions if caption]
         return found if limit is None else found[:limit]
+
+    def labels(self) -> list[int]:
+        return list(self._labels)
 
     def verify(self) -> int:
         """Open every image once (PIL verify); same 1% rule as lazy loading."""

@@ -126,16 +126,20 @@ def eval_transform(
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Two augmented views per sample; item i's randomness is a function of (seed, epoch, i).
+    """``num_views`` (two by default) augmented views per sample; item i's randomness is a
+    function of (seed, epoch, i).
 
     Set ``epoch`` before iterating a DataLoader over it (workers copy the dataset when the
     iterator starts, so use non-persistent workers or recreate them each epoch).
     """
 
-    def __init__(self, source: ImageSource, cfg: ViewConfig, seed: int = 0) -> None:
+    def __init__(
+        self, source: ImageSource, cfg: ViewConfig, seed: int = 0, num_views: int = 2
+    ) -> None:
         self.source = source
         self.cfg = cfg
         self.seed = seed
+        self.num_views = num_views  # 1 for supervised fine-tuning: view1 only
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -149,16 +153,12 @@ class ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.source[index]
         generator = self.generator(index)
-        view1, box1, flip1 = make_view(sample.image, self.cfg, generator)
-        view2, box2, flip2 = make_view(sample.image, self.cfg, generator)
-        return {
-            "view1": view1,
-            "view2": view2,
-            "box1": box1,
-            "flip1": torch.tensor(flip1),
-            "box2": box2,
-            "flip2": torch.tensor(flip2),
-            "label": torch.tensor(sample.label, dtype=torch.int64),
-            "caption": sample.caption,
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        item: dict[str, torch.Tensor | str] = {}
+        for number in range(1, self.num_views + 1):
+            view, box, flipped = make_view(sample.image, self.cfg, generator)
+            item.update({f"view{number}": view, f"box{number}": box})
+            item[f"flip{number}"] = torch.tensor(flipped)
+        item["label"] = torch.tensor(sample.label, dtype=torch.int64)
+        item["caption"] = sample.caption
+        item["index"] = torch.tensor(index, dtype=torch.int64)
+        return item

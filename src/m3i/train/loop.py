@@ -20,9 +20,11 @@ from tqdm import tqdm
 from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.sources import ImageSource, open_source
 from m3i.data.views import ViewConfig, ViewDataset
-from m3i.io import append_jsonl, atomic_torch_save, atomic_write_text
+from m3i.io import atomic_torch_save, atomic_write_text
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
+from m3i.train.metrics import MetricsLog
+from m3i.train.monitors import TrainingMonitor
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
@@ -107,21 +109,23 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def batches(dataset: ViewDataset, cfg: Config, device: torch.device) -> Iterator[dict[str, Any]]:
+def batches(
+    dataset: ViewDataset, batch_size: int, seed: int, workers: int, device: torch.device
+) -> Iterator[dict[str, Any]]:
     """An endless stream of batches: a fresh seeded shuffle each epoch."""
-    batch_size = min(cfg.train.batch_size, len(dataset))
-    threads = 1 if cfg.data.workers == 0 else None
+    batch_size = min(batch_size, len(dataset))
+    threads = 1 if workers == 0 else None
     epoch = 0
     while True:
         dataset.epoch = epoch
-        order = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
+        order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         loader = iter(
             torch.utils.data.DataLoader(
                 dataset,
                 batch_size=batch_size,
                 sampler=torch.utils.data.RandomSampler(dataset, generator=order),
                 drop_last=True,
-                num_workers=cfg.data.workers,
+                num_workers=workers,
             )
         )
         while True:
@@ -167,12 +171,12 @@ def optimise(
     return None
 
 
-def record_skip(out_dir: Path, step: int, why: str, bad_in_a_row: int, max_bad: int) -> None:
+def record_skip(metrics: MetricsLog, step: int, why: str, bad_in_a_row: int, max_bad: int) -> None:
     """Log a skipped step; stop the run after `max_bad` in a row."""
-    append_jsonl(out_dir / "metrics.jsonl", {"step": step, "skipped": why})
+    metrics.write({"step": step, "skipped": why})
     log.warning("step %d skipped: %s", step, why)
     if bad_in_a_row >= max_bad:
-        last = out_dir / "checkpoint.pt"
+        last = metrics.path.parent / "checkpoint.pt"
         where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
         raise TrainingError(
             f"{bad_in_a_row} non-finite losses or gradients in a row (last at step {step}: "
@@ -198,8 +202,9 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         seed=cfg.data.seed,
     )
     model = build_model(cfg, source, out_dir).to(device)
+    monitor = TrainingMonitor(cfg, device) if cfg.monitor.every else None
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write_text(out_dir / "metrics.jsonl", "")
+    metrics = MetricsLog(out_dir, cfg.monitor.tensorboard)
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -213,7 +218,9 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         t_in_epochs=False,
     )
     dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
-    stream = batches(dataset, cfg, device)
+    stream = batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device)
+    if monitor is not None:
+        metrics.write({"step": 0, **monitor(model.backbone)})
     bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
     bar = tqdm(range(1, steps + 1), disable=not progress, desc=cfg.preset, dynamic_ncols=True)
     model.train()
@@ -224,14 +231,14 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         scheduler.step_update(step)
         if skipped:
             bad_in_a_row += 1
-            record_skip(out_dir, step, skipped, bad_in_a_row, cfg.train.max_bad_steps)
+            record_skip(metrics, step, skipped, bad_in_a_row, cfg.train.max_bad_steps)
             continue
         bad_in_a_row = 0
         momentum = momentum_at(step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final)
         model.momentum_update(momentum)
-        scheduler.step_update(step)
         seen += batch["view1"].shape[0]
-        if step % cfg.train.log_every == 0 or step == steps:
+        monitor_now = monitor is not None and (step % cfg.monitor.every == 0 or step == steps)
+        if monitor_now or step % cfg.train.log_every == 0 or step == steps:
             elapsed = time.perf_counter() - tick
             record = {
                 "step": step,
@@ -241,16 +248,19 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
                 "img_per_s": seen / max(elapsed, 1e-9),
             }
             record.update({k: v.item() for k, v in monitors.items()})
-            append_jsonl(out_dir / "metrics.jsonl", record)
+            if monitor_now:
+                record.update(monitor(model.backbone))
+            metrics.write(record)
             bar.set_postfix(
                 {
-                    k.split("/")[-1] if k.startswith("mi/") else k: f"{v:.3g}"
+                    k.split("/")[-1]: f"{v:.3g}"
                     for k, v in record.items()
-                    if k == "loss" or k.startswith("mi/")
+                    if k == "loss" or k.startswith("mi/") or k == "monitor/knn_top1"
                 }
             )
             seen, tick = 0, time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 and step != steps:
             save_run(model, optimizer, cfg, step, out_dir)
     save_run(model, optimizer, cfg, steps, out_dir)
+    metrics.close()
     return out_dir

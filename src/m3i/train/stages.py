@@ -9,7 +9,7 @@ from pathlib import Path
 from m3i.config import Config, config_from_dict, dump_yaml, preset_values, to_dict
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
 
-SHARED_SECTIONS = ("model", "views", "decoder", "data", "train")
+SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
 
 
 def stage_configs(cfg: Config) -> list[Config]:
@@ -45,6 +45,7 @@ def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
             append_jsonl(out_dir / "metrics.jsonl", record)
         offset += stage_cfg.train.steps
         previous = stage_dir
-    for name in ("backbone.safetensors", "checkpoint.pt"):
-        atomic_copy(previous / name, out_dir / name)
+    for name in ("backbone.safetensors", "checkpoint.pt", "tokenizer.json"):
+        if (previous / name).exists():
+            atomic_copy(previous / name, out_dir / name)
     return out_dir

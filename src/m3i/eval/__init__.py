@@ -1,0 +1,3 @@
+"""Evaluation of frozen or fine-tuned backbones (`m3i eval TASK`) and run reports."""
+
+TASKS = ("knn", "linear", "finetune", "segment", "detect", "zeroshot")

@@ -1,0 +1,119 @@
+"""Frozen features for evaluation: load a backbone, open a split, extract pooled/dense tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from timm.models.vision_transformer import VisionTransformer
+
+from m3i.data.sources import DataError, ImageSource, open_source
+from m3i.data.views import ViewConfig, eval_transform
+from m3i.models.backbone import load_timm_model, read_backbone_metadata
+from m3i.train.loop import intra_op_threads
+
+MEAN, STD = ViewConfig.mean, ViewConfig.std
+
+
+class EvalError(ValueError):
+    """An evaluation cannot run; the message is one line saying what would work."""
+
+
+def backbone_path(checkpoint: str | Path) -> Path:
+    """The backbone.safetensors of a run directory, or the file itself."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+    if not path.is_file():
+        raise EvalError(
+            f"checkpoint {str(checkpoint)!r} does not exist; give a run directory of "
+            "`m3i pretrain` or its backbone.safetensors"
+        )
+    return path
+
+
+def load_backbone(checkpoint: str | Path, **overrides) -> VisionTransformer:
+    """The timm ViT stored in an m3i backbone.safetensors (safetensors only: nothing unpickled).
+
+    ``overrides`` change timm arguments (e.g. num_classes, drop_path_rate) before loading; a
+    new classifier head stays freshly initialised.
+    """
+    path = backbone_path(checkpoint)
+    try:
+        name, kwargs = read_backbone_metadata(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EvalError(
+            f"{path} is not an m3i backbone ({reason}); give a backbone.safetensors written by "
+            "`m3i pretrain`"
+        ) from None
+    if not overrides:
+        return load_timm_model(path)
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    head = {k for k in model.state_dict() if k.startswith("head.")}
+    if unexpected or set(missing) - head:
+        raise EvalError(f"{path}: weights do not match {name} ({missing or unexpected})")
+    return model
+
+
+def open_split(spec: str, split: str, num_samples: int | None, image_size: int, seed: int):
+    """Open one split of a data spec for evaluation, with a clear error when it is missing."""
+    try:
+        return open_source(spec, split, num_samples=num_samples, image_size=image_size, seed=seed)
+    except DataError as err:
+        if split == "val":
+            raise EvalError(
+                f"data {spec!r} has no usable val split ({err}); evaluation needs one: "
+                "shapes, fashion-mnist, folder:PATH with train/ and val/, or "
+                "captions:TRAIN.jsonl,VAL.jsonl"
+            ) from None
+        raise
+
+
+@dataclass
+class Features:
+    """Frozen features of one split: GAP (N, D), patch tokens (N, P, D) or None, labels (N,)."""
+
+    pooled: torch.Tensor
+    dense: torch.Tensor | None
+    labels: torch.Tensor
+
+
+def image_batches(source: ImageSource, size: int, batch_size: int):
+    """(images (B, 3, size, size) normalised, labels (B,)) in index order."""
+    for start in range(0, len(source), batch_size):
+        with intra_op_threads(1):
+            samples = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+            images = torch.stack([eval_transform(s.image, size, MEAN, STD) for s in samples])
+        yield images, torch.tensor([s.label for s in samples], dtype=torch.int64)
+
+
+@torch.no_grad()
+def extract(
+    model: VisionTransformer,
+    source: ImageSource,
+    batch_size: int = 256,
+    dense: bool = False,
+    device: torch.device | str = "cpu",
+) -> Features:
+    """Run the frozen model over a split once, in batches, keeping everything in memory."""
+    model.eval().to(device)
+    size = model.patch_embed.img_size[0]
+    pooled, tokens, labels = [], [], []
+    for images, batch_labels in image_batches(source, size, batch_size):
+        out = model.forward_features(images.to(device))
+        pooled.append(model.forward_head(out, pre_logits=True).float().cpu())
+        if dense:
+            tokens.append(out[:, model.num_prefix_tokens :].float().cpu())
+        labels.append(batch_labels)
+    return Features(
+        pooled=torch.cat(pooled),
+        dense=torch.cat(tokens) if dense else None,
+        labels=torch.cat(labels),
+    )

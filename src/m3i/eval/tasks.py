@@ -1,0 +1,234 @@
+"""`m3i eval TASK`: open the checkpoint and the data once, run the task, record the result."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from m3i.data.sources import ImageSource
+from m3i.eval import TASKS
+from m3i.eval.features import (
+    EvalError,
+    Features,
+    backbone_path,
+    extract,
+    load_backbone,
+    open_split,
+)
+from m3i.eval.knn import knn_scores, topk_accuracy
+from m3i.eval.settings import EvalSettings
+from m3i.io import append_jsonl
+from m3i.train.loop import pick_device
+
+
+class Session:
+    """One checkpoint on one dataset: splits opened once, frozen features extracted once."""
+
+    def __init__(self, checkpoint: str | Path, data: str, settings: EvalSettings) -> None:
+        self.checkpoint, self.data, self.settings = checkpoint, data, settings
+        self.device = pick_device(settings.device)
+        self.model = load_backbone(checkpoint)
+        self.size = settings.image_size or self.model.patch_embed.img_size[0]
+        self._splits: dict[str, ImageSource] = {}
+        self._features: dict[tuple[str, bool], Features] = {}
+
+    def split(self, name: str) -> ImageSource:
+        if name not in self._splits:
+            count = self.settings.num_train if name == "train" else self.settings.num_val
+            self._splits[name] = open_split(
+                self.data, name, count, self.size, self.settings.data_seed
+            )
+        return self._splits[name]
+
+    def features(self, name: str, dense: bool = False) -> Features:
+        """Frozen features of a split (dense ones also serve pooled requests)."""
+        for key in ((name, True), (name, dense)):
+            if key in self._features:
+                return self._features[key]
+        source = self.split(name)
+        features = extract(self.model, source, self.settings.batch_size, dense, self.device)
+        self._features[(name, dense)] = features
+        return features
+
+    def classes(self, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+        """The class names; an EvalError unless every sample of `splits` has a label."""
+        classes = self.split(splits[0]).classes
+        if not classes:
+            raise EvalError(f"data {self.data!r} has no class labels; this task needs labels")
+        for name in splits:
+            missing = sum(label < 0 for label in self.split(name).labels())
+            if missing:
+                raise EvalError(
+                    f"data {self.data!r}: {missing} {name} samples have no label; "
+                    "classification needs a label on every sample"
+                )
+        return classes
+
+    def annotated(self, name: str) -> ImageSource:
+        source = self.split(name)
+        if not hasattr(source, "annotations"):
+            raise EvalError(
+                f"data {self.data!r} has no masks or boxes; segment and detect run on --data shapes"
+            )
+        return source
+
+
+def run_knn(session: Session) -> dict[str, float]:
+    num_classes = len(session.classes())
+    train, val = session.features("train"), session.features("val")
+    knn = session.settings.knn
+    scores = knn_scores(train.pooled, train.labels, val.pooled, num_classes, knn.k, knn.temperature)
+    return topk_accuracy(scores, val.labels)
+
+
+def run_linear(session: Session) -> dict[str, float]:
+    from m3i.eval.linear import linear_probe
+
+    num_classes = len(session.classes())
+    train, val = session.features("train"), session.features("val")
+    return linear_probe(
+        train.pooled,
+        train.labels,
+        val.pooled,
+        val.labels,
+        num_classes,
+        session.settings.linear,
+        session.settings.seed,
+    )
+
+
+def run_finetune(session: Session) -> dict[str, float]:
+    from m3i.eval.finetune import finetune
+
+    settings = session.settings.finetune
+    model = load_backbone(
+        session.checkpoint, num_classes=len(session.classes()), drop_path_rate=settings.drop_path
+    )
+    return finetune(
+        model,
+        session.split("train"),
+        session.split("val"),
+        settings,
+        session.settings.seed,
+        session.device,
+    )
+
+
+def run_segment(session: Session) -> dict[str, float]:
+    from m3i.eval.segment import segment_probe
+
+    masks = {
+        name: torch.stack(
+            [
+                session.annotated(name).annotations(i)["mask"]
+                for i in range(len(session.split(name)))
+            ]
+        )
+        for name in ("train", "val")
+    }
+    train, val = session.features("train", dense=True), session.features("val", dense=True)
+    return segment_probe(
+        train.dense,
+        masks["train"],
+        val.dense,
+        masks["val"],
+        len(session.classes()) + 2,  # background, each class, distractors
+        session.settings.segment,
+        session.settings.seed,
+    )
+
+
+def run_detect(session: Session) -> dict[str, float]:
+    from m3i.eval.detect import detect_probe
+
+    boxes: dict[str, tuple[list, list]] = {}
+    for name in ("train", "val"):
+        source = session.annotated(name)
+        annotations = [source.annotations(i) for i in range(len(source))]
+        boxes[name] = ([a["boxes"] for a in annotations], [a["box_labels"] for a in annotations])
+    train, val = session.features("train", dense=True), session.features("val", dense=True)
+    return detect_probe(
+        train.dense,
+        *boxes["train"],
+        val.dense,
+        *boxes["val"],
+        len(session.classes()) + 1,  # each class and distractors
+        session.annotated("train").image_size,
+        session.settings.detect,
+        session.settings.seed,
+    )
+
+
+def run_zeroshot(session: Session) -> dict[str, float]:
+    from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
+
+    target = load_text_target(session.checkpoint, session.model.embed_dim)
+    classes = session.classes(("val",))
+    val = session.features("val")
+    prompts = class_embeddings(target, classes, session.settings.zeroshot.templates)
+    return topk_accuracy(zeroshot_scores(target, val.pooled, prompts), val.labels)
+
+
+RUNNERS: dict[str, Callable[[Session], dict[str, float]]] = {
+    "knn": run_knn,
+    "linear": run_linear,
+    "finetune": run_finetune,
+    "segment": run_segment,
+    "detect": run_detect,
+    "zeroshot": run_zeroshot,
+}
+
+
+def check_task(task: str) -> None:
+    if task not in RUNNERS:
+        close = difflib.get_close_matches(task, TASKS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise EvalError(f"unknown eval task {task!r}; {hint}tasks: {', '.join(TASKS)}")
+
+
+def default_data(checkpoint: str | Path) -> str:
+    """The data spec a run was trained on (its config.yaml), else `shapes`."""
+    config = backbone_path(checkpoint).parent / "config.yaml"
+    if config.is_file():
+        spec = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("spec")
+        if isinstance(spec, str):
+            return spec
+    return "shapes"
+
+
+def evaluate(
+    tasks: list[str],
+    checkpoint: str | Path,
+    data: str | None = None,
+    settings: EvalSettings | None = None,
+    record: bool = True,
+) -> list[dict[str, Any]]:
+    """Run tasks on one checkpoint (features shared between them); one result dict per task,
+    appended to eval.jsonl beside the backbone when `record`."""
+    for task in tasks:
+        check_task(task)
+    data = data or default_data(checkpoint)
+    session = Session(checkpoint, data, settings or EvalSettings())
+    session.split("val")  # fail on a missing val split before any work
+    results = []
+    for task in tasks:
+        start = time.perf_counter()
+        metrics = RUNNERS[task](session)
+        result = {
+            "task": task,
+            "checkpoint": str(checkpoint),
+            "data": data,
+            "metrics": metrics,
+            "seconds": round(time.perf_counter() - start, 1),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if record:
+            append_jsonl(backbone_path(checkpoint).parent / "eval.jsonl", result)
+        results.append(result)
+    return results

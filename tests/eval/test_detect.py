@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from m3i.data.shapes import ShapesDataset
+from m3i.eval.detect import box_ap, decode, detect_probe, encode_targets
+from m3i.eval.settings import DetectSettings
+
+NUM_CATEGORIES = 11  # 10 shapes + distractor
+SIZE, GRID = 32, 8
+
+
+def _det(boxes, scores, labels):
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels),
+    }
+
+
+def _gt(boxes, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}
+
+
+def _annotations(split: str, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    data = ShapesDataset(split, n, SIZE)
+    annotations = [data.annotations(i) for i in range(n)]
+    return [a["boxes"] for a in annotations], [a["box_labels"] for a in annotations]
+
+
+def test_box_ap_perfect_detection():
+    result = box_ap([_det([[2, 3, 12, 15]], [0.9], [1])], [_gt([[2, 3, 12, 15]], [1])])
+    assert result == pytest.approx({"ap": 100.0, "ap50": 100.0})
+
+
+def test_box_ap_iou_062_passes_three_of_ten_thresholds():
+    # truth 10x10 (area 100), detection 10x6.2 inside it: IoU = 62 / 100 = 0.62. pycocotools
+    # matches when IoU >= threshold: 0.50, 0.55, 0.60 pass, 0.65..0.95 fail -> ap = 3/10.
+    result = box_ap([_det([[0, 0, 10, 6.2]], [0.9], [0])], [_gt([[0, 0, 10, 10]], [0])])
+    assert result == pytest.approx({"ap": 30.0, "ap50": 100.0})
+
+
+def test_box_ap_wrong_label_scores_zero():
+    # label 1 has a truth but no detection (AP 0); label 2 has no truth, so it is not averaged
+    result = box_ap([_det([[2, 3, 12, 15]], [0.9], [2])], [_gt([[2, 3, 12, 15]], [1])])
+    assert result == pytest.approx({"ap": 0.0, "ap50": 0.0})
+
+
+def test_box_ap_ranked_false_positive_101_point_interpolation():
+    # image 1: exact hit at 0.9; image 2: false positive at 0.8, exact hit at 0.7.
+    # Ranked: TP (P 1, R 1/2), FP (P 1/2, R 1/2), TP (P 2/3, R 1). Interpolated precision is
+    # 1 at the 51 recall points 0.00..0.50 and 2/3 at the 50 points 0.51..1.00:
+    # AP = (51 + 50 * 2/3) / 101 = 253 / 303 at every IoU threshold.
+    predictions = [
+        _det([[0, 0, 10, 10]], [0.9], [0]),
+        _det([[20, 20, 30, 30], [0, 0, 8, 8]], [0.8, 0.7], [0, 0]),
+    ]
+    targets = [_gt([[0, 0, 10, 10]], [0]), _gt([[0, 0, 8, 8]], [0])]
+    expected = 100.0 * 253 / 303
+    assert box_ap(predictions, targets) == pytest.approx({"ap": expected, "ap50": expected})
+
+
+def test_encode_then_decode_perfect_maps_recovers_the_boxes():
+    boxes, labels = _annotations("train", 8)
+    targets = encode_targets(boxes, labels, GRID, SIZE, NUM_CATEGORIES)
+    assert targets.shape == (8, NUM_CATEGORIES + 5, GRID, GRID)
+    heatmap, ltrb, positive = (
+        targets[:, :NUM_CATEGORIES],
+        targets[:, NUM_CATEGORIES:-1],
+        targets[:, -1],
+    )
+    assert torch.equal(heatmap.sum(dim=1), positive)
+    assert positive.flatten(1).sum(dim=1).tolist() == [len(b) for b in boxes]  # no shared cell
+    decoded = decode(20.0 * (2 * heatmap - 1), ltrb, SIZE, max_detections=10)
+    for detection, truth, label in zip(decoded, boxes, labels, strict=True):
+        confident = detection["scores"] > 0.5
+        assert confident.sum() == len(truth)
+        iou = box_iou(truth, detection["boxes"][confident])
+        best = iou.argmax(dim=1)
+        assert torch.allclose(detection["boxes"][confident][best], truth, atol=1e-4)
+        assert torch.equal(detection["labels"][confident][best], label)
+    truth = [{"boxes": b, "labels": k} for b, k in zip(boxes, labels, strict=True)]
+    assert box_ap(decoded, truth) == pytest.approx({"ap": 100.0, "ap50": 100.0})
+
+
+def test_encode_keeps_the_larger_of_two_objects_in_one_cell():
+    boxes = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 4.0, 4.0]])  # both centred in cell 0
+    targets = encode_targets([boxes], [torch.tensor([0, 1])], GRID, SIZE, 2)
+    assert targets[0, :, 0, 0].tolist() == [0.0, 1.0] + [2 / SIZE] * 4 + [1.0]
+    assert targets[0, -1].sum() == 1
+
+
+def _target_tokens(boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """Tokens that carry the answer: each cell's encoded target, plus a little noise."""
+    targets = encode_targets(boxes, labels, GRID, SIZE, NUM_CATEGORIES)
+    tokens = targets.flatten(2).transpose(1, 2)
+    return tokens + 0.01 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_detect_probe_learns_from_informative_tokens():
+    train_boxes, train_labels = _annotations("train", 64)
+    val_boxes, val_labels = _annotations("val", 32)
+    settings = DetectSettings(epochs=20, batch_size=8, lr=1e-2, hidden_dim=32)
+    result = detect_probe(
+        _target_tokens(train_boxes, train_labels),
+        train_boxes,
+        train_labels,
+        _target_tokens(val_boxes, val_labels),
+        val_boxes,
+        val_labels,
+        NUM_CATEGORIES,
+        SIZE,
+        settings,
+    )
+    assert result["ap50"] > 50.0
+    assert 0.0 <= result["ap"] <= result["ap50"] <= 100.0
+
+
+def test_detect_probe_on_random_tokens_is_finite():
+    boxes, labels = _annotations("train", 16)
+    tokens = torch.randn(16, GRID * GRID, 8, generator=torch.Generator().manual_seed(1))
+    settings = DetectSettings(epochs=1, batch_size=8, hidden_dim=8)
+    result = detect_probe(
+        tokens[:8], boxes[:8], labels[:8], tokens[8:], boxes[8:], labels[8:], 11, SIZE, settings
+    )
+    assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in result.values())
+    assert set(result) == {"ap", "ap50"}

@@ -1,0 +1,247 @@
+"""`m3i eval TASK` end to end on a tiny pre-trained run, and its one-line errors."""
+
+import json
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from m3i.cli import main
+from m3i.config import load_config
+from m3i.eval.tasks import TASKS
+from m3i.train import loop
+from tests.tiny import TINY_M3I
+
+SMALL = [
+    "num_train=128",
+    "num_val=64",
+    "linear.epochs=2",
+    "finetune.epochs=1",
+    "finetune.batch_size=32",
+    "segment.epochs=2",
+    "detect.epochs=2",
+]
+METRICS = {
+    "knn": {"top1", "top5"},
+    "linear": {"top1", "top5"},
+    "finetune": {"top1", "top5"},
+    "zeroshot": {"top1", "top5"},
+    "segment": {"miou", "pixel_acc"},
+    "detect": {"ap", "ap50"},
+}
+
+
+def pretrain(out: Path, preset: str, *overrides: str) -> Path:
+    """A tiny run directory, without the online monitors and `m3i pretrain`'s final evaluation."""
+    overrides = (*TINY_M3I, "monitor.every=0", "monitor.tensorboard=false", *overrides)
+    cfg = load_config(preset, overrides=overrides)
+    if preset == "m3i":
+        assert {"category", "text"} <= set(cfg.active_targets())
+    return loop.pretrain(cfg, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """30 steps of the m3i preset (category and text targets active) on 256 shapes."""
+    return pretrain(
+        tmp_path_factory.mktemp("m3i") / "run",
+        "m3i",
+        "data.num_train=256",
+        "train.batch_size=32",
+        "train.steps=30",
+        "train.log_every=10",
+    )
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory) -> Path:
+    """2 steps of the supervised preset: a backbone and checkpoint.pt, no text target."""
+    return pretrain(
+        tmp_path_factory.mktemp("supervised") / "run",
+        "supervised",
+        "data.num_train=32",
+        "train.batch_size=16",
+        "train.steps=2",
+    )
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "eval.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def eval_cli(task: str, checkpoint: Path | str, *extra: str, data: str = "shapes") -> list[str]:
+    sets = [arg for s in SMALL for arg in ("--set", s)]
+    return ["eval", task, "--checkpoint", str(checkpoint), "--data", data, *sets, *extra]
+
+
+def check_result(result: dict, task: str, checkpoint: Path | str) -> None:
+    assert {"task", "checkpoint", "data", "metrics"} <= set(result)
+    assert result["task"] == task
+    assert result["checkpoint"] == str(checkpoint)
+    assert result["data"] == "shapes"
+    metrics = result["metrics"]
+    assert METRICS[task] <= set(metrics), metrics
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    for name in METRICS[task]:
+        assert math.isfinite(metrics[name]) and 0.0 <= metrics[name] <= 100.0, (name, metrics)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_prints_json_and_records_it(run, capsys, task):
+    before = records(run)
+    assert main(eval_cli(task, run, "--json")) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    check_result(result, task, run)
+    if task == "linear":
+        assert result["metrics"]["lr"] in [1e-3, 3e-3, 1e-2, 3e-2]  # the default sweep
+    assert err.strip().splitlines()[-1].startswith(f"{task} on shapes:")
+    after = records(run)
+    assert len(after) == len(before) + 1
+    assert after[-1]["task"] == task and after[-1]["metrics"] == result["metrics"]
+
+
+@pytest.mark.parametrize("task", ["knn", "zeroshot"])
+def test_checkpoint_can_be_the_backbone_file(run, capsys, task):
+    backbone = run / "backbone.safetensors"
+    before = records(run)
+    assert main(eval_cli(task, backbone, "--json")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    check_result(result, task, backbone)
+    assert len(records(run)) == len(before) + 1  # recorded beside the backbone
+
+
+def test_without_json_prints_a_summary_line(run, capsys):
+    assert main(eval_cli("knn", run, "--set", "knn.k=5")) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("knn on shapes: top1 ")
+
+
+def test_features_are_deterministic(run, capsys):
+    results = []
+    for _ in range(2):
+        assert main(eval_cli("knn", run, "--json")) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"])
+    assert results[0] == results[1]
+
+
+def expect_one_line_error(capsys, argv: list[str], *fragments: str) -> str:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("m3i: error:")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not out.strip()
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    expect_one_line_error(capsys, eval_cli("knn", missing), str(missing), "does not exist")
+    expect_one_line_error(
+        capsys, eval_cli("knn", missing / "backbone.safetensors"), "does not exist"
+    )
+
+
+def test_text_file_is_not_a_backbone(tmp_path, capsys):
+    path = tmp_path / "backbone.safetensors"
+    path.write_text("not a safetensors file\n")
+    expect_one_line_error(capsys, eval_cli("knn", path), str(path), "not an m3i backbone")
+    expect_one_line_error(capsys, eval_cli("knn", tmp_path), str(path), "not an m3i backbone")
+
+
+def test_safetensors_without_m3i_metadata(tmp_path, capsys):
+    path = tmp_path / "backbone.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    expect_one_line_error(capsys, eval_cli("knn", tmp_path), "not an m3i backbone", "timm_name")
+
+
+def test_captions_without_val_file(run, tmp_path, capsys):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"image": "a.png", "caption": "a red square", "label": 0}) + "\n")
+    before = records(run)
+    expect_one_line_error(
+        capsys, eval_cli("knn", run, data=f"captions:{train}"), "no usable val split"
+    )
+    assert records(run) == before
+
+
+def test_folder_without_val(run, tmp_path, capsys):
+    (tmp_path / "train" / "red").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "train" / "red" / "a.png")
+    before = records(run)
+    expect_one_line_error(
+        capsys, eval_cli("linear", run, data=f"folder:{tmp_path}"), "no usable val split"
+    )
+    assert records(run) == before
+
+
+def test_zeroshot_without_text_target(supervised_run, capsys):
+    expect_one_line_error(
+        capsys, eval_cli("zeroshot", supervised_run), "zeroshot", "tokenizer.json", "text target"
+    )
+
+
+def test_zeroshot_on_a_run_whose_text_weight_is_zero(run, supervised_run, tmp_path, capsys):
+    # a tokenizer alone does not make a text target: the config says weight 0
+    crafted = tmp_path / "crafted"
+    shutil.copytree(supervised_run, crafted)
+    shutil.copy(run / "tokenizer.json", crafted / "tokenizer.json")
+    expect_one_line_error(
+        capsys, eval_cli("zeroshot", crafted), "targets.text.weight=0", "supervised"
+    )
+
+
+def test_unknown_task(run, capsys):
+    expect_one_line_error(capsys, eval_cli("knnn", run), "unknown eval task 'knnn'", "knn?")
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("knn.kk=3", "knn.kk"),
+        ("knn.k=0", "knn.k must be >= 1"),
+        ("zeroshot.templates=[a photo]", "{}"),
+    ],
+)
+def test_bad_setting(run, capsys, setting, fragment):
+    before = records(run)
+    expect_one_line_error(capsys, eval_cli("knn", run, "--set", setting), fragment)
+    assert records(run) == before
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_dense_tasks_need_shapes(run, capsys, task):
+    before = records(run)
+    argv = eval_cli(task, run, data="fashion-mnist")
+    expect_one_line_error(capsys, argv, "fashion-mnist", "no masks or boxes")
+    assert records(run) == before
+
+
+def test_eval_never_unpickles(run, capsys, monkeypatch):
+    calls = []
+    original = torch.load
+
+    def checked_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, kwargs
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    for task in ("zeroshot", "knn"):
+        assert main(eval_cli(task, run, "--json")) == 0
+    assert [Path(c).name for c in calls] == ["checkpoint.pt"]  # zeroshot only
