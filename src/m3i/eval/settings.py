@@ -15,7 +15,7 @@ class KnnSettings:
 
 @dataclass
 class LinearSettings:
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     weight_decay: float = 1e-4
     epochs: int = 30
     batch_size: int = 256
