@@ -100,7 +100,7 @@ def test_every_task_prints_json_and_records_it(run, capsys, task):
     result = json.loads(out.strip().splitlines()[-1])
     check_result(result, task, run)
     if task == "linear":
-        assert result["metrics"]["lr"] in [1e-3, 3e-3, 1e-2, 3e-2]  # the default sweep
+        assert result["chosen"]["lr"] in [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # the default sweep
     assert err.strip().splitlines()[-1].startswith(f"{task} on shapes:")
     after = records(run)
     assert len(after) == len(before) + 1

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from m3i.data.sources import DataError, ImageSource, open_source
 from m3i.data.views import ViewConfig, eval_transform
-from m3i.models.backbone import load_timm_model, read_backbone_metadata
+from m3i.models.backbone import read_backbone_metadata
 from m3i.train.loop import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
@@ -49,11 +51,6 @@ def load_backbone(checkpoint: str | Path, **overrides) -> VisionTransformer:
             f"{path} is not an m3i backbone ({reason}); give a backbone.safetensors written by "
             "`m3i pretrain`"
         ) from None
-    if not overrides:
-        return load_timm_model(path)
-    import timm
-    from safetensors.torch import load_file
-
     model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     head = {k for k in model.state_dict() if k.startswith("head.")}

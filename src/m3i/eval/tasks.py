@@ -175,6 +175,7 @@ def run_zeroshot(session: Session) -> dict[str, float]:
     return topk_accuracy(zeroshot_scores(target, val.pooled, prompts), val.labels)
 
 
+CHOSEN = ("lr",)  # settings a protocol picked itself (not metrics): recorded under "chosen"
 RUNNERS: dict[str, Callable[[Session], dict[str, float]]] = {
     "knn": run_knn,
     "linear": run_linear,
@@ -220,11 +221,13 @@ def evaluate(
     for task in tasks:
         start = time.perf_counter()
         metrics = RUNNERS[task](session)
+        chosen = {key: metrics.pop(key) for key in CHOSEN if key in metrics}
         result = {
             "task": task,
             "checkpoint": str(checkpoint),
             "data": data,
             "metrics": metrics,
+            "chosen": chosen,
             "seconds": round(time.perf_counter() - start, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
