@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     source = pre.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a preset name (see `m3i presets`); default m3i")
     source.add_argument("--config", help="a YAML config file (may name a `base:` preset)")
+    source.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its newest checkpoint (its config; --set may change train.steps)",
+    )
     pre.add_argument(
         "--data", help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl"
     )
@@ -56,16 +62,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from m3i.train import distributed
     from m3i.train.loop import pretrain
 
-    cfg = load_config(
-        preset=args.preset, config_file=args.config, overrides=args.overrides, data=args.data
-    )
-    out = Path(args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(
-        f"m3i: pre-training preset {cfg.preset!r} on {cfg.data.spec!r} into {out}", file=sys.stderr
-    )
-    pretrain(cfg, out, progress=not args.quiet)
+    if args.resume:
+        if args.out or args.data:
+            raise ConfigError("--resume continues RUN_DIR with its own data; drop --out/--data")
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; give a run directory")
+        cfg = load_config(config_file=saved, overrides=args.overrides)
+        out = Path(args.resume)
+    else:
+        cfg = load_config(
+            preset=args.preset, config_file=args.config, overrides=args.overrides, data=args.data
+        )
+        out = Path(args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    main = not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
+    verb = "resuming" if args.resume else "pre-training"
+    if main:
+        print(f"m3i: {verb} preset {cfg.preset!r} on {cfg.data.spec!r} in {out}", file=sys.stderr)
+    pretrain(cfg, out, progress=not args.quiet, resume=bool(args.resume))
+    if not main:
+        return 0
     print(f"m3i: wrote {out / 'backbone.safetensors'} and {out / 'metrics.jsonl'}", file=sys.stderr)
     final_evaluation(cfg, out)
     from m3i.eval.report import write_report
@@ -144,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="m3i: %(message)s")
     args = _parser().parse_args(argv)
     from m3i.data.sources import DataError
-    from m3i.train.loop import TrainingError
+    from m3i.train.checkpoint import CheckpointError
+    from m3i.train.loop import TrainingError, TrainingStopped
 
     commands = {"pretrain": _pretrain, "eval": _eval, "report": _report}
     try:
         if args.command in commands:
             return commands[args.command](args)
         return _presets()
-    except (ConfigError, DataError, TrainingError, ValueError) as err:
+    except TrainingStopped as stop:
+        print(f"m3i: {stop}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a process killed by it
+    except (ConfigError, DataError, TrainingError, CheckpointError, ValueError) as err:
         print(f"m3i: error: {err}", file=sys.stderr)
         return 2
 

@@ -138,6 +138,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2  # checkpoints/step-N.pt kept (the newest is also checkpoint.pt)
+    accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split into them)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    grad_checkpointing: bool = False  # recompute backbone blocks in backward to save memory
+    compile: bool = False  # torch.compile the step
+    dist_timeout: int = 600  # seconds a rank waits for the others before failing
 
 
 @dataclass
@@ -344,11 +350,22 @@ def validate(cfg: Config) -> None:
             f"({cfg.decoder.heads})",
         ),
         (
-            cfg.mix.isolate or cfg.train.batch_size % 2 == 0,
-            "mix.isolate=false needs an even train.batch_size: with an odd one the middle sample "
-            "is mixed with itself and its hidden patches leak",
+            cfg.mix.isolate or (cfg.train.batch_size // max(cfg.train.accum_steps, 1)) % 2 == 0,
+            "mix.isolate=false needs an even micro-batch (train.batch_size / accum_steps): with an "
+            "odd one the middle sample is mixed with itself and its hidden patches leak",
         ),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (
+            cfg.train.accum_steps >= 1 and cfg.train.batch_size % cfg.train.accum_steps == 0,
+            f"train.accum_steps ({cfg.train.accum_steps}) must be >= 1 and divide "
+            f"train.batch_size ({cfg.train.batch_size})",
+        ),
+        (
+            cfg.train.precision in ("fp32", "bf16", "fp16"),
+            f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}",
+        ),
+        (cfg.train.dist_timeout >= 1, "train.dist_timeout must be >= 1 second"),
         (
             set(cfg.monitor.final_eval) <= set(TASKS),
             f"monitor.final_eval {cfg.monitor.final_eval} may only list {', '.join(TASKS)}",

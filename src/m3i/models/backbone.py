@@ -15,6 +15,7 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file, safe_open
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -52,6 +53,7 @@ class Backbone(nn.Module):
         self.patch_size: int = cfg.patch_size
         self.grid: tuple[int, int] = tuple(vit.patch_embed.grid_size)
         self.num_patches: int = self.grid[0] * self.grid[1]
+        self.grad_checkpointing = False  # recompute each block in backward (saves memory)
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings plus their position embeddings, (N, P, D), before any block."""
@@ -80,7 +82,10 @@ class Backbone(nn.Module):
         prefix = self._prefix(tokens.shape[0])
         x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
         x = self.vit.norm_pre(self.vit.pos_drop(x))
-        x = self.vit.blocks(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x)
+        else:
+            x = self.vit.blocks(x)
         return self.vit.norm(x)[:, n_prefix:]
 
     def encode_mix(

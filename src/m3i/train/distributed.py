@@ -1,6 +1,10 @@
-"""torch.distributed helpers: rank, world size and all-gather with gradient."""
+"""torch.distributed helpers: joining the process group, rank, world size, all-gather with
+gradient."""
 
 from __future__ import annotations
+
+import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -24,3 +28,40 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return torch.cat(dist_functional.all_gather(x.contiguous()), dim=0)
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or srun with the same variables) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_name: str, timeout_s: int) -> torch.device:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs) and pick
+    this rank's device; a rank that does not hear from the others in `timeout_s` fails."""
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if launched_by_torchrun() and not is_distributed():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    if cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def teardown() -> None:
+    if launched_by_torchrun() and is_distributed():
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    """The device collectives run on: this rank's GPU with NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

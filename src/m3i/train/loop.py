@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,20 @@ from tqdm import tqdm
 from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.sources import ImageSource, open_source
 from m3i.data.views import ViewConfig, ViewDataset
-from m3i.io import atomic_torch_save, atomic_write_text
+from m3i.io import atomic_write_text
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
+from m3i.train import distributed
+from m3i.train.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from m3i.train.metrics import MetricsLog
 from m3i.train.monitors import TrainingMonitor
+from m3i.train.optimise import Optimise, any_rank
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
@@ -32,6 +43,10 @@ log = logging.getLogger("m3i.train")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class TrainingStopped(TrainingError):
+    """SIGTERM (or SIGINT) arrived: the run saved a checkpoint at the end of its step."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,36 +75,34 @@ def view_config(cfg: Config) -> ViewConfig:
     )
 
 
-def build_tokenizer(cfg: Config, source: ImageSource, out_dir: Path):
-    """Train (or load) the text tokenizer and save it with the run as tokenizer.json."""
+def build_tokenizer(cfg: Config, source: ImageSource):
+    """The text tokenizer: BPE trained on the run's captions, or a given tokenizer.json."""
     text = cfg.targets.text
-    if text.tokenizer == "bpe":
-        captions = source.captions()
-        if not captions:
-            raise TrainingError(
-                f"targets.text needs captions, and data {cfg.data.spec!r} has none; "
-                "set targets.text.weight=0 or use data with captions (shapes, captions:FILE)"
-            )
-        tokenizer = train_bpe(captions, text.vocab_size)
-    else:
-        tokenizer = load_tokenizer(text.tokenizer)
-    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str())
-    return tokenizer
+    if text.tokenizer != "bpe":
+        return load_tokenizer(text.tokenizer)
+    captions = source.captions()
+    if not captions:
+        raise TrainingError(
+            f"targets.text needs captions, and data {cfg.data.spec!r} has none; "
+            "set targets.text.weight=0 or use data with captions (shapes, captions:FILE)"
+        )
+    return train_bpe(captions, text.vocab_size)
 
 
-def build_model(cfg: Config, source: ImageSource, out_dir: Path) -> M3IModel:
+def build_model(cfg: Config, source: ImageSource) -> M3IModel:
     num_classes = len(source.classes) if source.classes else 0
     if cfg.targets.category.weight != 0 and num_classes == 0:
         raise TrainingError(
             f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
             "set targets.category.weight=0 or use labelled data"
         )
-    tokenizer = build_tokenizer(cfg, source, out_dir) if cfg.targets.text.weight != 0 else None
+    tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
     model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer)
     if cfg.init:
         model.backbone.vit.load_state_dict(load_file(cfg.init))
         if model.teacher is not None:
             model.teacher.module.load_state_dict(model.backbone.state_dict())
+    model.backbone.grad_checkpointing = cfg.train.grad_checkpointing
     return model
 
 
@@ -110,22 +123,43 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
 
 
 def batches(
-    dataset: ViewDataset, batch_size: int, seed: int, workers: int, device: torch.device
+    dataset: ViewDataset,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    device: torch.device,
+    start: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """An endless stream of batches: a fresh seeded shuffle each epoch."""
-    batch_size = min(batch_size, len(dataset))
+    """An endless stream of this rank's batches, from batch number `start` on.
+
+    Global batch b is slice b % per_epoch of epoch b // per_epoch's seeded permutation, and
+    rank r takes part r of it: the stream is a function of (seed, b), so a resumed run continues
+    exactly where the checkpoint was taken without reading the batches it skips.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    batch_size = min(batch_size, len(dataset) // world)
+    per_epoch = len(dataset) // (batch_size * world)
+    if per_epoch == 0:
+        raise TrainingError(
+            f"{len(dataset)} training samples make no batch of {batch_size} on {world} ranks; "
+            "lower train.batch_size or use more data"
+        )
     threads = 1 if workers == 0 else None
-    epoch = 0
+    epoch, skip = divmod(start, per_epoch)
     while True:
         dataset.epoch = epoch
         order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(len(dataset), generator=order)[
+            : per_epoch * batch_size * world
+        ]
+        mine = permutation.view(per_epoch, world, batch_size)[skip:, rank].reshape(-1)
         loader = iter(
             torch.utils.data.DataLoader(
                 dataset,
                 batch_size=batch_size,
-                sampler=torch.utils.data.RandomSampler(dataset, generator=order),
-                drop_last=True,
+                sampler=mine.tolist(),
                 num_workers=workers,
+                generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
             )
         )
         while True:
@@ -137,38 +171,32 @@ def batches(
                 k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()
             }
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def save_run(
-    model: M3IModel, optimizer: torch.optim.Optimizer, cfg: Config, step: int, out_dir: Path
+    model: M3IModel, optimise: Optimise, cfg: Config, step: int, out_dir: Path, final: bool
 ) -> None:
-    """backbone.safetensors (timm state dict) and checkpoint.pt (everything to resume)."""
+    """backbone.safetensors (timm state dict) and a checkpoint (everything to resume), written
+    by rank 0 with every rank's RNG state."""
+    rngs = [None] * distributed.world_size()
+    if distributed.is_distributed():
+        torch.distributed.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if distributed.rank() != 0:
+        return
     model.backbone.save(out_dir / "backbone.safetensors")
     state = {
         "step": step,
+        "final": final,
         "config": to_dict(cfg),
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
+        "optimizer": optimise.optimizer.state_dict(),
+        "scaler": optimise.scaler.state_dict(),
+        "rng": rngs,
     }
-    atomic_torch_save(state, out_dir / "checkpoint.pt")
-
-
-def optimise(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float
-) -> str | None:
-    """Backward, clip and step; returns why the step was skipped (non-finite), else None."""
-    if not torch.isfinite(loss):
-        return f"non-finite loss {loss.item()}"
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if not torch.isfinite(grad_norm):
-        return f"non-finite gradient norm {grad_norm.item()}"
-    optimizer.step()
-    return None
+    save_checkpoint(state, out_dir, cfg.train.keep_checkpoints)
 
 
 def record_skip(metrics: MetricsLog, step: int, why: str, bad_in_a_row: int, max_bad: int) -> None:
@@ -184,16 +212,62 @@ def record_skip(metrics: MetricsLog, step: int, why: str, bad_in_a_row: int, max
         )
 
 
-def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
-    """Run a pre-training config into out_dir; returns out_dir."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Collect SIGTERM/SIGINT instead of dying mid-step (handlers only in the main thread)."""
+    received: list[int] = []
+    before = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            before[sig] = signal.signal(sig, lambda number, _: received.append(number))
+    try:
+        yield received
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def mean_over_ranks(
+    loss: torch.Tensor, monitors: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, float]]:
+    """The logged loss and monitors: means over ranks (each rank's are over its own batch)."""
+    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in monitors.values())])
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(values)
+        values /= distributed.world_size()
+    loss_value, *rest = values.tolist()
+    return loss_value, dict(zip(monitors, rest, strict=True))
+
+
+def should_stop(received: list[int]) -> bool:
+    """Whether any rank received a stop signal (all ranks agree, so they stop together)."""
+    return any_rank(bool(received))
+
+
+def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False) -> Path:
+    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.stages:
+        if resume:
+            raise TrainingError("--resume of a multistage run is not supported; resume its stage")
         from m3i.train.stages import run_stages
 
+        out_dir.mkdir(parents=True, exist_ok=True)
         return run_stages(cfg, out_dir, progress)
-    seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    pick_device(cfg.train.device)  # a clear error for cuda without a GPU
+    device = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    try:
+        return _train(cfg, out_dir, progress, resume, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: torch.device) -> Path:
+    main = distributed.rank() == 0
+    state = load_checkpoint(out_dir) if resume else None
+    if state is not None:
+        check_resumable(state["config"], to_dict(cfg))
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
     source = open_source(
         cfg.data.spec,
         "train",
@@ -201,13 +275,24 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         image_size=cfg.data.image_size,
         seed=cfg.data.seed,
     )
-    model = build_model(cfg, source, out_dir).to(device)
-    monitor = TrainingMonitor(cfg, device) if cfg.monitor.every else None
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-    metrics = MetricsLog(out_dir, cfg.monitor.tensorboard)
+    model = build_model(cfg, source).to(device)
+    monitor = TrainingMonitor(cfg, device) if cfg.monitor.every and main else None
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
+    forward: torch.nn.Module = model
+    if distributed.is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.train.compile:
+        forward = torch.compile(forward)
+    optimise = Optimise(model, forward, optimizer, cfg.train, device)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        optimise.scaler.load_state_dict(state["scaler"])
+        start = state["step"]
     steps = cfg.train.steps
     scheduler = CosineLRScheduler(
         optimizer,
@@ -217,50 +302,86 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> Path:
         warmup_lr_init=cfg.train.min_lr,
         t_in_epochs=False,
     )
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+        if "text" in model.targets:
+            atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
+    metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
     dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
-    stream = batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device)
-    if monitor is not None:
+    stream = batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, start)
+    seed_everything(cfg.train.seed + distributed.rank())  # each rank draws its own masks
+    if state is not None:
+        scheduler.step_update(start)
+        rngs = state["rng"]
+        if len(rngs) == distributed.world_size():
+            set_rng_state(rngs[distributed.rank()])
+        else:
+            log.warning(
+                "resuming on %d ranks from %d: RNG streams restart",
+                distributed.world_size(),
+                len(rngs),
+            )
+    elif monitor is not None:
         metrics.write({"step": 0, **monitor(model.backbone)})
     bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
-    bar = tqdm(range(1, steps + 1), disable=not progress, desc=cfg.preset, dynamic_ncols=True)
+    bar = tqdm(
+        range(start + 1, steps + 1),
+        initial=start,
+        total=steps,
+        disable=not (progress and main),
+        desc=cfg.preset,
+        dynamic_ncols=True,
+    )
     model.train()
-    for step in bar:
-        batch = next(stream)
-        loss, monitors = model(batch)
-        skipped = optimise(model, optimizer, loss, cfg.train.grad_clip)
-        scheduler.step_update(step)
-        if skipped:
-            bad_in_a_row += 1
-            record_skip(metrics, step, skipped, bad_in_a_row, cfg.train.max_bad_steps)
-            continue
-        bad_in_a_row = 0
-        momentum = momentum_at(step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final)
-        model.momentum_update(momentum)
-        seen += batch["view1"].shape[0]
-        monitor_now = monitor is not None and (step % cfg.monitor.every == 0 or step == steps)
-        if monitor_now or step % cfg.train.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - tick
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "momentum": momentum,
-                "img_per_s": seen / max(elapsed, 1e-9),
-            }
-            record.update({k: v.item() for k, v in monitors.items()})
-            if monitor_now:
-                record.update(monitor(model.backbone))
-            metrics.write(record)
-            bar.set_postfix(
-                {
-                    k.split("/")[-1]: f"{v:.3g}"
-                    for k, v in record.items()
-                    if k == "loss" or k.startswith("mi/") or k == "monitor/knn_top1"
+    with stop_signals() as received:
+        for step in bar:
+            result = optimise(next(stream))
+            scheduler.step_update(step)
+            if result.skipped:
+                bad_in_a_row += result.fatal
+                record_skip(metrics, step, result.skipped, bad_in_a_row, cfg.train.max_bad_steps)
+            else:
+                bad_in_a_row = 0
+                momentum = momentum_at(
+                    step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
+                )
+                model.momentum_update(momentum)
+                seen += cfg.train.batch_size * distributed.world_size()
+            every = cfg.monitor.every
+            monitor_now = bool(every) and (step % every == 0 or step == steps)
+            if not result.skipped and (
+                monitor_now or step % cfg.train.log_every == 0 or step == steps
+            ):
+                elapsed = time.perf_counter() - tick
+                loss, monitors = mean_over_ranks(result.loss, result.monitors)
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "momentum": momentum,
+                    "img_per_s": seen / max(elapsed, 1e-9),
                 }
-            )
-            seen, tick = 0, time.perf_counter()
-        if step % cfg.train.checkpoint_every == 0 and step != steps:
-            save_run(model, optimizer, cfg, step, out_dir)
-    save_run(model, optimizer, cfg, steps, out_dir)
+                record.update(monitors)
+                if monitor_now and monitor is not None:  # rank 0 only
+                    record.update(monitor(model.backbone))
+                metrics.write(record)
+                bar.set_postfix(
+                    {
+                        k.split("/")[-1]: f"{v:.3g}"
+                        for k, v in record.items()
+                        if k == "loss" or k.startswith("mi/") or k == "monitor/knn_top1"
+                    }
+                )
+                seen, tick = 0, time.perf_counter()
+            if should_stop(received):
+                save_run(model, optimise, cfg, step, out_dir, final=False)
+                raise TrainingStopped(
+                    f"stopped by signal at step {step}; checkpoint written; continue with "
+                    f"`m3i pretrain --resume {out_dir}`"
+                )
+            if step % cfg.train.checkpoint_every == 0 and step != steps:
+                save_run(model, optimise, cfg, step, out_dir, final=False)
+    save_run(model, optimise, cfg, steps, out_dir, final=True)
     metrics.close()
     return out_dir

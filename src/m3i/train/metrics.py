@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,36 @@ log = logging.getLogger("m3i.train")
 class MetricsLog:
     """Appends one JSON object per record; numeric values also go to TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        """`enabled=False` (ranks other than 0) writes nothing; `resume_step` keeps the records
+        up to that step (a resumed run drops what its killed predecessor logged after it)."""
         self.path = out_dir / "metrics.jsonl"
-        atomic_write_text(self.path, "")
+        self.enabled = enabled
         self.writer = None
+        if not enabled:
+            return
+        kept = ""
+        if resume_step is not None and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = "".join(line for line in lines if json.loads(line)["step"] <= resume_step)
+        atomic_write_text(self.path, kept)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
             else:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         append_jsonl(self.path, record)
         if self.writer is not None:
             for key, value in record.items():

@@ -1,0 +1,129 @@
+"""Checkpoints that a killed run resumes from exactly: write, keep the last K, find, check.
+
+A checkpoint holds the model (with its EMA teacher and EMA projectors), the optimizer, the
+gradient scaler, the step, the config and every RNG state. The position in the data stream is
+a function of the step (batches are drawn from seeded permutations), so the step restores it.
+Files are written to a temporary name and renamed: `checkpoints/step-00000800.pt`, and
+`checkpoint.pt` as a hard link to the newest one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m3i.config import ConfigError
+from m3i.io import atomic_torch_save, atomic_write
+
+HISTORY = "checkpoints"
+LATEST = "checkpoint.pt"
+# keys a resumed run may change: the step budget and how the run is logged, saved and fed
+RESUMABLE = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.device",
+    "train.dist_timeout",
+    "data.workers",
+    "monitor.",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the config; the message is one line."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the step draws from, as tensors and plain values (weights_only-loadable)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])],
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(
+        ("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss)
+    )
+    *internal, gauss_next = state["python"]
+    random.setstate((3, tuple(int(v) for v in internal), gauss_next))
+
+
+def history(out_dir: Path) -> list[Path]:
+    """The kept checkpoints, oldest first."""
+    return sorted((out_dir / HISTORY).glob("step-*.pt"))
+
+
+def save_checkpoint(state: dict[str, Any], out_dir: Path, keep: int) -> Path:
+    """Write checkpoints/step-N.pt, point checkpoint.pt at it, delete all but the last `keep`."""
+    path = out_dir / HISTORY / f"step-{state['step']:08d}.pt"
+    atomic_torch_save(state, path)
+
+    def link(tmp: str) -> None:
+        os.unlink(tmp)
+        os.link(path, tmp)
+
+    atomic_write(out_dir / LATEST, link)
+    for old in history(out_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(out_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint of a run directory (weights_only: nothing arbitrary unpickled)."""
+    path = out_dir / LATEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{out_dir} has no {LATEST} to resume from; start it without --resume"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        older = [p for p in history(out_dir) if not p.samefile(path)]
+        hint = (
+            f"the previous one, {older[-1]}, is intact: copy it over {path} to resume from it"
+            if older
+            else "no older checkpoint is kept"
+        )
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({type(err).__name__}); {hint}"
+        ) from None
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume under a config that changed anything but the step budget and logging."""
+    old, now = _flatten(saved), _flatten(new)
+    changed = sorted(
+        key
+        for key in old.keys() | now.keys()
+        if old.get(key) != now.get(key) and not key.startswith(RESUMABLE)
+    )
+    if changed:
+        raise ConfigError(
+            f"cannot resume: the config changed {', '.join(changed)} since the checkpoint; "
+            "only train.steps and logging/checkpoint/monitor settings may change"
+        )
