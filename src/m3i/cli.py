@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a run from its newest checkpoint (its config; --set may change train.steps)",
     )
     pre.add_argument(
-        "--data", help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl"
+        "--data",
+        help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl | wds:PATTERN",
     )
     pre.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     pre.add_argument(
@@ -96,6 +97,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def final_evaluation(cfg, out: Path) -> None:
     """Run `monitor.final_eval` on the finished run and print one line per task."""
+    from m3i.data.sources import DataError
     from m3i.eval.features import EvalError
     from m3i.eval.settings import EvalSettings
     from m3i.eval.tasks import evaluate
@@ -112,7 +114,7 @@ def final_evaluation(cfg, out: Path) -> None:
     )
     try:
         results = evaluate(monitor.final_eval, out, cfg.data.spec, settings)
-    except EvalError as err:
+    except (EvalError, DataError) as err:
         print(f"m3i: no final evaluation: {err}", file=sys.stderr)
         return
     for result in results:

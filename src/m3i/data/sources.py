@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger("m3i.data")
 
-SPECS = "shapes, fashion-mnist[:DIR], folder:PATH, captions:TRAIN.jsonl[,VAL.jsonl]"
+SPECS = "shapes, fashion-mnist[:DIR], folder:PATH, captions:TRAIN.jsonl[,VAL.jsonl], wds:PATTERN"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -381,4 +381,9 @@ def open_source(
         return _open_folder(arg, split, num_samples, seed, spec)
     if kind == "captions" and arg:
         return _open_captions(arg, split, num_samples, spec)
+    if kind == "wds":
+        raise DataError(
+            f"{spec}: WebDataset shards stream for training only; they have no indexable "
+            "train/val splits: evaluate on shapes, fashion-mnist, folder: or captions:"
+        )
     raise DataError(f"unknown data spec {spec!r}; valid specs: {SPECS}")

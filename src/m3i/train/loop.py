@@ -20,8 +20,9 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from m3i.config import Config, dump_yaml, to_dict
-from m3i.data.sources import ImageSource, open_source
+from m3i.data.sources import DataError, ImageSource, open_source
 from m3i.data.views import ViewConfig, ViewDataset
+from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
@@ -174,6 +175,34 @@ def batches(
         epoch, skip = epoch + 1, 0
 
 
+def stream_batches(
+    stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
+) -> Iterator[dict[str, Any]]:
+    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers)
+    for batch in loader:
+        yield {
+            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+
+def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
+    """The run's training data: a `wds:` shard stream (this rank's), or an indexable source."""
+    kind, _, arg = cfg.data.spec.partition(":")
+    if kind == "wds":
+        return WebDatasetStream(
+            arg, view_config(cfg), cfg.train.seed, distributed.rank(), distributed.world_size()
+        )
+    return open_source(
+        cfg.data.spec,
+        "train",
+        num_samples=cfg.data.num_train,
+        image_size=cfg.data.image_size,
+        seed=cfg.data.seed,
+    )
+
+
 def save_run(
     model: M3IModel, optimise: Optimise, cfg: Config, step: int, out_dir: Path, final: bool
 ) -> None:
@@ -268,15 +297,14 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     if state is not None:
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    source = open_source(
-        cfg.data.spec,
-        "train",
-        num_samples=cfg.data.num_train,
-        image_size=cfg.data.image_size,
-        seed=cfg.data.seed,
-    )
+    source = training_source(cfg)
     model = build_model(cfg, source).to(device)
-    monitor = TrainingMonitor(cfg, device) if cfg.monitor.every and main else None
+    monitor = None
+    if cfg.monitor.every and main:
+        try:
+            monitor = TrainingMonitor(cfg, device)
+        except DataError as err:
+            log.warning("no training monitors: %s", err)
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -308,8 +336,14 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
         if "text" in model.targets:
             atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
-    dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
-    stream = batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, start)
+    if isinstance(source, WebDatasetStream):
+        source.set_start(start)
+        stream = stream_batches(source, cfg.train.batch_size, cfg.data.workers, device)
+    else:
+        dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
+        stream = batches(
+            dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, start
+        )
     seed_everything(cfg.train.seed + distributed.rank())  # each rank draws its own masks
     if state is not None:
         scheduler.step_update(start)
