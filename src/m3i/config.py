@@ -144,6 +144,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute backbone blocks in backward to save memory
     compile: bool = False  # torch.compile the step
     dist_timeout: int = 600  # seconds a rank waits for the others before failing
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) under torchrun
 
 
 @dataclass
@@ -366,6 +367,7 @@ def validate(cfg: Config) -> None:
             f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}",
         ),
         (cfg.train.dist_timeout >= 1, "train.dist_timeout must be >= 1 second"),
+        (cfg.train.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
         (
             set(cfg.monitor.final_eval) <= set(TASKS),
             f"monitor.final_eval {cfg.monitor.final_eval} may only list {', '.join(TASKS)}",

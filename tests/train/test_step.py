@@ -8,7 +8,7 @@ from m3i.config import load_config
 from m3i.data.sources import open_source
 from m3i.data.views import ViewDataset
 from m3i.models.text import train_bpe
-from m3i.train.loop import view_config
+from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "model.depth=2", "decoder.depth=1"]

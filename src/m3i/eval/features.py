@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from m3i.data.sources import DataError, ImageSource, open_source
 from m3i.data.views import ViewConfig, eval_transform
 from m3i.models.backbone import read_backbone_metadata
-from m3i.train.loop import intra_op_threads
+from m3i.train.batches import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
 

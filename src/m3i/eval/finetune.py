@@ -13,7 +13,7 @@ from m3i.data.views import ViewConfig, ViewDataset
 from m3i.eval.features import image_batches
 from m3i.eval.knn import topk_accuracy
 from m3i.eval.settings import FinetuneSettings
-from m3i.train.loop import batches
+from m3i.train.batches import batches
 
 
 def finetune(

@@ -114,7 +114,7 @@ class TextTarget(Target):
             cfg.context_length,
             cfg.embed_dim,
         )
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / cfg.temperature)]))  # 1-d: FSDP2
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         ids, valid = tokenize(self.tokenizer, captions, self.context_length)

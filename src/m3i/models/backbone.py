@@ -112,9 +112,11 @@ class Backbone(nn.Module):
         """Dense patch tokens of full views, (N, P, D)."""
         return self.encode(self.embed_patches(images))
 
-    def save(self, path: str | Path) -> None:
-        """Write the weights as a plain timm state dict, with the timm arguments as metadata."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.vit.state_dict().items()}
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the weights (or `state`, e.g. gathered from shards) as a plain timm state dict,
+        with the timm arguments as metadata."""
+        state = self.vit.state_dict() if state is None else state
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         metadata = {"timm_name": self.timm_name, "timm_kwargs": json.dumps(self.timm_kwargs)}
         atomic_save_safetensors(state, path, metadata)
 

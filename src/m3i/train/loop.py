@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +19,15 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from m3i.config import Config, dump_yaml, to_dict
-from m3i.data.sources import DataError, ImageSource, open_source
-from m3i.data.views import ViewConfig, ViewDataset
+from m3i.data.sources import DataError, ImageSource
+from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
+from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
-from m3i.train import distributed
+from m3i.train import distributed, sharding
+from m3i.train.batches import batches, stream_batches, training_source, view_config
 from m3i.train.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -64,18 +65,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def view_config(cfg: Config) -> ViewConfig:
-    v = cfg.views
-    return ViewConfig(
-        size=cfg.model.img_size,
-        scale=(v.scale_min, v.scale_max),
-        flip=v.flip,
-        color_jitter=v.color_jitter,
-        hue=v.hue,
-        grayscale=v.grayscale,
-    )
-
-
 def build_tokenizer(cfg: Config, source: ImageSource):
     """The text tokenizer: BPE trained on the run's captions, or a given tokenizer.json."""
     text = cfg.targets.text
@@ -107,121 +96,32 @@ def build_model(cfg: Config, source: ImageSource) -> M3IModel:
     return model
 
 
-@contextlib.contextmanager
-def intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run the block with `count` intra-op threads (None: unchanged).
-
-    Augmenting one small image is far slower on several threads than on one, so views made
-    in the main process (data.workers=0) are made single-threaded, as DataLoader workers are.
-    """
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def batches(
-    dataset: ViewDataset,
-    batch_size: int,
-    seed: int,
-    workers: int,
-    device: torch.device,
-    start: int = 0,
-) -> Iterator[dict[str, Any]]:
-    """An endless stream of this rank's batches, from batch number `start` on.
-
-    Global batch b is slice b % per_epoch of epoch b // per_epoch's seeded permutation, and
-    rank r takes part r of it: the stream is a function of (seed, b), so a resumed run continues
-    exactly where the checkpoint was taken without reading the batches it skips.
-    """
-    world, rank = distributed.world_size(), distributed.rank()
-    batch_size = min(batch_size, len(dataset) // world)
-    per_epoch = len(dataset) // (batch_size * world)
-    if per_epoch == 0:
-        raise TrainingError(
-            f"{len(dataset)} training samples make no batch of {batch_size} on {world} ranks; "
-            "lower train.batch_size or use more data"
-        )
-    threads = 1 if workers == 0 else None
-    epoch, skip = divmod(start, per_epoch)
-    while True:
-        dataset.epoch = epoch
-        order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(len(dataset), generator=order)[
-            : per_epoch * batch_size * world
-        ]
-        mine = permutation.view(per_epoch, world, batch_size)[skip:, rank].reshape(-1)
-        loader = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=mine.tolist(),
-                num_workers=workers,
-                generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
-            )
-        )
-        while True:
-            with intra_op_threads(threads):
-                batch = next(loader, None)
-            if batch is None:
-                break
-            yield {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
-        epoch, skip = epoch + 1, 0
-
-
-def stream_batches(
-    stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers)
-    for batch in loader:
-        yield {
-            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
-
-
-def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
-    """The run's training data: a `wds:` shard stream (this rank's), or an indexable source."""
-    kind, _, arg = cfg.data.spec.partition(":")
-    if kind == "wds":
-        return WebDatasetStream(
-            arg, view_config(cfg), cfg.train.seed, distributed.rank(), distributed.world_size()
-        )
-    return open_source(
-        cfg.data.spec,
-        "train",
-        num_samples=cfg.data.num_train,
-        image_size=cfg.data.image_size,
-        seed=cfg.data.seed,
-    )
-
-
 def save_run(
     model: M3IModel, optimise: Optimise, cfg: Config, step: int, out_dir: Path, final: bool
 ) -> None:
     """backbone.safetensors (timm state dict) and a checkpoint (everything to resume), written
-    by rank 0 with every rank's RNG state."""
+    by rank 0 with every rank's RNG state; every rank calls it (sharded states are gathered)."""
     rngs = [None] * distributed.world_size()
     if distributed.is_distributed():
         torch.distributed.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
+    sharded = sharding.is_sharded(cfg)
+    model_state = sharding.full_model_state(model) if sharded else model.state_dict()
+    optimizer = optimise.optimizer
+    optimizer_state = (
+        sharding.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    )
     if distributed.rank() != 0:
         return
-    model.backbone.save(out_dir / "backbone.safetensors")
+    backbone = sharding.backbone_state(model_state) if sharded else None
+    model.backbone.save(out_dir / "backbone.safetensors", backbone)
     state = {
         "step": step,
         "final": final,
         "config": to_dict(cfg),
-        "model": model.state_dict(),
-        "optimizer": optimise.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scaler": optimise.scaler.state_dict(),
         "rng": rngs,
     }
@@ -305,24 +205,22 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
             monitor = TrainingMonitor(cfg, device)
         except DataError as err:
             log.warning("no training monitors: %s", err)
+    forward: torch.nn.Module = model
+    full = None  # under FSDP, an unsharded copy of the backbone for rank 0's monitors
+    if sharding.is_sharded(cfg):
+        sharding.shard(model)
+        full = Backbone(cfg.model).to(device) if monitor is not None else None
+    elif distributed.is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
-    forward: torch.nn.Module = model
-    if distributed.is_distributed():
-        ids = [device.index] if device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.train.compile:
         forward = torch.compile(forward)
     optimise = Optimise(model, forward, optimizer, cfg.train, device)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        optimise.scaler.load_state_dict(state["scaler"])
-        start = state["step"]
     steps = cfg.train.steps
-    scheduler = CosineLRScheduler(
+    scheduler = CosineLRScheduler(  # before loading: it adds initial_lr to the groups
         optimizer,
         t_initial=max(steps, 1),
         lr_min=cfg.train.min_lr,
@@ -330,6 +228,15 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
         warmup_lr_init=cfg.train.min_lr,
         t_in_epochs=False,
     )
+    start = 0
+    if state is not None:
+        if sharding.is_sharded(cfg):
+            sharding.load_full_state(model, optimizer, state)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        optimise.scaler.load_state_dict(state["scaler"])
+        start = state["step"]
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
@@ -356,8 +263,10 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                 distributed.world_size(),
                 len(rngs),
             )
-    elif monitor is not None:
-        metrics.write({"step": 0, **monitor(model.backbone)})
+    elif cfg.monitor.every:
+        backbone = sharding.monitored_backbone(model, cfg, full)
+        if monitor is not None:
+            metrics.write({"step": 0, **monitor(backbone)})
     bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
     bar = tqdm(
         range(start + 1, steps + 1),
@@ -397,8 +306,10 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                     "img_per_s": seen / max(elapsed, 1e-9),
                 }
                 record.update(monitors)
-                if monitor_now and monitor is not None:  # rank 0 only
-                    record.update(monitor(model.backbone))
+                if monitor_now:
+                    backbone = sharding.monitored_backbone(model, cfg, full)
+                    if monitor is not None:  # rank 0 only
+                        record.update(monitor(backbone))
                 metrics.write(record)
                 bar.set_postfix(
                     {

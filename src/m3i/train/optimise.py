@@ -83,13 +83,15 @@ class Optimise:
             losses.append(loss.detach())
             for key, value in part_monitors.items():
                 monitors[key] = monitors.get(key, 0) + value.detach() / len(parts)
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss = torch.stack(losses).mean()
         if any_rank(not torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, monitors, f"non-finite loss {loss.item()} (on some rank)")
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             if self.scaler.is_enabled():  # fp16 overflow: the scaler skips and lowers its scale
                 self.scaler.step(self.optimizer)

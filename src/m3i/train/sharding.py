@@ -1,0 +1,75 @@
+"""FSDP2 (`train.strategy=fsdp`): shard every backbone block, student and EMA teacher alike,
+and the rest of the model as one root group, across the ranks of a torchrun launch.
+
+Teacher and student parameters are sharded the same way (dim 0 over all ranks), so the EMA
+update is an element-wise lerp of local shards with no communication. Full (unsharded) state
+dicts are gathered for checkpoints, the exported backbone and the rank-0 monitors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+
+from m3i.config import Config
+from m3i.models.backbone import Backbone
+from m3i.train import distributed
+from m3i.train.step import M3IModel
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+BACKBONE = "backbone.vit."
+
+
+def shard(model: M3IModel) -> None:
+    """Apply fully_shard to each transformer block, then to the whole model."""
+    backbones = [model.backbone] + ([model.teacher.module] if model.teacher is not None else [])
+    for backbone in backbones:
+        for block in backbone.vit.blocks:
+            fully_shard(block)
+    fully_shard(model)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on rank 0 (empty elsewhere); every rank must call it."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load an unsharded checkpoint into the sharded model and optimizer (every rank)."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+
+
+def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The timm backbone's entries of a full M3IModel state dict."""
+    return {k[len(BACKBONE) :]: v for k, v in model_state.items() if k.startswith(BACKBONE)}
+
+
+def is_sharded(cfg: Config) -> bool:
+    return cfg.train.strategy == "fsdp" and distributed.is_distributed()
+
+
+def monitored_backbone(model: M3IModel, cfg: Config, full: Backbone | None) -> Backbone:
+    """The backbone the monitors read; under FSDP its gathered copy `full` (every rank calls)."""
+    if not is_sharded(cfg):
+        return model.backbone
+    state = full_model_state(model)
+    if full is not None:
+        full.vit.load_state_dict(backbone_state(state))
+    return full
