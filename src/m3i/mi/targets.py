@@ -129,15 +129,17 @@ class TextTarget(Target):
         has_caption = torch.tensor([bool(c) for c in captions], device=self.logit_scale.device)
         text = self.encode_text(captions)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        bounds = []
+        bounds, used = [], text.sum() + scale.sum()
         for stream in ctx.streams.values():
             image = self.encode_image(stream.pooled)
+            used = used + image.sum()
             keep = gather_with_grad(has_caption[stream.samples].float()) > 0
             if keep.any():
                 image_all = gather_with_grad(image)[keep]
                 text_all = gather_with_grad(text[stream.samples])[keep]
                 bounds.append(symmetric_infonce(scale * image_all @ text_all.t()))
-        return mean_bound(bounds) if bounds else zero_bound(text)
+        # no caption anywhere: a zero loss that still touches every parameter (DDP needs that)
+        return mean_bound(bounds) if bounds else zero_bound(used * 0)
 
 
 class DenseTeacherTarget(Target):

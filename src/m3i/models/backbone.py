@@ -83,7 +83,7 @@ class Backbone(nn.Module):
         x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
         x = self.vit.norm_pre(self.vit.pos_drop(x))
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(self.vit.blocks, x)
+            x = checkpoint_seq(self.vit.blocks, x, use_reentrant=False)  # DDP-safe
         else:
             x = self.vit.blocks(x)
         return self.vit.norm(x)[:, n_prefix:]

@@ -187,6 +187,14 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bo
     device = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         return _train(cfg, out_dir, progress, resume, device)
+    except RuntimeError as err:
+        if isinstance(err, TrainingError) or not distributed.is_distributed():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"rank {distributed.rank()}: a collective failed ({first}): another rank died or did "
+            f"not answer within train.dist_timeout={cfg.train.dist_timeout}s; see its log"
+        ) from err
     finally:
         distributed.teardown()
 
