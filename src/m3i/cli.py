@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)",
     )
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    speed = bench.add_parser("speed", help="step speed against peers and the matmul peak")
+    speed.add_argument("--model", default="vit_tiny_patch16_224", help="a timm ViT name")
+    speed.add_argument("--img-size", type=int, default=32)
+    speed.add_argument("--patch-size", type=int, default=4)
+    speed.add_argument("--depth", type=int, default=6, help="blocks (0: the model's own)")
+    speed.add_argument("--batch", type=int, default=64)
+    speed.add_argument("--steps", type=int, default=3, help="timed steps per kind and round")
+    speed.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    speed.add_argument("--no-peers", action="store_true", help="skip lightly and open_clip")
+    speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    speed.add_argument("--json", action="store_true", help="print one JSON object last")
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
@@ -153,6 +165,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from m3i.bench.speed import BenchSettings, format_table, run_speed
+    from m3i.train.loop import pick_device
+
+    if min(args.batch, args.steps, args.repeats, args.img_size, args.patch_size) < 1:
+        raise ConfigError("--batch, --steps, --repeats, --img-size and --patch-size must be >= 1")
+    settings = BenchSettings(
+        model=args.model,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        depth=args.depth or None,
+        batch=args.batch,
+        steps=args.steps,
+        repeats=args.repeats,
+        peers=not args.no_peers,
+    )
+    device = pick_device(args.device)
+    report = run_speed(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
+    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def _presets() -> int:
     names = preset_names()
     width = max(map(len, names))
@@ -168,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from m3i.train.checkpoint import CheckpointError
     from m3i.train.loop import TrainingError, TrainingStopped
 
-    commands = {"pretrain": _pretrain, "eval": _eval, "report": _report}
+    commands = {"pretrain": _pretrain, "eval": _eval, "report": _report, "bench": _bench}
     try:
         if args.command in commands:
             return commands[args.command](args)

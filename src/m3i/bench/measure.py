@@ -1,0 +1,90 @@
+"""Measuring a training step: FLOPs (FlopCounterMode), time, the machine's matmul peak."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+
+from m3i.data.shapes import CLASSES
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_attention_formulas() -> dict[Any, Any]:
+    """FLOP formulas for the CPU flash-attention kernel, which FlopCounterMode leaves at 0."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+
+    def forward(q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    def backward(grad, q, k, v, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """Matmul-class FLOPs (mm, bmm, conv, attention) of one call of `step`."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Best TFLOP/s of a large square matmul (a few repetitions after one warm-up)."""
+    size, inner = (8192, 10) if device.type == "cuda" else (1024, 1)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for rep in range(4):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        sync(device)
+        if rep:
+            best = min(best, (time.perf_counter() - start) / inner)
+    return 2 * size**3 / best / 1e12
+
+
+def time_steps(step: Callable[[], Any], count: int, device: torch.device) -> list[float]:
+    """Seconds of each of `count` synchronised calls of `step`."""
+    times = []
+    for _ in range(count):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def synthetic_batch(n: int, size: int, captions: list[str], device: torch.device) -> dict:
+    """Two normalised views, random crop boxes (top, left, h, w) and flips, labels, captions."""
+    batch: dict[str, Any] = {"label": torch.randint(len(CLASSES), (n,)), "index": torch.arange(n)}
+    for view in (1, 2):
+        side = torch.empty(n).uniform_(0.35, 1.0).sqrt()  # area fraction 0.35..1, square crops
+        top, left = (torch.rand(n) * (1 - side) for _ in range(2))
+        batch[f"view{view}"] = torch.randn(n, 3, size, size)
+        batch[f"box{view}"] = torch.stack([top, left, side, side], dim=1)
+        batch[f"flip{view}"] = torch.rand(n) < 0.5
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["caption"] = [captions[i % len(captions)] for i in range(n)]
+    return batch
