@@ -32,6 +32,9 @@ def test_bench_speed_json_reports_every_step(capsys):
     assert steps["open_clip_clip"]["gflop"] == pytest.approx(steps["clip"]["gflop"], rel=0.05)
     assert steps["lightly_mae"]["gflop"] == pytest.approx(steps["mae"]["gflop"], rel=0.15)
     assert "M3I step / (supervised + clip + data2vec + siameseim)" in err
+    for name in ("workers=0", "workers=2"):  # the data stream, timed on its own
+        loader = report["loader"][name]
+        assert loader["img_per_s"] == pytest.approx(8 / loader["s_per_batch"])
 
 
 def test_count_flops_of_a_matmul_by_hand():

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.data.views import ViewDataset
 from m3i.models.text import tokenize, train_bpe
+from m3i.train.batches import batches, view_config
 from m3i.train.step import M3IModel
 
 OURS = ("m3i", "supervised", "clip", "data2vec", "siameseim", "mae")
@@ -40,6 +42,7 @@ class BenchSettings:
     steps: int = 3  # timed calls per kind and round
     repeats: int = 5  # interleaved rounds
     peers: bool = True
+    loader_workers: int = 2  # the data stream is also timed with this many worker processes
 
 
 def model_overrides(settings: BenchSettings) -> list[str]:
@@ -151,6 +154,24 @@ def open_clip_step(settings: BenchSettings, batch: dict, tokenizer, device):
     return training_step(model, loss, None)
 
 
+def loader_batches(settings: BenchSettings, workers: int):
+    """The training loop's own batch stream over `shapes` at the bench's sizes."""
+    cfg = load_config("m3i", overrides=model_overrides(settings))
+    cfg.data.image_size = settings.img_size
+    source = ShapesDataset("train", None, settings.img_size, cfg.data.seed)
+    dataset = ViewDataset(source, view_config(cfg), seed=0)
+    return batches(dataset, settings.batch, 0, workers, torch.device("cpu"))
+
+
+def time_loader(settings: BenchSettings, workers: int, count: int = 20) -> dict[str, float]:
+    """Steady throughput of the data stream alone (rendering shapes and making both views):
+    `count` batches after the first, timed together (worker prefetch included)."""
+    stream = loader_batches(settings, workers)
+    next(stream)  # start-up (and worker start)
+    seconds = sum(time_steps(lambda: next(stream), count, torch.device("cpu")))
+    return {"s_per_batch": seconds / count, "img_per_s": count * settings.batch / seconds}
+
+
 def peak_rss_gb() -> float:
     """The process's peak resident set size so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -190,12 +211,14 @@ def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[
         result["img_per_s"] = settings.batch / result["median_s"]
         result["utilisation"] = result["gflop"] * 1e9 / result["median_s"] / (peak * 1e12)
     replaced = sum(results[name]["median_s"] for name in REPLACED)
+    loader = {f"workers={w}": time_loader(settings, w) for w in (0, settings.loader_workers)}
     return {
         "device": str(device),
         "threads": torch.get_num_threads(),
         "settings": vars(settings),
         "matmul_gflops": peak * 1e3,
         "steps": results,
+        "loader": loader,
         "m3i_over_replaced": results["m3i"]["median_s"] / replaced,
         "peer_over_ours": {
             peer: results[peer]["median_s"] / results[ours]["median_s"]
@@ -219,4 +242,8 @@ def format_table(report: dict[str, Any]) -> str:
     )
     for peer, ratio in report["peer_over_ours"].items():
         lines.append(f"{peer} time / ours ({PEERS[peer]}): {ratio:.2f}")
+    for name, r in report["loader"].items():
+        lines.append(
+            f"data stream ({name}): {r['img_per_s']:.1f} img/s, {r['s_per_batch']:.3f} s/batch"
+        )
     return "\n".join(lines)
