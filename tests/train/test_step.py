@@ -4,12 +4,15 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from m3i.config import load_config
+from m3i.bench.measure import synthetic_batch
+from m3i.config import load_config, preset_names
+from m3i.data.shapes import ShapesDataset
 from m3i.data.sources import open_source
 from m3i.data.views import ViewDataset
 from m3i.models.text import train_bpe
 from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
+from tests.tiny import TINY_M3I
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "model.depth=2", "decoder.depth=1"]
 PRESETS = ["m3i", "supervised", "clip", "mae", "data2vec", "siameseim", "byol", "moco"]
@@ -99,3 +102,16 @@ def test_position_embeddings_tokens_and_temperature_get_no_weight_decay(source):
     }
     assert expected <= no_decay
     assert "backbone.vit.blocks.0.attn.qkv.weight" not in no_decay
+
+
+@pytest.mark.parametrize("preset", [p for p in preset_names() if p not in ("multistage",)])
+def test_every_trainable_parameter_gets_a_gradient(preset):
+    """DDP (without find_unused_parameters) needs every trainable parameter in the graph."""
+    cfg = load_config(preset, overrides=TINY_M3I + ["model.img_size=16", "model.patch_size=4"])
+    captions = ShapesDataset("train", num_samples=40).captions()
+    tokenizer = train_bpe(captions, 100) if cfg.targets.text.weight else None
+    model = M3IModel(cfg, num_classes=10, tokenizer=tokenizer)
+    loss, _ = model(synthetic_batch(4, 16, captions, torch.device("cpu")))
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

@@ -88,9 +88,9 @@ class Decoder(nn.Module):
     def query_embedding(self, coords: torch.Tensor, geometry: torch.Tensor | None) -> torch.Tensor:
         """The position part of the queries, (N, Q, dim): sin-cos of coords + relative geometry."""
         emb = sincos_embedding(coords, self.dim)
-        if geometry is not None:
-            emb = emb + self.geometry(geometry)[:, None]
-        return emb
+        if geometry is None:  # queries in the input's own view: identity geometry (zeros), kept
+            geometry = coords.new_zeros(coords.shape[0], 3)  # in the graph for DDP
+        return emb + self.geometry(geometry)[:, None]
 
     def forward(
         self,

@@ -65,3 +65,12 @@ def device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether an error says another rank dropped its connection or timed out (NCCL's and the
+    store's DistError, gloo's transport errors) rather than a bug in this rank's step."""
+    text = str(err)
+    return is_distributed() and (
+        isinstance(err, dist.DistError) or "gloo" in text or "timed out" in text.lower()
+    )

@@ -174,29 +174,36 @@ def should_stop(received: list[int]) -> bool:
 
 
 def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False) -> Path:
-    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`)."""
+    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`); under
+    torchrun, join the process group for the whole run, stages included."""
     out_dir = Path(out_dir)
-    if cfg.stages:
-        if resume:
-            raise TrainingError("--resume of a multistage run is not supported; resume its stage")
-        from m3i.train.stages import run_stages
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return run_stages(cfg, out_dir, progress)
+    if cfg.stages and resume:
+        raise TrainingError("--resume of a multistage run is not supported; resume its stage")
     pick_device(cfg.train.device)  # a clear error for cuda without a GPU
+    distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    try:
+        if cfg.stages:
+            from m3i.train.stages import run_stages
+
+            return run_stages(cfg, out_dir, progress)
+        return train_one(cfg, out_dir, progress, resume)
+    finally:
+        distributed.teardown()
+
+
+def train_one(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> Path:
+    """One single-stage run (the process group, if any, stays up for the caller)."""
     device = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         return _train(cfg, out_dir, progress, resume, device)
     except RuntimeError as err:
-        if isinstance(err, TrainingError) or not distributed.is_distributed():
+        if not distributed.lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrainingError(
             f"rank {distributed.rank()}: a collective failed ({first}): another rank died or did "
             f"not answer within train.dist_timeout={cfg.train.dist_timeout}s; see its log"
         ) from err
-    finally:
-        distributed.teardown()
 
 
 def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: torch.device) -> Path:
@@ -285,9 +292,10 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
         dynamic_ncols=True,
     )
     model.train()
-    with stop_signals() as received:
+    with stop_signals() as received, contextlib.closing(metrics):
         for step in bar:
-            result = optimise(next(stream))
+            batch = next(stream)
+            result = optimise(batch)
             scheduler.step_update(step)
             if result.skipped:
                 bad_in_a_row += result.fatal
@@ -298,7 +306,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                     step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
                 )
                 model.momentum_update(momentum)
-                seen += cfg.train.batch_size * distributed.world_size()
+                seen += len(batch["view1"]) * distributed.world_size()
             every = cfg.monitor.every
             monitor_now = bool(every) and (step % every == 0 or step == steps)
             if not result.skipped and (
@@ -335,6 +343,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                 )
             if step % cfg.train.checkpoint_every == 0 and step != steps:
                 save_run(model, optimise, cfg, step, out_dir, final=False)
-    save_run(model, optimise, cfg, steps, out_dir, final=True)
-    metrics.close()
+        save_run(model, optimise, cfg, steps, out_dir, final=True)
+    if distributed.is_distributed():
+        torch.distributed.barrier()  # rank 0's files exist before any rank goes on
     return out_dir
