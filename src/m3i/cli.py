@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--no-peers", action="store_true", help="skip lightly and open_clip")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
     speed.add_argument("--json", action="store_true", help="print one JSON object last")
+    speed.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for this package's steps, e.g. mix.isolate=false (repeatable)",
+    )
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
@@ -180,6 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         repeats=args.repeats,
         peers=not args.no_peers,
+        overrides=tuple(args.overrides),
     )
     device = pick_device(args.device)
     report = run_speed(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))

@@ -13,10 +13,12 @@ TINY = ["--depth", "1", "--img-size", "32", "--patch-size", "8", "--batch", "8"]
 
 
 def test_bench_speed_json_reports_every_step(capsys):
-    assert main(["bench", "speed", *TINY, "--steps", "1", "--repeats", "2", "--json"]) == 0
+    args = [*TINY, "--steps", "1", "--repeats", "2", "--set", "mix.isolate=false", "--json"]
+    assert main(["bench", "speed", *args]) == 0
     out, err = capsys.readouterr()
     report = json.loads(out.strip().splitlines()[-1])
     assert set(report["steps"]) == set(OURS) | set(PEERS)
+    assert report["settings"]["overrides"] == ["mix.isolate=false"]
     for name, step in report["steps"].items():
         assert step["min_s"] <= step["median_s"] <= step["max_s"], name
         assert step["img_per_s"] == pytest.approx(8 / step["median_s"])
@@ -40,6 +42,11 @@ def test_bench_speed_json_reports_every_step(capsys):
 def test_count_flops_of_a_matmul_by_hand():
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+
+
+def test_bad_override_is_one_line(capsys):
+    assert main(["bench", "speed", "--set", "mix.isolated=false"]) == 2
+    assert "unknown config key 'mix.isolated'" in capsys.readouterr().err
 
 
 def test_bad_budget_is_one_line(capsys):

@@ -43,6 +43,7 @@ class BenchSettings:
     repeats: int = 5  # interleaved rounds
     peers: bool = True
     loader_workers: int = 2  # the data stream is also timed with this many worker processes
+    overrides: tuple[str, ...] = ()  # config `key=value`s for this package's steps
 
 
 def model_overrides(settings: BenchSettings) -> list[str]:
@@ -53,6 +54,7 @@ def model_overrides(settings: BenchSettings) -> list[str]:
         f"model.patch_size={settings.patch_size}",
         f"model.depth={depth}",
         f"train.batch_size={settings.batch}",
+        *settings.overrides,
     ]
 
 
