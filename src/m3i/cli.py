@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a config override for this package's steps, e.g. mix.isolate=false (repeatable)",
     )
+    abl = bench.add_parser("ablation", help="every method at equal compute, evaluated alike")
+    abl.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")
+    abl.add_argument("--data", action="append", help="data spec (repeatable; default: budget's)")
+    abl.add_argument("--seeds", type=int, help="seeds per data spec (default: the budget's)")
+    abl.add_argument("--out", default="runs/ablation", help="directory for runs and results")
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
@@ -173,7 +178,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation(args: argparse.Namespace) -> int:
+    from m3i.bench.ablation import BUDGETS, METHODS, REMOVALS, run_ablation
+    from m3i.bench.ablation_report import write_results
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    out = Path(args.out)
+    start = time.perf_counter()
+    runs = run_ablation(
+        args.budget, out, args.data, args.seeds, log=lambda m: print(f"m3i: {m}", file=sys.stderr)
+    )
+    report = {"budget": args.budget, "wall_s": time.perf_counter() - start, "runs": runs}
+    removals = list(REMOVALS) if BUDGETS[args.budget].removals else []
+    print(write_results(out, report, list(METHODS), removals))
+    print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "ablation":
+        return _ablation(args)
     from m3i.bench.speed import BenchSettings, format_table, run_speed
     from m3i.train.loop import pick_device
 

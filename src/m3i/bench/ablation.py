@@ -1,0 +1,145 @@
+"""`m3i bench ablation`: every pre-training method at equal compute, evaluated alike.
+
+Each method is pre-trained with the same model, batch size, optimizer, schedule and number of
+steps (`multistage` splits the same steps between its stages), then evaluated with the same
+protocols; the random initialisation is the baseline. A second table removes one target at a
+time from M3I. Results are written by `m3i.bench.ablation_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3i.config import load_config
+from m3i.eval.settings import EvalSettings, load_settings
+from m3i.eval.tasks import evaluate
+from m3i.train.loop import pretrain
+
+METHODS = ("random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage", "m3i")
+REMOVALS = {  # M3I minus one target
+    "m3i-text": "targets.text.weight=0",
+    "m3i-category": "targets.category.weight=0",
+    "m3i-intra_view": "targets.intra_view.weight=0",
+    "m3i-inter_view": "targets.inter_view.weight=0",
+}
+TINY_MODEL = [
+    "model.depth=1", "decoder.dim=32", "decoder.depth=1", "decoder.heads=2",
+    "targets.category.hidden_dim=16", "targets.category.embed_dim=8",
+    "targets.text.hidden_dim=16", "targets.text.embed_dim=8", "targets.text.width=16",
+    "targets.text.depth=1", "targets.text.heads=2", "targets.text.context_length=8",
+]  # fmt: skip
+
+
+@dataclass
+class Budget:
+    """Pre-training overrides, evaluation settings and seeds of one budget."""
+
+    train: list[str]
+    evaluation: list[str]
+    seeds: dict[str, int]  # data spec -> number of seeds
+    dense: bool = True  # segment and detect (on shapes)
+    removals: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+BUDGETS = {
+    "tiny": Budget(  # for tests: seconds per method
+        train=TINY_MODEL + ["train.steps=4", "train.batch_size=16", "data.num_train=64"],
+        evaluation=[
+            "num_train=64",
+            "num_val=32",
+            "linear.epochs=2",
+            "segment.epochs=1",
+            "detect.epochs=1",
+            "linear.lrs=[0.01]",
+        ],  # fmt: skip
+        seeds={"shapes": 1},
+        removals=False,
+    ),
+    "quick": Budget(  # under 10 minutes on 2 CPU cores
+        train=["model.depth=2", "train.steps=40", "train.batch_size=32", "data.num_train=2000"],
+        evaluation=["num_train=2000", "num_val=500", "segment.epochs=10", "detect.epochs=5"],
+        seeds={"shapes": 1, "fashion-mnist": 1},
+    ),
+    "full": Budget(  # the README's table: default model and batch
+        train=["train.steps=150", "data.num_train=5000"],
+        evaluation=["num_train=4000", "num_val=1000", "detect.epochs=10"],
+        seeds={"shapes": 3, "fashion-mnist": 1},
+    ),
+}
+
+
+def method_config(method: str, data: str, seed: int, budget: Budget):
+    """The config of one method: its preset, the budget's shared overrides, seed and data."""
+    preset = "m3i" if method in REMOVALS or method == "random" else method
+    overrides = budget.train + [f"train.seed={seed}", "monitor.every=0", "monitor.final_eval=[]"]
+    overrides += ["monitor.tensorboard=false"]
+    if method in REMOVALS:
+        overrides.append(REMOVALS[method])
+    if method == "random":
+        overrides.append("train.steps=0")
+    return load_config(preset, overrides=overrides, data=data)
+
+
+def tasks_for(method: str, data: str, budget: Budget) -> list[str]:
+    tasks = ["knn", "linear"]
+    if data == "shapes" and budget.dense:
+        tasks += ["segment", "detect"]
+    text = method in ("clip", "m3i", "multistage") or method.startswith("m3i-")
+    if text and method != "m3i-text":
+        tasks.append("zeroshot")
+    return tasks
+
+
+def final_bounds(run: Path) -> dict[str, float]:
+    """The last logged MI lower bound of every target (nats)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if '"mi/' in line]
+    return {k[3:]: v for k, v in records[-1].items() if k.startswith("mi/")} if records else {}
+
+
+def run_one(method: str, data: str, seed: int, budget: Budget, out: Path, log) -> dict:
+    """Pre-train and evaluate one (method, data, seed); its record for results.json."""
+    run = out / data.replace(":", "_") / f"seed{seed}" / method
+    cfg = method_config(method, data, seed, budget)
+    start = time.perf_counter()
+    pretrain(cfg, run, progress=False)
+    train_s = time.perf_counter() - start
+    images = cfg.train.steps * cfg.train.batch_size
+    settings: EvalSettings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
+    results = evaluate(tasks_for(method, data, budget), run, data, settings)
+    metrics = {
+        f"{r['task']}/{name}": value
+        for r in results
+        for name, value in r["metrics"].items()
+        if name != "holdout_top1"
+    }
+    log(f"{data} seed {seed} {method}: " + "  ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+    return {
+        "method": method,
+        "data": data,
+        "seed": seed,
+        "metrics": metrics,
+        "mi": final_bounds(run),
+        "train_s": train_s,
+        "img_per_s": images / train_s if images else None,
+    }
+
+
+def run_ablation(budget_name: str, out: Path, data: list[str] | None, seeds: int | None, log):
+    """Every method on every data spec and seed of the budget; the list of run records."""
+    budget = BUDGETS[budget_name]
+    plan = {spec: seeds or count for spec, count in budget.seeds.items()}
+    if data:
+        plan = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}
+    methods = list(METHODS) + (list(REMOVALS) if budget.removals else [])
+    return [
+        run_one(method, spec, seed, budget, out, log)
+        for spec, count in plan.items()
+        for seed in range(count)
+        for method in methods
+    ]

@@ -1,0 +1,45 @@
+"""`m3i bench ablation` end to end with the tiny budget, and its summary arithmetic by hand."""
+
+import json
+
+import pytest
+from matplotlib.image import imread
+
+from m3i.bench.ablation import BUDGETS, METHODS, tasks_for
+from m3i.bench.ablation_report import mean_ranks, summarise
+from m3i.cli import main
+
+
+def test_tiny_ablation_writes_results(tmp_path, capsys):
+    assert main(["bench", "ablation", "--budget", "tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == list(METHODS)
+    for record in results["runs"]:
+        expected = tasks_for(record["method"], "shapes", BUDGETS["tiny"])
+        assert {k.split("/")[0] for k in record["metrics"]} == set(expected)
+        assert all(0 <= v <= 100 for v in record["metrics"].values())
+    m3i = next(r for r in results["runs"] if r["method"] == "m3i")
+    assert set(m3i["mi"]) == {"category", "text", "intra_view", "inter_view"}
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.strip() in out or markdown.splitlines()[0] in out
+    for method in METHODS:
+        assert f"| {method} |" in markdown
+    assert imread(tmp_path / "ablation.png").shape[0] > 100
+
+
+def test_summary_and_mean_rank_by_hand():
+    records = [
+        {"data": "d", "method": "a", "metrics": {"x": 10.0, "y": 1.0}},
+        {"data": "d", "method": "a", "metrics": {"x": 20.0, "y": 3.0}},
+        {"data": "d", "method": "b", "metrics": {"x": 12.0, "y": 5.0}},
+    ]
+    summary = summarise(records)
+    assert summary["d"]["a"]["x"] == {"mean": 15.0, "min": 10.0, "max": 20.0, "n": 2}
+    # x: a (15) first, b (12) second; y: b (5) first, a (2) second -> both rank 1.5
+    assert mean_ranks(summary, ["a", "b"]) == pytest.approx({"a": 1.5, "b": 1.5})
+
+
+def test_bad_seed_count_is_one_line(capsys):
+    assert main(["bench", "ablation", "--budget", "tiny", "--seeds", "0"]) == 2
+    assert capsys.readouterr().err.startswith("m3i: error: --seeds")
