@@ -125,6 +125,28 @@ def eval_transform(
     return F.normalize(F.to_dtype(view, torch.float32, scale=True), list(mean), list(std))
 
 
+def view_item(
+    image: torch.Tensor,
+    label: int,
+    caption: str,
+    index: int,
+    cfg: ViewConfig,
+    generator: torch.Generator,
+    num_views: int = 2,
+) -> dict[str, torch.Tensor | str]:
+    """One training item: `num_views` augmented views with their boxes and flips, the label
+    (-1: none), the caption ("" if none) and the sample's index."""
+    item: dict[str, torch.Tensor | str] = {}
+    for number in range(1, num_views + 1):
+        view, box, flipped = make_view(image, cfg, generator)
+        item.update({f"view{number}": view, f"box{number}": box})
+        item[f"flip{number}"] = torch.tensor(flipped)
+    item["label"] = torch.tensor(label, dtype=torch.int64)
+    item["caption"] = caption
+    item["index"] = torch.tensor(index, dtype=torch.int64)
+    return item
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """``num_views`` (two by default) augmented views per sample; item i's randomness is a
     function of (seed, epoch, i).
@@ -152,13 +174,7 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.source[index]
-        generator = self.generator(index)
-        item: dict[str, torch.Tensor | str] = {}
-        for number in range(1, self.num_views + 1):
-            view, box, flipped = make_view(sample.image, self.cfg, generator)
-            item.update({f"view{number}": view, f"box{number}": box})
-            item[f"flip{number}"] = torch.tensor(flipped)
-        item["label"] = torch.tensor(sample.label, dtype=torch.int64)
-        item["caption"] = sample.caption
-        item["index"] = torch.tensor(index, dtype=torch.int64)
-        return item
+        return view_item(
+            sample.image, sample.label, sample.caption, index, self.cfg,
+            self.generator(index), self.num_views,
+        )  # fmt: skip

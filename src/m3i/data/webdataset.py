@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.sources import _IMAGE_ERRORS, DataError, ImageSource
-from m3i.data.views import ViewConfig, make_view
+from m3i.data.views import ViewConfig, view_item
 from m3i.io import atomic_write, atomic_write_text
 
 VALID_SPEC = "wds:/path/shard-{000000..000099}.tar"
@@ -145,16 +145,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             wds.shuffle(SHUFFLE_BUFFER, seed=_seed(*stream, 1)),
         )
         for counter, sample in enumerate(pipeline):
-            image = _decode(sample)
             generator = torch.Generator().manual_seed(_seed(*stream, 2, counter))
-            item: dict[str, torch.Tensor | str] = {}
-            for number in (1, 2):
-                view, box, flipped = make_view(image, self.cfg, generator)
-                item.update({f"view{number}": view, f"box{number}": box})
-                item[f"flip{number}"] = torch.tensor(flipped)
             label = int(sample["cls"]) if "cls" in sample else -1
-            item["label"] = torch.tensor(label, dtype=torch.int64)
-            item["caption"] = sample.get("txt", b"").decode("utf-8")
+            caption = sample.get("txt", b"").decode("utf-8")
             index = (counter * num_workers + worker) * self.world_size + self.rank
-            item["index"] = torch.tensor(index, dtype=torch.int64)
-            yield item
+            yield view_item(_decode(sample), label, caption, index, self.cfg, generator)
