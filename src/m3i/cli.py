@@ -14,6 +14,13 @@ from m3i.config import ConfigError, load_config, preset_names, preset_values
 from m3i.eval import TASKS
 
 
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` option, collected in `overrides`."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3i", description="All-in-one pre-training (M3I).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,14 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl | wds:PATTERN",
     )
     pre.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    pre.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.steps=20 (repeatable)",
-    )
+    add_overrides(pre, "override a config key, e.g. train.steps=20 (repeatable)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets, one line each")
     ev = sub.add_parser("eval", help="evaluate a backbone: " + ", ".join(TASKS))
@@ -48,14 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--data", help="data spec (default: the run's own, else shapes)")
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    ev.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)",
-    )
+    add_overrides(ev, "override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     speed = bench.add_parser("speed", help="step speed against peers and the matmul peak")
     speed.add_argument("--model", default="vit_tiny_patch16_224", help="a timm ViT name")
@@ -68,13 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--no-peers", action="store_true", help="skip lightly and open_clip")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
     speed.add_argument("--json", action="store_true", help="print one JSON object last")
-    speed.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for this package's steps, e.g. mix.isolate=false (repeatable)",
+    add_overrides(
+        speed, "a config override for this package's steps, e.g. mix.isolate=false (repeatable)"
     )
     abl = bench.add_parser("ablation", help="every method at equal compute, evaluated alike")
     abl.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from m3i.config import load_config
 from m3i.eval.settings import EvalSettings, load_settings
@@ -43,7 +42,6 @@ class Budget:
     seeds: dict[str, int]  # data spec -> number of seeds
     dense: bool = True  # segment and detect (on shapes)
     removals: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 BUDGETS = {

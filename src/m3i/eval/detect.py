@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import sigmoid_focal_loss
 
-from m3i.eval.segment import FrozenStandardise, token_grid, train_dense_head
+from m3i.eval.segment import FrozenStandardise, fit_dense_head, token_grid
 from m3i.eval.settings import DetectSettings
 
 PRIOR = 0.01  # initial heatmap probability (the focal-loss prior of RetinaNet / CenterNet)
@@ -141,7 +141,7 @@ def detect_probe(
     targets = encode_targets(train_boxes, train_labels, grid, image_size, num_categories)
     targets = targets.to(train_tokens.device)
     head = CentreHead(train_tokens, num_categories, settings.hidden_dim).to(train_tokens.device)
-    train_dense_head(head, train_tokens, targets, centre_loss, settings, seed)
+    fit_dense_head(head, train_tokens, targets, centre_loss, settings, seed)
     with torch.no_grad():
         predictions = [
             detection

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from m3i.eval.knn import topk_accuracy
+from m3i.eval.probe import fit_head
 from m3i.eval.settings import LinearSettings
 
 
@@ -25,24 +26,12 @@ def fit_linear(
     seed: int = 0,
 ) -> nn.Linear:
     """AdamW on cross-entropy with a cosine schedule, mini-batches in a seeded order."""
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Linear(features.shape[1], num_classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=settings.weight_decay)
-    batches_per_epoch = -(-features.shape[0] // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, settings.epochs * batches_per_epoch
-    )
-    for _ in range(settings.epochs):
-        order = torch.randperm(features.shape[0], generator=generator)
-        for start in range(0, features.shape[0], settings.batch_size):
-            index = order[start : start + settings.batch_size]
-            loss = nn.functional.cross_entropy(head(features[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return head
+    return fit_head(
+        head, features, labels, nn.functional.cross_entropy, lr=lr, epochs=settings.epochs,
+        batch_size=settings.batch_size, weight_decay=settings.weight_decay, seed=seed,
+    )  # fmt: skip
 
 
 def linear_probe(

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from m3i.eval.probe import fit_head
 from m3i.eval.settings import DenseSettings
 
 
@@ -82,32 +83,20 @@ def predict_pixels(head: nn.Module, tokens: torch.Tensor, size: int, chunk: int 
         )
 
 
-def train_dense_head(
+def fit_dense_head(
     head: nn.Module,
     tokens: torch.Tensor,
     targets: torch.Tensor,
     loss_fn,
     settings: DenseSettings,
-    seed: int = 0,
+    seed: int,
 ) -> nn.Module:
-    """AdamW + cosine over epochs of seeded mini-batches of (tokens, targets)."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(
-        head.parameters(), settings.lr, weight_decay=settings.weight_decay
-    )
-    per_epoch = -(-tokens.shape[0] // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs * per_epoch)
-    head.train()
-    for _ in range(settings.epochs):
-        order = torch.randperm(tokens.shape[0], generator=generator)
-        for start in range(0, tokens.shape[0], settings.batch_size):
-            index = order[start : start + settings.batch_size]
-            loss = loss_fn(head(token_grid(tokens[index])), targets[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return head.eval()
+    """`fit_head` on patch tokens laid out as (N, D, g, g) grids."""
+    return fit_head(
+        head, tokens, targets, loss_fn, lr=settings.lr, epochs=settings.epochs,
+        batch_size=settings.batch_size, weight_decay=settings.weight_decay, seed=seed,
+        prepare=token_grid,
+    )  # fmt: skip
 
 
 def segment_probe(
@@ -125,6 +114,6 @@ def segment_probe(
     grid = token_grid(train_tokens[:1]).shape[-1]
     head = linear_segmentation_head(train_tokens, num_classes)
     frequencies = patch_frequencies(train_masks, grid, num_classes)
-    train_dense_head(head, train_tokens, frequencies, soft_cross_entropy, settings, seed)
+    fit_dense_head(head, train_tokens, frequencies, soft_cross_entropy, settings, seed)
     pixels = predict_pixels(head, val_tokens, val_masks.shape[-1])
     return segmentation_scores(pixels, val_masks, num_classes)

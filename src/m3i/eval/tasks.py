@@ -37,6 +37,7 @@ class Session:
         self.size = settings.image_size or self.model.patch_embed.img_size[0]
         self._splits: dict[str, ImageSource] = {}
         self._features: dict[tuple[str, bool], Features] = {}
+        self._annotations: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     def split(self, name: str) -> ImageSource:
         if name not in self._splits:
@@ -70,13 +71,17 @@ class Session:
                 )
         return classes
 
-    def annotated(self, name: str) -> ImageSource:
-        source = self.split(name)
-        if not hasattr(source, "annotations"):
-            raise EvalError(
-                f"data {self.data!r} has no masks or boxes; segment and detect run on --data shapes"
-            )
-        return source
+    def annotations(self, name: str) -> list[dict[str, torch.Tensor]]:
+        """Every sample's mask and boxes (each image rendered once per session)."""
+        if name not in self._annotations:
+            source = self.split(name)
+            if not hasattr(source, "annotations"):
+                raise EvalError(
+                    f"data {self.data!r} has no masks or boxes; segment and detect run on "
+                    "--data shapes"
+                )
+            self._annotations[name] = [source.annotations(i) for i in range(len(source))]
+        return self._annotations[name]
 
 
 def run_knn(session: Session) -> dict[str, float]:
@@ -124,12 +129,7 @@ def run_segment(session: Session) -> dict[str, float]:
     from m3i.eval.segment import segment_probe
 
     masks = {
-        name: torch.stack(
-            [
-                session.annotated(name).annotations(i)["mask"]
-                for i in range(len(session.split(name)))
-            ]
-        )
+        name: torch.stack([a["mask"] for a in session.annotations(name)])
         for name in ("train", "val")
     }
     train, val = session.features("train", dense=True), session.features("val", dense=True)
@@ -147,11 +147,11 @@ def run_segment(session: Session) -> dict[str, float]:
 def run_detect(session: Session) -> dict[str, float]:
     from m3i.eval.detect import detect_probe
 
-    boxes: dict[str, tuple[list, list]] = {}
-    for name in ("train", "val"):
-        source = session.annotated(name)
-        annotations = [source.annotations(i) for i in range(len(source))]
-        boxes[name] = ([a["boxes"] for a in annotations], [a["box_labels"] for a in annotations])
+    boxes = {
+        name: ([a["boxes"] for a in session.annotations(name)],
+               [a["box_labels"] for a in session.annotations(name)])
+        for name in ("train", "val")
+    }  # fmt: skip
     train, val = session.features("train", dense=True), session.features("val", dense=True)
     return detect_probe(
         train.dense,
@@ -159,7 +159,7 @@ def run_detect(session: Session) -> dict[str, float]:
         val.dense,
         *boxes["val"],
         len(session.classes()) + 1,  # each class and distractors
-        session.annotated("train").image_size,
+        session.split("train").image_size,
         session.settings.detect,
         session.settings.seed,
     )
