@@ -1,7 +1,7 @@
 """One M3I step: batch -> mix -> backbone -> decoder / teacher -> targets -> weighted loss.
 
 The step computes each shared piece once (one patch embedding of the input views, one
-encoder pass over the mix, one teacher pass over every target view, one decoder pass per
+encoder pass over the mix, one teacher pass per target view, one decoder pass per
 kind of query) and only the pieces that the active targets read.
 """
 
@@ -92,11 +92,10 @@ class M3IModel(nn.Module):
         )
         if self.teacher is None or not views:
             return
-        images = torch.cat([ctx.batch[v] for v in views])
-        tokens = self.teacher(images).float()
-        for view, chunk in zip(views, tokens.chunk(len(views)), strict=True):
-            ctx.teacher_dense[view] = F.layer_norm(chunk, chunk.shape[-1:])
-            ctx.teacher_pooled[view] = chunk.mean(dim=1)
+        for view in views:  # one call per view, not one on both views concatenated: on the
+            tokens = self.teacher(ctx.batch[view]).float()  # CPU that is slower (performance.md)
+            ctx.teacher_dense[view] = F.layer_norm(tokens, tokens.shape[-1:])
+            ctx.teacher_pooled[view] = tokens.mean(dim=1)
 
     def _run_decoder(self, ctx: StepContext) -> None:
         if self.decoder is None:
