@@ -167,7 +167,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from m3i.bench.ablation import BUDGETS, METHODS, REMOVALS, run_ablation
+    from m3i.bench.ablation import METHODS, REMOVALS, run_ablation
     from m3i.bench.ablation_report import write_results
 
     if args.seeds is not None and args.seeds < 1:
@@ -178,8 +178,7 @@ def _ablation(args: argparse.Namespace) -> int:
         args.budget, out, args.data, args.seeds, log=lambda m: print(f"m3i: {m}", file=sys.stderr)
     )
     report = {"budget": args.budget, "wall_s": time.perf_counter() - start, "runs": runs}
-    removals = list(REMOVALS) if BUDGETS[args.budget].removals else []
-    print(write_results(out, report, list(METHODS), removals))
+    print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)
     return 0
 

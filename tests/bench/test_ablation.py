@@ -6,7 +6,7 @@ import pytest
 from matplotlib.image import imread
 
 from m3i.bench.ablation import BUDGETS, METHODS, tasks_for
-from m3i.bench.ablation_report import mean_ranks, summarise
+from m3i.bench.ablation_report import mean_ranks, summarise, write_results
 from m3i.cli import main
 
 
@@ -38,6 +38,21 @@ def test_summary_and_mean_rank_by_hand():
     assert summary["d"]["a"]["x"] == {"mean": 15.0, "min": 10.0, "max": 20.0, "n": 2}
     # x: a (15) first, b (12) second; y: b (5) first, a (2) second -> both rank 1.5
     assert mean_ranks(summary, ["a", "b"]) == pytest.approx({"a": 1.5, "b": 1.5})
+
+
+def test_removal_table_only_where_removals_ran(tmp_path):
+    def run(data, method, top1):
+        return {"data": data, "method": method, "seed": 0, "metrics": {"knn/top1": top1},
+                "mi": {}, "train_s": 1.0, "img_per_s": 10.0}  # fmt: skip
+
+    records = [run("shapes", "m3i", 30.0), run("shapes", "m3i-text", 20.0)]
+    records += [run("fashion-mnist", "m3i", 50.0), run("fashion-mnist", "clip", 40.0)]
+    report = {"budget": "x", "wall_s": 1.0, "runs": records}
+    markdown = write_results(tmp_path, report, ["clip", "m3i"], ["m3i-text", "m3i-category"])
+    removal_part = markdown.split("## M3I minus one target")[1].split("## Final")[0]
+    assert "**shapes**" in removal_part and "fashion-mnist" not in removal_part
+    assert "| m3i-text | 20.0 |" in removal_part and "m3i-category" not in removal_part
+    assert "| m3i | **30.0** |" in removal_part
 
 
 def test_bad_seed_count_is_one_line(capsys):

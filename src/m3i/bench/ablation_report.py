@@ -130,14 +130,19 @@ def write_results(out: Path, report: dict[str, Any], methods: list[str], removal
     """results.json, results.md and ablation.png under `out`; returns the Markdown."""
     records = report["runs"]
     summary = summarise(records)
+    removals = [m for m in removals if any(r["method"] == m for r in records)]
+    removal_data = {r["data"] for r in records if r["method"] in removals}
+    removal_records = [
+        r for r in records if r["method"] in ["m3i", *removals] and r["data"] in removal_data
+    ]
     markdown = "\n\n".join(
         [
             f"# m3i bench ablation: budget {report['budget']}",
             table(summary, records, methods),
             "## M3I minus one target",
             table(
-                summarise([r for r in records if r["method"] in ["m3i", *removals]]),
-                records,
+                summarise(removal_records),
+                removal_records,
                 ["m3i", *removals],
             ),  # fmt: skip
             "## Final MI lower bounds (nats)",
