@@ -23,6 +23,7 @@ def test_bench_speed_json_reports_every_step(capsys):
         assert step["min_s"] <= step["median_s"] <= step["max_s"], name
         assert step["img_per_s"] == pytest.approx(8 / step["median_s"])
         assert step["gflop"] > 0 and 0 < step["utilisation"] < 1.5, name
+        assert step["process_peak_rss_gb"] > 0.1, name  # a real process holds > 100 MB
     replaced = sum(
         report["steps"][n]["median_s"] for n in ("supervised", "clip", "data2vec", "siameseim")
     )
@@ -34,6 +35,7 @@ def test_bench_speed_json_reports_every_step(capsys):
     assert steps["open_clip_clip"]["gflop"] == pytest.approx(steps["clip"]["gflop"], rel=0.05)
     assert steps["lightly_mae"]["gflop"] == pytest.approx(steps["mae"]["gflop"], rel=0.15)
     assert "M3I step / (supervised + clip + data2vec + siameseim)" in err
+    assert "memory GB" in err
     for name in ("workers=0", "workers=2"):  # the data stream, timed on its own
         loader = report["loader"][name]
         assert loader["img_per_s"] == pytest.approx(8 / loader["s_per_batch"])

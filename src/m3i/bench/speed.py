@@ -196,11 +196,15 @@ def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[
     log(f"matmul peak {peak * 1e3:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     steps, results = {}, {}
     for name, build in builders.items():
+        if device.type == "cuda":  # this step's own peak: above what earlier steps still hold
+            held = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         step, backward = build()
         step()  # warm-up
         results[name] = {"gflop": count_flops(backward) / 1e9, "times": []}
         if device.type == "cuda":
-            results[name]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            peak = torch.cuda.max_memory_allocated(device) - held
+            results[name]["peak_memory_gb"] = peak / 1e9
         else:
             results[name]["process_peak_rss_gb"] = peak_rss_gb()
         steps[name] = step
@@ -232,13 +236,19 @@ def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
-        "step              img/s   s/step median (min-max)   GFLOP/step  utilisation",
+        "step              img/s   s/step median (min-max)   GFLOP/step  utilisation  memory GB",
     ]
     for name, r in report["steps"].items():
+        memory = r.get("peak_memory_gb", r.get("process_peak_rss_gb"))
         lines.append(
             f"{name:<16} {r['img_per_s']:7.1f}   {r['median_s']:.3f} ({r['min_s']:.3f}-"
             f"{r['max_s']:.3f})       {r['gflop']:8.2f}      {100 * r['utilisation']:5.1f}%"
+            f"      {memory:6.2f}"
         )
+    lines.append(
+        "memory: the step's own CUDA peak allocation on a GPU; on a CPU the process's peak RSS "
+        "so far, which only grows"
+    )
     lines.append(
         f"M3I step / (supervised + clip + data2vec + siameseim): {report['m3i_over_replaced']:.2f}"
     )
