@@ -237,7 +237,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     steps = cfg.train.steps
     scheduler = CosineLRScheduler(  # before loading: it adds initial_lr to the groups
         optimizer,
-        t_initial=max(steps, 1),
+        t_initial=max(steps, 2),  # steps >= 2 as given; below, t_initial 1 only makes timm warn
         lr_min=cfg.train.min_lr,
         warmup_t=min(cfg.train.warmup_steps, steps),
         warmup_lr_init=cfg.train.min_lr,
