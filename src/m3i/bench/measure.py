@@ -45,11 +45,11 @@ def count_flops(step: Callable[[], Any]) -> int:
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Best TFLOP/s of a large square matmul (a few repetitions after one warm-up)."""
-    size, inner = (8192, 10) if device.type == "cuda" else (1024, 1)
+    """Best TFLOP/s of a large square matmul (repetitions after one warm-up)."""
+    size, inner, reps = (8192, 10, 4) if device.type == "cuda" else (1024, 1, 8)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for rep in range(4):
+    for rep in range(reps):
         sync(device)
         start = time.perf_counter()
         for _ in range(inner):
