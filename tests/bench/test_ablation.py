@@ -1,11 +1,13 @@
 """`m3i bench ablation` end to end with the tiny budget, and its summary arithmetic by hand."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from matplotlib.image import imread
 
-from m3i.bench.ablation import BUDGETS, METHODS, tasks_for
+from m3i.bench.ablation import BUDGETS, METHODS, REMOVALS, tasks_for
 from m3i.bench.ablation_report import mean_ranks, summarise, write_results
 from m3i.cli import main
 
@@ -25,6 +27,26 @@ def test_tiny_ablation_writes_results(tmp_path, capsys):
     assert markdown.strip() in out or markdown.splitlines()[0] in out
     for method in METHODS:
         assert f"| {method} |" in markdown
+    assert imread(tmp_path / "ablation.png").shape[0] > 100
+
+
+def test_quick_budget_in_ci(tmp_path):
+    """The real `--budget quick` (minutes): both data specs, the removals on shapes, the files."""
+    command = [sys.executable, "-m", "m3i", "bench", "ablation", "--budget", "quick"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    plan = {(r["data"], r["method"]) for r in runs}
+    assert plan == {("shapes", m) for m in [*METHODS, *REMOVALS]} | {
+        ("fashion-mnist", m) for m in METHODS
+    }
+    for record in runs:
+        expected = tasks_for(record["method"], record["data"], BUDGETS["quick"])
+        assert {k.split("/")[0] for k in record["metrics"]} == set(expected)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## M3I minus one target" in markdown and "**fashion-mnist**" in markdown
     assert imread(tmp_path / "ablation.png").shape[0] > 100
 
 
