@@ -202,8 +202,8 @@ def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[
         step()  # warm-up
         results[name] = {"gflop": count_flops(backward) / 1e9, "times": []}
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) - held
-            results[name]["peak_memory_gb"] = peak / 1e9
+            own = torch.cuda.max_memory_allocated(device) - held
+            results[name]["peak_memory_gb"] = own / 1e9
         else:
             results[name]["process_peak_rss_gb"] = peak_rss_gb()
         steps[name] = step
