@@ -21,11 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from m3i.bench.ablation import BUDGETS, METHODS, method_config, tasks_for
+from m3i.bench.ablation import BUDGETS, METHODS, method_config, pretrain_and_evaluate, tasks_for
 from m3i.config import apply_overrides
 from m3i.eval.settings import load_settings
-from m3i.eval.tasks import evaluate
-from m3i.train.loop import pretrain
 
 TASKS = ("knn", "linear", "segment")
 
@@ -56,20 +54,18 @@ def main() -> int:
         name, method, overrides = parse_variant(text)
         start = time.perf_counter()
         cfg = method_config(method, "shapes", 0, budget)
-        apply_overrides(cfg, [*overrides, f"train.device={args.device}"])
-        apply_overrides(cfg, [f"data.workers={args.workers}"])
-        pretrain(cfg, out / name, progress=False)
+        apply_overrides(
+            cfg, [*overrides, f"train.device={args.device}", f"data.workers={args.workers}"]
+        )
         settings = load_settings(
             budget.evaluation + [f"data_seed={args.data_seed}", f"device={args.device}"]
         )
         tasks = [t for t in tasks_for(method, "shapes", budget) if t in TASKS]
-        results = evaluate(tasks, out / name, "shapes", settings, record=False)
+        metrics, _ = pretrain_and_evaluate(cfg, out / name, "shapes", tasks, settings, record=False)
         record = {
             "name": name,
             "overrides": overrides,
-            "metrics": {
-                f"{r['task']}/{k}": round(v, 2) for r in results for k, v in r["metrics"].items()
-            },
+            "metrics": {k: round(v, 2) for k, v in metrics.items()},
             "seconds": round(time.perf_counter() - start),
         }
         line = json.dumps(record)

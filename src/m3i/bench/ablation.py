@@ -105,25 +105,32 @@ def final_bounds(run: Path) -> dict[str, float]:
     return {k[3:]: v for k, v in records[-1].items() if k.startswith("mi/")} if records else {}
 
 
+def pretrain_and_evaluate(
+    cfg, run: Path, data: str, tasks: list[str], settings: EvalSettings, record: bool = True
+) -> tuple[dict[str, float], float]:
+    """Pre-train `cfg` into `run`, then evaluate `tasks` on `data` (features shared between
+    them); ({"task/metric": value}, seconds of pre-training)."""
+    start = time.perf_counter()
+    pretrain(cfg, run, progress=False)
+    train_s = time.perf_counter() - start
+    results = evaluate(tasks, run, data, settings, record=record)
+    return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}, train_s
+
+
 def run_one(method: str, data: str, seed: int, budget: Budget, out: Path, log) -> dict:
     """Pre-train and evaluate one (method, data, seed); its record for results.json."""
     run = out / data.replace(":", "_") / f"seed{seed}" / method
     cfg = method_config(method, data, seed, budget)
     start = time.perf_counter()
-    pretrain(cfg, run, progress=False)
-    train_s = time.perf_counter() - start
-    images = cfg.train.steps * cfg.train.batch_size
-    settings: EvalSettings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
-    results = evaluate(tasks_for(method, data, budget), run, data, settings)
-    metrics = {
-        f"{r['task']}/{name}": value
-        for r in results
-        for name, value in r["metrics"].items()
-        if name != "holdout_top1"
-    }
+    settings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
+    metrics, train_s = pretrain_and_evaluate(
+        cfg, run, data, tasks_for(method, data, budget), settings
+    )
+    metrics = {k: v for k, v in metrics.items() if not k.endswith("/holdout_top1")}
     seconds = time.perf_counter() - start
-    log(f"{data} seed {seed} {method} ({seconds:.0f} s): " + "  ".join(
-        f"{k} {v:.3g}" for k, v in metrics.items()))  # fmt: skip
+    summary = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items())
+    log(f"{data} seed {seed} {method} ({seconds:.0f} s): {summary}")
+    images = cfg.train.steps * cfg.train.batch_size
     return {
         "method": method,
         "data": data,
