@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from m3i.bench.measure import count_flops, matmul_tflops, sync, synthetic_batch
+from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.models.text import train_bpe
@@ -82,23 +80,17 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
             model.momentum_update(0.996)
 
     flops = count_flops(lambda: step(model, update=False))  # eager: forward + backward
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step(run)
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    time_steps(lambda: step(run), args.warmup, device)  # warm-up (and compilation)
+    timed = summary(time_steps(lambda: step(run), args.steps, device))
+    median = timed["median_s"]
     cuda = device.type == "cuda"
     return {
         "model": name,
         "params_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
         "gflops_per_step": flops / 1e9,
         "step_s_median": median,
-        "step_s_min": min(times),
-        "step_s_max": max(times),
+        "step_s_min": timed["min_s"],
+        "step_s_max": timed["max_s"],
         "img_per_s": args.batch_size / median,
         "mfu": flops / median / (args.peak_tflops * 1e12),
         "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
