@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from m3i.config import Config
-from m3i.data.sources import DataError, open_source
 from m3i.data.views import ViewConfig, eval_transform
+from m3i.eval.features import EvalError, open_split
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.models.backbone import Backbone
 
@@ -51,11 +51,8 @@ class TrainingMonitor:
     def _open(cfg: Config, split: str, count: int):
         data = cfg.data
         try:
-            return open_source(data.spec, split, num_samples=count, image_size=data.image_size,
-                               seed=data.seed)  # fmt: skip
-        except DataError as err:
-            if split == "train":
-                raise
+            return open_split(data.spec, split, count, data.image_size, data.seed)
+        except EvalError as err:  # no val split: train without the kNN monitor
             log.warning("no online kNN monitor: %s", err)
             return None
 
