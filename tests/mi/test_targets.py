@@ -135,6 +135,35 @@ def test_text_init_temperature(tokenizer):
     assert (1 / target.logit_scale.exp()).item() == pytest.approx(0.07, rel=1e-6)
 
 
+@pytest.mark.parametrize("log_scale", [math.log(14.0), math.log(99.0), math.log(150.0)])
+def test_text_logit_scale_gradient_is_open_clips_below_and_above_the_cap(log_scale, tokenizer):
+    """The forward pass uses exp(logit_scale) as it is: its gradient is open_clip's ClipLoss
+    gradient, never cut to zero (the cap is applied after the optimizer step instead)."""
+    target = text_target(tokenizer)
+    with torch.no_grad():
+        target.logit_scale.fill_(log_scale)
+    streams = make_streams(3, 16, seed=7, both=False)
+    bound = target(StepContext({"caption": CAPTIONS[:3]}, streams, 4))
+    bound.loss.backward()
+    image = target.encode_image(streams["a"].tokens.mean(dim=1)).detach()
+    text = target.encode_text(CAPTIONS[:3]).detach()
+    reference_log_scale = torch.tensor(log_scale, requires_grad=True)
+    ClipLoss()(image, text, reference_log_scale.exp()).backward()
+    assert reference_log_scale.grad.abs() > 1e-4
+    torch.testing.assert_close(
+        target.logit_scale.grad[0], reference_log_scale.grad, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_text_after_optimizer_step_caps_the_scale_at_100(tokenizer):
+    target = text_target(tokenizer)
+    for log_scale, expected in [(math.log(250.0), 100.0), (math.log(40.0), 40.0), (-1.0, 1.0)]:
+        with torch.no_grad():
+            target.logit_scale.fill_(log_scale)
+        target.after_optimizer_step()
+        assert target.logit_scale.exp().item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_text_one_stream_equals_open_clip(n, tokenizer):
     target = text_target(tokenizer)

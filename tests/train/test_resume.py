@@ -1,6 +1,7 @@
 """Runs survive being killed: SIGKILL or SIGTERM mid-way, then `--resume`, gives the same final
 weights as an uninterrupted run, bit for bit (CPU, one process)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -136,3 +137,22 @@ def test_corrupt_checkpoint_names_the_previous_one(uninterrupted, tmp_path, caps
 def test_resume_of_a_directory_without_a_run(tmp_path, capsys):
     assert main(["pretrain", "--resume", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_training_caps_the_clip_logit_scale_after_every_step(tmp_path):
+    """A checkpoint whose logit scale drifted above 100 (the old forward-only clamp let the
+    parameter grow, with zero gradient) is brought back to 100 by the first resumed step."""
+    from m3i.config import load_config
+    from m3i.train.loop import pretrain
+
+    overrides = [*RUN, "train.steps=2", "train.checkpoint_every=1"]
+    cfg = load_config("clip", overrides=overrides)
+    pretrain(cfg, tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["targets.text.logit_scale"].fill_(math.log(1000.0))
+    torch.save(state, path)
+    cfg = load_config("clip", overrides=[*overrides, "train.steps=3"])
+    pretrain(cfg, tmp_path, progress=False, resume=True)
+    scale = torch.load(path, weights_only=True)["model"]["targets.text.logit_scale"]
+    assert scale.exp().item() == pytest.approx(100.0, rel=1e-5)

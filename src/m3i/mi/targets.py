@@ -78,6 +78,9 @@ class Target(nn.Module):
     def momentum_update(self, momentum: float) -> None:
         """Update this target's own EMA heads, if it has any."""
 
+    def after_optimizer_step(self) -> None:
+        """Project this target's parameters back into their allowed range, if it has any."""
+
 
 class CategoryTarget(Target):
     """Supervised: Boltzmann over learned class embeddings, for every labelled image."""
@@ -99,8 +102,14 @@ class CategoryTarget(Target):
         return boltzmann(logits[labelled], labels[labelled])
 
 
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the learned inverse temperature
+
+
 class TextTarget(Target):
-    """CLIP: symmetric InfoNCE between image and caption embeddings over the global batch."""
+    """CLIP: symmetric InfoNCE between image and caption embeddings over the global batch.
+
+    The learned log inverse temperature is used as it is in the forward pass (its gradient is
+    never cut) and clamped to log 100 after each optimizer step, as open_clip does."""
 
     def __init__(self, name: str, cfg: Any, encoder_dim: int, tokenizer: Tokenizer) -> None:
         super().__init__(name, cfg.weight)
@@ -124,11 +133,15 @@ class TextTarget(Target):
     def encode_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(pooled), dim=-1)
 
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
     def forward(self, ctx: StepContext) -> Bound:
         captions = list(ctx.batch["caption"])
         has_caption = torch.tensor([bool(c) for c in captions], device=self.logit_scale.device)
         text = self.encode_text(captions)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        scale = self.logit_scale.exp()
         bounds, used = [], text.sum() + scale.sum()
         for stream in ctx.streams.values():
             image = self.encode_image(stream.pooled)

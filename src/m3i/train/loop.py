@@ -302,6 +302,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                 record_skip(metrics, step, result.skipped, bad_in_a_row, cfg.train.max_bad_steps)
             else:
                 bad_in_a_row = 0
+                model.after_optimizer_step()
                 momentum = momentum_at(
                     step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
                 )

@@ -157,3 +157,9 @@ class M3IModel(nn.Module):
             self.teacher.update(self.backbone, momentum)
         for target in self.targets.values():
             target.momentum_update(momentum)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Keep constrained parameters in range (e.g. CLIP's logit scale <= log 100)."""
+        for target in self.targets.values():
+            target.after_optimizer_step()
