@@ -29,9 +29,13 @@ def layer_id(name: str) -> int:
 def test_finetune_learning_rates_follow_layer_decay():
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=DEPTH,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        depth=DEPTH,
         num_classes=10,
-    )  # fmt: skip
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     first_step: dict[str, float] = {}
 
