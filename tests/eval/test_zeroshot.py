@@ -19,7 +19,8 @@ from tests.tiny import TINY_M3I
 
 NUM_VAL = 32  # <= the backbone width (192): one exact linear solution for every image
 TEMPLATES = ["a {}", "a photo of a {}"]
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as every view uses
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # ImageNet's, as every view uses
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 # the tiny backbone as timm builds it (tests/tiny.py, 16 pixels, patches of 4)
 TIMM = dict(img_size=16, patch_size=4, depth=2, num_classes=0, global_pool="avg", fc_norm=False)
 
@@ -46,9 +47,7 @@ def pooled_features(run: Path, images: torch.Tensor) -> torch.Tensor:
     """GAP of the backbone's patch tokens, computed with timm on hand-normalised images."""
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM).eval()
     model.load_state_dict(load_file(run / "backbone.safetensors"))
-    x = (images.float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[
-        :, None, None
-    ]
+    x = (images.float() / 255 - MEAN) / STD
     with torch.no_grad():
         return model.forward_features(x)[:, model.num_prefix_tokens :].mean(dim=1).double()
 
