@@ -91,12 +91,33 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
     torch.testing.assert_close(bound.mi, math.log(classes) - expected.detach())
 
 
-def test_category_logits_are_head_times_class_embeddings():
-    target = category_target(5)
-    pooled = torch.randn(3, ENC_DIM)
-    expected = target.head(pooled) @ target.class_embedding.t()
+def test_category_logits_by_hand():
+    """A linear head W p + b, then the dot product with each class embedding, by hand."""
+    cfg = CategoryTargetConfig(weight=1.0, hidden_dim=0, embed_dim=2)  # hidden_dim 0: linear
+    target = CategoryTarget("category", cfg, encoder_dim=3, num_classes=3)
+    with torch.no_grad():
+        target.head.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]))
+        target.head.bias.copy_(torch.tensor([0.5, -1.0]))
+        target.class_embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]))
+    pooled = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [2.0, -1.0, 0.0]])
+    # head: [1 - 3 + 0.5, 4 + 3 - 1] = [-1.5, 6]; [0.5, -1]; [2 + 0.5, -2 - 1] = [2.5, -3]
+    expected = torch.tensor([[-1.5, 6.0, 7.5], [0.5, -1.0, -1.5], [2.5, -3.0, -5.5]])
     torch.testing.assert_close(target.logits(pooled), expected)
-    assert target.logits(pooled).shape == (3, 5)
+    # the loss of a labelled image: cross-entropy of those logits, by hand
+    labels = torch.tensor([2, 0, 1])
+    streams = {
+        "a": Stream(pooled[:, None, :], torch.zeros(3, 1, dtype=torch.long), torch.arange(3))
+    }
+    bound = target(StepContext({"label": labels}, streams, 4))
+    rows = expected.tolist()
+    by_hand = (
+        sum(
+            math.log(sum(math.exp(v) for v in row)) - row[label]
+            for row, label in zip(rows, labels.tolist(), strict=True)
+        )
+        / 3
+    )
+    assert bound.loss.item() == pytest.approx(by_hand, rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -11,6 +11,16 @@ G = 4
 GRID = (G, G)
 
 
+def sincos_by_hand(y: float, x: float, dim: int) -> list[float]:
+    """MAE's 2-D sine-cosine embedding of one point: sin, cos of y, then of x, at the
+    frequencies 1 / 10000^(k / (dim / 4))."""
+    quarter = dim // 4
+    values = []
+    for fn, value in ((math.sin, y), (math.cos, y), (math.sin, x), (math.cos, x)):
+        values += [fn(value / 10000 ** (k / quarter)) for k in range(quarter)]
+    return values
+
+
 def decoder(dim: int = 16, random_geometry: bool = True) -> Decoder:
     torch.manual_seed(0)
     model = Decoder(encoder_dim=12, dim=dim, depth=1, heads=2).eval()
@@ -43,16 +53,15 @@ def test_pure_shift_gives_shifted_input_embeddings(n):
     model = decoder()
     assert model.geometry.weight.abs().sum() > 0
     queries = model.query_embedding(coords, geometry)
-    input_embeddings = sincos_embedding(grid_coords(GRID), model.dim)  # (P, dim), row-major
     for i, (dy, dx) in enumerate(shifts):
         for r in range(G):
             for c in range(G):
                 p = r * G + c
                 expected_coords = torch.tensor([r + dy + 0.5, c + dx + 0.5])
                 torch.testing.assert_close(coords[i, p], expected_coords, atol=1e-5, rtol=0)
-                if 0 <= r + dy < G and 0 <= c + dx < G:  # lands on an input patch
-                    shifted = input_embeddings[(r + dy) * G + (c + dx)]
-                    torch.testing.assert_close(queries[i, p], shifted, atol=1e-5, rtol=0)
+                # the embedding of the input patch centre (r + dy, c + dx) + 0.5, on or off grid
+                shifted = torch.tensor(sincos_by_hand(r + dy + 0.5, c + dx + 0.5, model.dim))
+                torch.testing.assert_close(queries[i, p], shifted, atol=1e-5, rtol=0)
 
 
 def test_identity_view_has_input_coords_and_zero_geometry():
@@ -60,7 +69,8 @@ def test_identity_view_has_input_coords_and_zero_geometry():
     for flip in (False, True):
         flips = torch.tensor([flip])
         coords, geometry = view_to_view(GRID, box, flips, box, flips)
-        torch.testing.assert_close(coords[0], grid_coords(GRID), atol=1e-5, rtol=0)
+        centres = [[r + 0.5, c + 0.5] for r in range(G) for c in range(G)]
+        torch.testing.assert_close(coords[0], torch.tensor(centres), atol=1e-5, rtol=0)
         torch.testing.assert_close(geometry, torch.zeros(1, 3), atol=1e-6, rtol=0)
 
 
@@ -96,6 +106,28 @@ def test_zoom_out_has_spacing_two_and_log2_geometry():
     torch.testing.assert_close(geometry, torch.tensor([[log2, log2, 0.0]]))
 
 
+def test_flipped_input_and_smaller_shifted_target_by_hand():
+    """Input view: top 0.2, left 0.1, 0.5 x 0.4 of the image, flipped; target view: top 0.3,
+    left 0.2, 0.25 x 0.2, not flipped. Target patch (r, c) has its centre at image
+    x = 0.2 + (c + 0.5) / 4 * 0.2, y = 0.3 + (r + 0.5) / 4 * 0.25; in the input view
+    u = 1 - (x - 0.1) / 0.4 (flipped), v = (y - 0.2) / 0.5, times 4 patches."""
+    input_box, input_flip = torch.tensor([[0.2, 0.1, 0.5, 0.4]]), torch.tensor([True])
+    target_box, target_flip = torch.tensor([[0.3, 0.2, 0.25, 0.2]]), torch.tensor([False])
+    coords, geometry = view_to_view(GRID, target_box, target_flip, input_box, input_flip)
+    # (0, 0): x = 0.225, y = 0.33125 -> u = 1 - 0.3125, v = 0.2625 -> (1.05, 2.75)
+    # (3, 2): x = 0.325, y = 0.51875 -> u = 1 - 0.5625, v = 0.6375 -> (2.55, 1.75)
+    # (1, 3): x = 0.375, y = 0.39375 -> u = 1 - 0.6875, v = 0.3875 -> (1.55, 1.25)
+    for (r, c), expected in {
+        (0, 0): [1.05, 2.75],
+        (3, 2): [2.55, 1.75],
+        (1, 3): [1.55, 1.25],
+    }.items():
+        torch.testing.assert_close(coords[0, r * G + c], torch.tensor(expected), atol=1e-5, rtol=0)
+    # half the height, half the width, flipped relative to the input
+    half = math.log(0.5)
+    torch.testing.assert_close(geometry, torch.tensor([[half, half, 1.0]]))
+
+
 def test_anisotropic_scale_geometry():
     input_box = torch.tensor([[0.0, 0.0, 0.4, 0.8]])
     target_box = torch.tensor([[0.0, 0.0, 0.2, 0.8]])
@@ -108,12 +140,9 @@ def test_anisotropic_scale_geometry():
 def test_sincos_embedding_brute_force(dim):
     coords = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [7.0, 5.0]])
     emb = sincos_embedding(coords, dim)
-    quarter = dim // 4
     for i, (y, x) in enumerate(coords.tolist()):
-        expected = []
-        for fn, value in ((math.sin, y), (math.cos, y), (math.sin, x), (math.cos, x)):
-            expected += [fn(value / 10000 ** (k / quarter)) for k in range(quarter)]
-        torch.testing.assert_close(emb[i], torch.tensor(expected), atol=1e-6, rtol=1e-6)
+        expected = torch.tensor(sincos_by_hand(y, x, dim))
+        torch.testing.assert_close(emb[i], expected, atol=1e-6, rtol=1e-6)
 
 
 def test_sincos_embedding_rejects_dim_not_multiple_of_four():
@@ -122,13 +151,22 @@ def test_sincos_embedding_rejects_dim_not_multiple_of_four():
 
 
 def test_query_embedding_adds_linear_geometry():
+    """Query embedding = sin-cos of its coords + a linear map of the view's geometry, by hand:
+    with weight[j] = (j, 1, -2) the geometry (0.3, -0.2, 1) adds 0.3 j - 0.2 - 2 to entry j."""
     model = decoder()
-    coords = torch.rand(2, 5, 2) * G
+    with torch.no_grad():
+        model.geometry.weight.copy_(torch.tensor([[float(j), 1.0, -2.0] for j in range(model.dim)]))
+    coords = torch.tensor([[[0.5, 1.5], [2.25, 0.0]], [[3.5, 3.5], [1.0, 2.0]]])
     geometry = torch.tensor([[0.3, -0.2, 1.0], [0.0, 0.0, 0.0]])
     emb = model.query_embedding(coords, geometry)
-    expected = sincos_embedding(coords, model.dim) + (geometry @ model.geometry.weight.t())[:, None]
-    torch.testing.assert_close(emb, expected)
-    torch.testing.assert_close(model.query_embedding(coords, None), sincos_embedding(coords, 16))
+    for i in range(2):
+        added = [0.3 * j - 2.2 for j in range(model.dim)] if i == 0 else [0.0] * model.dim
+        for q in range(2):
+            y, x = coords[i, q].tolist()
+            expected = [s + a for s, a in zip(sincos_by_hand(y, x, model.dim), added, strict=True)]
+            torch.testing.assert_close(emb[i, q], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+            without = model.query_embedding(coords, None)[i, q]  # no geometry: identity view
+            torch.testing.assert_close(without, torch.tensor(sincos_by_hand(y, x, model.dim)))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -40,8 +41,20 @@ def test_teacher_receives_no_gradient(n):
     assert teacher(x).requires_grad is False
 
 
+def by_hand(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The student's function in eval mode, written out: linear, BatchNorm with the running
+    statistics, no dropout, linear."""
+    first, norm, _, last = module
+    h = x @ first.weight.T + first.bias
+    h = (h - norm.running_mean) / (norm.running_var + norm.eps).sqrt() * norm.weight + norm.bias
+    return h @ last.weight.T + last.bias
+
+
 def test_teacher_stays_in_eval_mode():
     online = student()
+    perturb(online, seed=3)
+    with torch.no_grad():
+        online(torch.randn(6, 4))  # train mode: running statistics away from 0 and 1
     teacher = MomentumTeacher(online)
     container = nn.ModuleDict({"online": online, "teacher": teacher})
     container.train()
@@ -50,10 +63,11 @@ def test_teacher_stays_in_eval_mode():
     assert not any(m.training for m in teacher.modules())
     teacher.train(True)
     assert not any(m.training for m in teacher.modules())
-    # eval mode: deterministic (no dropout) and BatchNorm uses its running statistics
+    # eval mode: no dropout, and BatchNorm uses the running statistics copied from the student
     x = torch.randn(5, 4)
-    torch.testing.assert_close(teacher(x), teacher(x))
-    torch.testing.assert_close(teacher(x), online.eval()(x))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), by_hand(online, x))
+        torch.testing.assert_close(teacher(x), online.eval()(x))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.99, 1.0])
@@ -149,3 +163,31 @@ def test_m3i_teacher_no_grad_and_momentum_update(n):
         torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5)
         moved |= not torch.equal(param, teacher_before[f"vit.{name}"])
     assert moved
+
+
+def test_m3i_teacher_is_the_students_timm_model_in_eval_mode():
+    """With drop path on and the model in train mode, the teacher (a copy of the student at the
+    start) gives the patch tokens of a plain timm ViT with the student's weights in eval mode."""
+    overrides = [*TINY_M3I, "model.img_size=16", "model.patch_size=4", "model.drop_path=0.5"]
+    cfg = load_config("m3i", overrides=overrides)
+    torch.manual_seed(0)
+    model = M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)).train()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        depth=2,
+        num_classes=0,
+        global_pool="avg",
+        fc_norm=False,
+    ).eval()
+    prefix = "backbone.vit."
+    state = model.state_dict()
+    vit.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    )
+    x = batch(2)["view1"]
+    with torch.no_grad():
+        reference = vit.forward_features(x)[:, vit.num_prefix_tokens :]
+        torch.testing.assert_close(model.teacher(x), reference, atol=1e-5, rtol=1e-5)

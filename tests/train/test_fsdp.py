@@ -1,8 +1,11 @@
-"""FSDP2 (`train.strategy=fsdp`) on 2 gloo processes: the same losses as DDP, the same weights
-exported, and a sharded run resumes from its gathered checkpoint."""
+"""The m3i preset on 2 gloo processes: FSDP2 (`train.strategy=fsdp`) logs the losses of DDP, a
+sharded run resumed from its gathered checkpoint trains the weights of a resumed DDP run, and
+the two ranks draw different mix positions."""
 
 import json
 import os
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from m3i.config import load_config
+from m3i.data import mixing
 from m3i.train.loop import pretrain
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports
@@ -29,22 +33,45 @@ RUN = TINY_M3I + [
 ]
 
 
+# (strategy, steps, resume): 4 steps each, then both resumed to 6
+RUNS = [("ddp", 4, False), ("fsdp", 4, False), ("fsdp", 6, True), ("ddp", 6, True)]
+
+
+def spy_on_mix_positions() -> list[torch.Tensor]:
+    """Record image A's positions of every mix drawn in this process, wherever the step
+    imported `split_positions` from."""
+    original, drawn = mixing.split_positions, []
+
+    def recording(*args, **kwargs):
+        pos_a, pos_b = original(*args, **kwargs)
+        drawn.append(pos_a.clone())
+        return pos_a, pos_b
+
+    for module in list(sys.modules.values()):
+        if module.__name__.startswith("m3i") and vars(module).get("split_positions") is original:
+            module.split_positions = recording
+    return drawn
+
+
 def worker(rank: int, ports: list[int], root: Path) -> None:
     torch.set_num_threads(1)
     env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    for strategy, port in zip(("ddp", "fsdp"), ports[:2], strict=True):
+    drawn = spy_on_mix_positions()
+    for (strategy, steps, resume), port in zip(RUNS, ports, strict=True):
         os.environ.update(env, MASTER_PORT=str(port))
-        cfg = load_config("m3i", overrides=RUN + [f"train.strategy={strategy}"])
-        pretrain(cfg, root / strategy, progress=False)
-    os.environ.update(env, MASTER_PORT=str(ports[2]))
-    more = RUN + ["train.strategy=fsdp", "train.steps=6"]
-    pretrain(load_config("m3i", overrides=more), root / "fsdp", progress=False, resume=True)
+        drawn.clear()
+        cfg = load_config(
+            "m3i", overrides=RUN + [f"train.strategy={strategy}", f"train.steps={steps}"]
+        )
+        pretrain(cfg, root / strategy, progress=False, resume=resume)
+        if not resume:
+            torch.save(list(drawn), root / f"{strategy}-masks-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(worker, args=(free_ports(3), root), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_ports(len(RUNS)), root), nprocs=2, join=True)
     return root
 
 
@@ -60,11 +87,42 @@ def test_fsdp_logs_the_losses_of_ddp(runs):
     assert fsdp[2]["monitor/knn_top1"] == pytest.approx(ddp[2]["monitor/knn_top1"])
 
 
-def test_fsdp_resumed_from_its_gathered_checkpoint(runs):
-    fsdp = records(runs / "fsdp")
-    assert sorted(fsdp) == [0, 1, 2, 3, 4, 5, 6]
-    state = torch.load(runs / "fsdp" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 6 and len(state["rng"]) == 2
-    backbone = load_file(runs / "fsdp" / "backbone.safetensors")
-    for key, value in backbone.items():  # a plain, full timm state dict, equal to the model's
-        assert torch.equal(value, state["model"][f"backbone.vit.{key}"]), key
+load = partial(torch.load, weights_only=True)
+
+
+def assert_close_to_update(
+    mine: torch.Tensor, reference: torch.Tensor, before: torch.Tensor, name: str
+) -> None:
+    """`mine` is within a tenth of the update that took `before` to `reference`."""
+    update = (reference - before).norm()
+    assert (mine - reference).norm() <= 0.1 * update, (name, (mine - reference).norm(), update)
+
+
+def test_fsdp_resumed_from_its_gathered_checkpoint_trains_as_resumed_ddp(runs):
+    """Steps 5 and 6 after the resume: the losses and the weights of DDP, resumed alike."""
+    ddp, fsdp = records(runs / "ddp"), records(runs / "fsdp")
+    assert sorted(fsdp) == sorted(ddp) == [0, 1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=1e-5, abs=1e-5), step
+    state, reference = load(runs / "fsdp" / "checkpoint.pt"), load(runs / "ddp" / "checkpoint.pt")
+    assert state["step"] == reference["step"] == 6 and len(state["rng"]) == 2
+    assert state["model"].keys() == reference["model"].keys()
+    # Adam moves a weight whose gradient is near its eps by a noise-sensitive fraction of lr
+    # (tests/train/test_ddp.py): compare to the size of the two steps' update
+    before = load(runs / "ddp" / "checkpoints" / "step-00000004.pt")["model"]
+    for name, value in reference["model"].items():
+        assert_close_to_update(state["model"][name], value, before[name], name)
+    exported = {run: load_file(runs / run / "backbone.safetensors") for run in ("ddp", "fsdp")}
+    assert exported["fsdp"].keys() == exported["ddp"].keys()  # plain timm state dicts
+    for key, value in exported["ddp"].items():
+        assert_close_to_update(exported["fsdp"][key], value, before[f"backbone.vit.{key}"], key)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ranks_draw_different_mix_positions(runs, strategy):
+    """Each rank seeds its own mask RNG: the same step mixes different positions on each."""
+    rank0, rank1 = (load(runs / f"{strategy}-masks-rank{rank}.pt") for rank in (0, 1))
+    assert len(rank0) == len(rank1) == 4, "one mix per step: did the step stop drawing it?"
+    for step, (mine, theirs) in enumerate(zip(rank0, rank1, strict=True), start=1):
+        assert mine.shape == theirs.shape, step
+        assert not torch.equal(mine, theirs), f"step {step}: both ranks mixed the same positions"

@@ -1,0 +1,50 @@
+"""The training stream: every epoch re-draws each sample's views, and a stream started at a
+later batch continues the uninterrupted one."""
+
+import pytest
+import torch
+
+from m3i.data.sources import open_source
+from m3i.data.views import ViewConfig, ViewDataset
+from m3i.train.batches import batches
+
+SAMPLES, BATCH = 8, 4  # 2 batches per epoch
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> ViewDataset:
+    source = open_source("shapes", "train", num_samples=SAMPLES, image_size=16)
+    return ViewDataset(source, ViewConfig(size=16), seed=3)
+
+
+def by_epoch(stream, epochs: int) -> list[dict[int, dict[str, torch.Tensor]]]:
+    """Per epoch, each sample index's view1, box1 and flip1 from the stream."""
+    per_epoch = SAMPLES // BATCH
+    seen = [{} for _ in range(epochs)]
+    for number in range(epochs * per_epoch):
+        batch = next(stream)
+        for row, index in enumerate(batch["index"].tolist()):
+            item = {key: batch[key][row] for key in ("view1", "box1", "flip1")}
+            assert index not in seen[number // per_epoch], "a sample twice in one epoch"
+            seen[number // per_epoch][index] = item
+    return seen
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_epoch_draws_new_views_of_every_sample(dataset, workers):
+    first, second = by_epoch(batches(dataset, BATCH, 0, workers, CPU), epochs=2)
+    assert first.keys() == second.keys() == set(range(SAMPLES))
+    for index in range(SAMPLES):
+        # a crop box is drawn from continuous ranges: the same box twice means the same draw
+        assert not torch.equal(first[index]["box1"], second[index]["box1"]), index
+        assert not torch.equal(first[index]["view1"], second[index]["view1"]), index
+
+
+def test_a_stream_started_at_a_later_batch_continues_the_whole_stream(dataset):
+    _, _, whole = by_epoch(batches(dataset, BATCH, 0, 0, CPU), epochs=3)
+    (resumed,) = by_epoch(batches(dataset, BATCH, 0, 0, CPU, start=2 * SAMPLES // BATCH), 1)
+    assert resumed.keys() == whole.keys()
+    for index, item in whole.items():
+        for key, value in item.items():
+            assert torch.equal(resumed[index][key], value), (index, key)
