@@ -84,6 +84,13 @@ def test_nested_overrides_are_typed():
         ),
         (["decoder.dim=30"], "decoder.dim (30) must be a multiple of 4 and of decoder.heads"),
         (["mix.isolate=false", "train.batch_size=63"], "mix.isolate=false needs an even"),
+        (["targets.intra_view.norm=batch"], "targets.intra_view.norm must be layer or instance"),
+        (["targets.inter_view.layers=3"], "targets.inter_view.layers=3 needs norm=instance"),
+        (
+            ["targets.intra_view.norm=instance", "targets.intra_view.layers=0"],
+            "targets.intra_view.layers must be >= 1",
+        ),
+        (["targets.inter_view.decorrelation=-1"], "targets.inter_view.decorrelation must be >= 0"),
     ],
 )
 def test_bad_overrides_fail_with_one_line(overrides, message):

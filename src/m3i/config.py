@@ -81,6 +81,12 @@ class TextTargetConfig:
 @dataclass
 class DenseTargetConfig:
     weight: float = 0.0
+    # "layer": the teacher's last-layer tokens, LayerNorm'd without affine (M3I, SiameseIM);
+    # "instance": data2vec 2.0's target, the average of the MLP outputs of the teacher's top
+    # `layers` blocks, each instance-normalised over the view's tokens, then LayerNorm'd
+    norm: str = "layer"
+    layers: int = 1  # top blocks averaged by norm=instance (all of them when the model has fewer)
+    decorrelation: float = 0.0  # weight of SiameseIM's decorrelation term (its neg_weight)
 
 
 @dataclass
@@ -392,6 +398,21 @@ def validate(cfg: Config) -> None:
             f"got {cfg.targets.text.tokenizer!r}",
         ),
     ]
+    for name in ("intra_view", "inter_view"):
+        dense = getattr(cfg.targets, name)
+        checks += [
+            (
+                dense.norm in ("layer", "instance"),
+                f"targets.{name}.norm must be layer or instance, got {dense.norm!r}",
+            ),
+            (dense.layers >= 1, f"targets.{name}.layers must be >= 1"),
+            (
+                dense.norm == "instance" or dense.layers == 1,
+                f"targets.{name}.layers={dense.layers} needs norm=instance (norm=layer "
+                "regresses the last layer only)",
+            ),
+            (dense.decorrelation >= 0, f"targets.{name}.decorrelation must be >= 0"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

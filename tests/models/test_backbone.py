@@ -51,6 +51,40 @@ def test_backbone_equals_timm_forward_features(name, n):
     torch.testing.assert_close(tokens, reference, atol=1e-5, rtol=1e-5)
 
 
+def mlp_outputs_by_hand(vit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """timm's blocks run by hand: each block's MLP output (patch tokens) before its residual add,
+    and the final normed patch tokens."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    outputs = []
+    for block in vit.blocks:
+        x = x + block.ls1(block.attn(block.norm1(x)))
+        mlp = block.mlp(block.norm2(x))
+        x = x + block.ls2(mlp)
+        outputs.append(mlp[:, vit.num_prefix_tokens :])
+    return vit.norm(x)[:, vit.num_prefix_tokens :], outputs
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("last", [1, 2, 5])
+def test_mlp_outputs_of_the_last_blocks_equal_timm_blocks_run_by_hand(name, last):
+    model = backbone(name)
+    x = images(2, seed=3)
+    with torch.no_grad():
+        tokens, outputs = model.forward_with_mlp_outputs(x, last)
+        reference_tokens, reference = mlp_outputs_by_hand(model.vit, x)
+    torch.testing.assert_close(tokens, reference_tokens, atol=1e-5, rtol=1e-5)
+    assert len(outputs) == min(last, 2)  # the model has 2 blocks: all of them when last > 2
+    for mine, theirs in zip(outputs, reference[-last:], strict=True):
+        assert mine.shape == (2, (SIZE // PATCH) ** 2, model.embed_dim)
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert all(not block.mlp._forward_hooks for block in model.vit.blocks)  # hooks removed
+
+
+def test_mlp_outputs_need_at_least_one_block():
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        backbone().forward_with_mlp_outputs(images(1), 0)
+
+
 def test_export_loads_strictly_into_plain_timm_model(tmp_path):
     """A plain `timm.create_model(..., num_classes=0)` must take the exported weights as is."""
     model = backbone()

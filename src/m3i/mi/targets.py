@@ -7,6 +7,7 @@ It declares what it reads, so the step computes only what the active targets nee
     stream       "a" | "b" | "pooled" (pooled features of every encoded image)
     queries      None | "masked" (A's hidden positions, same view) | "other_view" (B's v_B')
     teacher      None | "view1" | "view2" (dense EMA-teacher tokens, LayerNorm'd)
+    teacher_layers  0 | K (also the MLP outputs of the teacher's last K blocks on that view)
     pooled_teacher  None | "view2" (pooled EMA-teacher features of the other view)
 """
 
@@ -26,7 +27,7 @@ from m3i.mi.posteriors import Bound, boltzmann, gaussian, normalised_l2, nt_xent
 from m3i.models.ema import MomentumTeacher
 from m3i.models.heads import mlp_head
 from m3i.models.text import TextEncoder, tokenize
-from m3i.train.distributed import gather_with_grad
+from m3i.train.distributed import gather_with_grad, sum_over_ranks
 
 
 @dataclass
@@ -51,6 +52,8 @@ class StepContext:
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_dense: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
     teacher_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    # the MLP outputs of the teacher's last blocks, (N, P, D) each in block order, batch order
+    teacher_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def zero_bound(like: torch.Tensor) -> Bound:
@@ -66,6 +69,7 @@ class Target(nn.Module):
     stream: str = "pooled"
     queries: str | None = None
     teacher: str | None = None
+    teacher_layers: int = 0
     pooled_teacher: str | None = None
 
     def __init__(self, name: str, weight: float) -> None:
@@ -155,19 +159,59 @@ class TextTarget(Target):
         return mean_bound(bounds) if bounds else zero_bound(used * 0)
 
 
+def data2vec_target(layers: list[torch.Tensor]) -> torch.Tensor:
+    """data2vec 2.0's image target from block outputs (N, P, D): each instance-normalised (per
+    sample and channel, over the P tokens), averaged, then LayerNorm'd without affine."""
+    normed = [F.instance_norm(x.float().transpose(1, 2)).transpose(1, 2) for x in layers]
+    average = torch.stack(normed).mean(dim=0)
+    return F.layer_norm(average, average.shape[-1:])
+
+
+def decorrelation_term(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SiameseIM's decorrelation (negative) term: the mean over tokens of p^T C p, where
+    C = sum_t t t^T / n is the correlation of the targets over the n tokens of the global batch
+    (summed over ranks, then divided by the total count), a constant of this batch.
+
+    prediction, target: (..., D); the last dimension is the token vector.
+    """
+    dim = prediction.shape[-1]
+    with torch.autocast(prediction.device.type, enabled=False):
+        p = prediction.reshape(-1, dim).float()
+        with torch.no_grad():
+            t = target.reshape(-1, dim).float()
+            sums = sum_over_ranks(torch.cat([(t.t() @ t).flatten(), t.new_tensor([len(t)])]))
+            correlation = sums[:-1].reshape(dim, dim) / sums[-1]
+        return ((p @ correlation) * p).sum(dim=-1).mean()
+
+
 class DenseTeacherTarget(Target):
-    """Gaussian regression of the decoder's query outputs onto LayerNorm'd EMA-teacher tokens."""
+    """Gaussian regression of the decoder's query outputs onto EMA-teacher tokens: LayerNorm'd
+    last-layer tokens (norm=layer) or data2vec 2.0's target (norm=instance); with
+    `decorrelation` > 0, SiameseIM's loss (pos + w * neg) / D, pos/D being the Gaussian's MSE."""
 
     def __init__(self, name: str, cfg: Any, decoder_dim: int, encoder_dim: int) -> None:
         super().__init__(name, cfg.weight)
         self.head = nn.Linear(decoder_dim, encoder_dim)
+        self.teacher_layers = cfg.layers if cfg.norm == "instance" else 0
+        self.decorrelation = cfg.decorrelation
+
+    def teacher_tokens(self, ctx: StepContext) -> torch.Tensor:
+        """The target tokens of the whole teacher view, (N, P, D) in batch order."""
+        if self.teacher_layers:
+            return data2vec_target(ctx.teacher_layers[self.teacher][-self.teacher_layers :])
+        return ctx.teacher_dense[self.teacher]
 
     def target_tokens(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, ctx: StepContext) -> Bound:
         prediction = self.head(ctx.decoded[self.queries])
-        return gaussian(prediction, self.target_tokens(ctx))
+        target = self.target_tokens(ctx)
+        bound = gaussian(prediction, target)
+        if not self.decorrelation:
+            return bound
+        negative = decorrelation_term(prediction, target) / prediction.shape[-1]
+        return Bound(bound.loss + self.decorrelation * negative, bound.mi)
 
 
 class IntraViewTarget(DenseTeacherTarget):
@@ -176,7 +220,7 @@ class IntraViewTarget(DenseTeacherTarget):
     stream, queries, teacher = "a", "masked", "view1"
 
     def target_tokens(self, ctx: StepContext) -> torch.Tensor:
-        tokens = ctx.teacher_dense["view1"][ctx.streams["a"].samples]
+        tokens = self.teacher_tokens(ctx)[ctx.streams["a"].samples]
         return gather_tokens(tokens, ctx.masked_positions)
 
 
@@ -186,7 +230,7 @@ class InterViewTarget(DenseTeacherTarget):
     stream, queries, teacher = "b", "other_view", "view2"
 
     def target_tokens(self, ctx: StepContext) -> torch.Tensor:
-        return ctx.teacher_dense["view2"][ctx.streams["b"].samples]
+        return self.teacher_tokens(ctx)[ctx.streams["b"].samples]
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

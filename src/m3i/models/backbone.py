@@ -112,6 +112,30 @@ class Backbone(nn.Module):
         """Dense patch tokens of full views, (N, P, D)."""
         return self.encode(self.embed_patches(images))
 
+    def forward_with_mlp_outputs(
+        self, images: torch.Tensor, last: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward`, plus the MLP outputs of the last `last` blocks (all of them when there are
+        fewer), each (N, P, D) over patch tokens, in block order.
+
+        A block's MLP output is its feed-forward branch before the residual add (and before any
+        layer scale): data2vec 2.0's per-block target (its `end_of_block_targets: false`).
+        """
+        if last < 1:
+            raise ValueError(f"last must be >= 1 block, got {last}")
+        outputs: list[torch.Tensor] = []
+        hooks = [
+            block.mlp.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+            for block in list(self.vit.blocks)[-last:]
+        ]
+        try:
+            tokens = self(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n_prefix = self.vit.num_prefix_tokens
+        return tokens, [out[:, n_prefix:] for out in outputs]
+
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the weights (or `state`, e.g. gathered from shards) as a plain timm state dict,
         with the timm arguments as metadata."""

@@ -30,6 +30,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_functional.all_gather(x.contiguous()), dim=0)
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `x` (same shape on every rank) over all ranks, without gradient."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

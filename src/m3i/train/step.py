@@ -44,6 +44,12 @@ class M3IModel(nn.Module):
         self.teacher = None
         if any(t.teacher or t.pooled_teacher for t in targets):
             self.teacher = MomentumTeacher(self.backbone)
+        self.teacher_layers = max((t.teacher_layers for t in targets), default=0)
+        if self.teacher_layers and not all(hasattr(b, "mlp") for b in self.backbone.vit.blocks):
+            raise ValueError(
+                f"norm=instance averages the teacher blocks' MLP outputs, but model.name "
+                f"{cfg.model.name!r} has blocks without an `mlp`; use norm=layer"
+            )
 
     def _streams_to_encode(self, grid_size: int) -> tuple[bool, bool]:
         targets: list[Target] = list(self.targets.values())
@@ -94,13 +100,27 @@ class M3IModel(nn.Module):
             return
         images = [ctx.batch[v] for v in views]
         if images[0].is_cuda:  # one call on all views: a GPU is launch-bound at small batches,
-            outputs = self.teacher(torch.cat(images)).chunk(len(views))
+            tokens, layers = self._teach(torch.cat(images))
+            outputs = [
+                (chunk, [layer.chunk(len(views))[i] for layer in layers])
+                for i, chunk in enumerate(tokens.chunk(len(views)))
+            ]
         else:  # while a CPU runs a batch twice as large slower (docs/performance.md)
-            outputs = [self.teacher(x) for x in images]
-        for view, tokens in zip(views, outputs, strict=True):
+            outputs = [self._teach(x) for x in images]
+        for view, (tokens, layers) in zip(views, outputs, strict=True):
             tokens = tokens.float()
             ctx.teacher_dense[view] = F.layer_norm(tokens, tokens.shape[-1:])
             ctx.teacher_pooled[view] = tokens.mean(dim=1)
+            if layers:
+                ctx.teacher_layers[view] = layers
+
+    def _teach(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's tokens of full views and, only when a target reads block outputs
+        (norm=instance), the MLP outputs of its last `teacher_layers` blocks."""
+        if not self.teacher_layers:
+            return self.teacher(images), []
+        with torch.no_grad():
+            return self.teacher.module.forward_with_mlp_outputs(images, self.teacher_layers)
 
     def _run_decoder(self, ctx: StepContext) -> None:
         if self.decoder is None:
