@@ -8,7 +8,17 @@ import torchvision.transforms as legacy
 from torch.utils.data import default_collate
 
 from m3i.data.shapes import ShapesDataset
-from m3i.data.views import ViewConfig, ViewDataset, eval_transform, make_view, sample_crop
+from m3i.data.sources import ImageSource, Sample
+from m3i.data.views import (
+    ColourChange,
+    ViewConfig,
+    ViewDataset,
+    ViewInfo,
+    eval_transform,
+    make_view,
+    sample_crop,
+    view_item,
+)
 
 GEOMETRY_ONLY = ViewConfig(
     size=32, color_jitter=0.0, hue=0.0, grayscale=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
@@ -68,7 +78,8 @@ def test_recorded_box_and_flip_are_true(height: int, width: int) -> None:
     slope = 255 / min(height, width)  # value change per source pixel along the steeper ramp
     flips = set()
     for seed in range(40):
-        view, box, flipped = make_view(image, GEOMETRY_ONLY, gen(seed))
+        view, info = make_view(image, GEOMETRY_ONLY, gen(seed))
+        box, flipped = torch.tensor(info.box), info.flipped
         flips.add(flipped)
         assert view.shape == (3, 32, 32) and view.dtype == torch.float32
         top, left, box_height, box_width = box.tolist()
@@ -85,26 +96,80 @@ def test_flip_probability_extremes() -> None:
     for probability, expected in ((1.0, True), (0.0, False)):
         cfg = replace(GEOMETRY_ONLY, flip=probability)
         for seed in range(5):
-            view, box, flipped = make_view(image, cfg, gen(seed))
-            assert flipped is expected
+            view, info = make_view(image, cfg, gen(seed))
+            assert info.flipped is expected
             left_minus_right = view[0, :, 0] - view[0, :, -1]
             assert bool((left_minus_right > 0).all()) is expected  # x ramp decreases if flipped
 
 
 def test_normalisation_and_colour_ops() -> None:
     image = ShapesDataset()[0].image
-    view, _, _ = make_view(image, ViewConfig(color_jitter=0, hue=0, grayscale=0), gen(3))
-    plain, _, _ = make_view(image, GEOMETRY_ONLY, gen(3))
+    view, _ = make_view(image, ViewConfig(color_jitter=0, hue=0, grayscale=0), gen(3))
+    plain, _ = make_view(image, GEOMETRY_ONLY, gen(3))
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     torch.testing.assert_close(view * std + mean, plain)
-    grey, _, _ = make_view(image, replace(GEOMETRY_ONLY, grayscale=1.0), gen(3))
+    grey, grey_info = make_view(image, replace(GEOMETRY_ONLY, grayscale=1.0), gen(3))
     assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
-    jittered, box, _ = make_view(image, ViewConfig(mean=(0, 0, 0), std=(1, 1, 1)), gen(3))
+    assert grey_info.colour == ColourChange(grayscale=True)
+    jittered, info = make_view(image, ViewConfig(mean=(0, 0, 0), std=(1, 1, 1)), gen(3))
     assert not torch.allclose(jittered, plain) and 0 <= jittered.min() and jittered.max() <= 1
-    assert torch.equal(box, make_view(image, GEOMETRY_ONLY, gen(3))[1])
+    assert info.box == make_view(image, GEOMETRY_ONLY, gen(3))[1].box
     with pytest.raises(ValueError, match="scale"):
         ViewConfig(scale=(0.5, 0.2))
+
+
+def test_colour_change_replays_the_view_pixels() -> None:
+    """Four flat quadrants; ColorJitter-strength jitter and grayscale: the recorded change, applied
+    to each quadrant's colour, gives that quadrant's pixels in the view."""
+    colours = torch.tensor([[230, 40, 40], [40, 215, 225], [245, 245, 245], [20, 30, 90]])
+    image = torch.empty(3, 32, 32, dtype=torch.uint8)
+    for k, colour in enumerate(colours):
+        row, column = divmod(k, 2)
+        image[:, 16 * row : 16 * row + 16, 16 * column : 16 * column + 16] = colour[:, None, None]
+    cfg = replace(GEOMETRY_ONLY, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
+    cfg = replace(cfg, color_jitter=0.6, hue=0.3, grayscale=0.3)
+    kinds = set()
+    for seed in range(40):
+        view, info = make_view(image, cfg, gen(seed))
+        kinds.add((len(info.colour.steps), info.colour.grayscale))
+        for k, colour in enumerate(colours):
+            row, column = divmod(k, 2)
+            pixel = view[:, 16 * row + 8, 16 * column + 8]
+            replayed = torch.tensor(info.colour.apply((colour / 255).tolist()))
+            torch.testing.assert_close(replayed, pixel, atol=2e-6, rtol=0)
+    assert kinds == {(4, False), (4, True)}
+
+
+class Captioned(ImageSource):
+    """Two flat images whose caption names the index; views keep that caption."""
+
+    classes, name = None, "captioned"
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(torch.full((3, 8, 8), 9 * index, dtype=torch.uint8), -1, f"image {index}")
+
+
+def test_caption_describes_view_one() -> None:
+    image = ShapesDataset()[0].image
+    seen: list[ViewInfo] = []
+
+    def describe(info: ViewInfo) -> str:
+        seen.append(info)
+        return f"view at {info.box}"
+
+    item = view_item(image, 1, "whole", 0, ViewConfig(), gen(5), describe=describe)
+    first, _ = make_view(image, ViewConfig(), gen(5))
+    assert len(seen) == 1 and torch.equal(item["view1"], first)
+    assert item["caption"] == f"view at {seen[0].box}"
+    assert torch.equal(item["box1"], torch.tensor(seen[0].box, dtype=torch.float32))
+    assert item["flip1"].item() == seen[0].flipped
+    assert view_item(image, 1, "whole", 0, ViewConfig(), gen(5))["caption"] == "whole"
+    views = ViewDataset(Captioned(), ViewConfig(size=8))
+    assert [views[i]["caption"] for i in range(2)] == ["image 0", "image 1"]
 
 
 def test_view_dataset_is_reproducible_and_collates() -> None:
@@ -121,13 +186,13 @@ def test_view_dataset_is_reproducible_and_collates() -> None:
     assert not torch.equal(views[3]["view1"], first["view1"])
     views.epoch = 0
     assert torch.equal(views[3]["view1"], first["view1"])
-    assert first["label"].item() == source[3].label and first["caption"] == source[3].caption
+    assert first["label"].item() == source[3].label and first["caption"] == again["caption"]
 
     batch = default_collate([views[i] for i in range(4)])
     assert batch["view1"].shape == (4, 3, 24, 24) and batch["box2"].shape == (4, 4)
     assert batch["flip1"].dtype == torch.bool and batch["flip1"].shape == (4,)
     assert batch["label"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]
-    assert batch["caption"] == [source[i].caption for i in range(4)]
+    assert batch["caption"] == [views[i]["caption"] for i in range(4)]
 
 
 def test_eval_transform_resizes_whole_image() -> None:

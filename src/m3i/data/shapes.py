@@ -4,41 +4,29 @@ Every sample is a pure function of (seed, split, index) and is rendered on deman
 DataLoader workers share the work and nothing is downloaded. The label is the main object's
 category; the caption adds what the label does not say (colour, size, position, background,
 distractors). ``annotations`` gives a segmentation mask and tight boxes for dense evaluation.
+
+A training view gets its own caption (:meth:`Scene.view_caption`): the crop, flip and colour
+change it went through decide which objects, positions, sizes and colours it shows.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from m3i.data.shape_words import COLOURS, POSITIONS, colour_name, noun_phrase, sentence
 from m3i.data.sources import DataError, ImageSource, Sample
+from m3i.data.views import ViewInfo
 
 CLASSES = [
     "circle", "square", "triangle", "diamond", "cross",
     "plus", "ring", "star", "ellipse", "half-disc",
 ]  # fmt: skip
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 240),
-    "yellow": (245, 225, 40),
-    "purple": (170, 70, 220),
-    "orange": (250, 145, 30),
-    "cyan": (40, 215, 225),
-    "white": (245, 245, 245),
-    "pink": (250, 130, 190),
-}
 TEXTURES = ["plain", "striped", "checkered", "noisy", "gradient"]
-POSITIONS = [
-    "at the top left", "at the top", "at the top right",
-    "on the left", "in the center", "on the right",
-    "at the bottom left", "at the bottom", "at the bottom right",
-]  # fmt: skip
 # distractor kind -> (half width, half height) in units of the distractor radius
 DISTRACTORS: dict[str, tuple[float, float]] = {
     "dot": (1.0, 1.0),
@@ -54,8 +42,6 @@ MAX_DISTRACTORS = 3
 MIN_IMAGE_SIZE = 16
 NUM_SAMPLES = {"train": 10000, "val": 2000}
 _SPLIT_STREAM = {"train": 0, "val": 1}
-_PLURALS = {"dot": "dots", "dash": "dashes", "bar": "bars"}
-_COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 
 
 def _in_polygon(x: np.ndarray, y: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -148,17 +134,76 @@ class Scene:
         """E.g. 'a large red triangle at the top left on a striped background with two small
         blue dots'."""
         size = "large" if self.large else "small"
-        text = f"a {size} {self.main.colour} {self.main.kind} {POSITIONS[self.position]}"
-        text += f" on a {self.texture} background"
-        groups = Counter((obj.colour, obj.kind) for obj in self.distractors)
-        parts = [
-            f"{_COUNT_WORDS[count]} small {colour} {kind if count == 1 else _PLURALS[kind]}"
-            for (colour, kind), count in groups.items()
+        main = noun_phrase(1, [size, self.main.colour], self.main.kind)
+        distractors = [("small", obj.colour, obj.kind) for obj in self.distractors]
+        return sentence(f"{main} {POSITIONS[self.position]}", self.texture, distractors)
+
+    def view_caption(self, view: ViewInfo, image_size: int) -> str:
+        """The caption of one view of this scene rendered at ``image_size``; every word is true
+        for the view, or left out.
+
+        An object is mentioned when one of its pixels lies in the crop. The position word says
+        which third of the view (flip applied) holds the main object's centre; none when the
+        centre lies outside. Size words compare the object's size in the view (geometric mean of
+        its half extents over the view side) with the ranges drawn for whole images: "small" up
+        to SMALL_RADIUS[1], "large" from LARGE_RADIUS[0], none between. Colour words name the
+        colour the object's pixels have after the view's colour change (:func:`colour_name`);
+        none in a grey view.
+        """
+        crop = [round(fraction * image_size) for fraction in view.box]  # top, left, h, w pixels
+        names = self._view_colour_names(view)
+        main = None
+        if _shows(self.main, crop):
+            words = [_view_size(self.main, crop), names[self.main.colour]]
+            main = noun_phrase(1, words, self.main.kind)
+            u, v = view.to_view(self.main.cx / image_size, self.main.cy / image_size)
+            if 0 <= u < 1 and 0 <= v < 1:
+                main += f" {POSITIONS[3 * int(3 * v) + int(3 * u)]}"
+        distractors = [
+            (_view_size(obj, crop), names[obj.colour], obj.kind)
+            for obj in self.distractors
+            if _shows(obj, crop)
         ]
-        if parts:
-            listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-            text += f" with {listed}"
-        return text
+        return sentence(main, self.texture, distractors)
+
+    def _view_colour_names(self, view: ViewInfo) -> dict[str, str | None]:
+        """Palette colour of each object -> the name of its colour in the view (or None)."""
+        drawn = list(dict.fromkeys(obj.colour for obj in (self.main, *self.distractors)))
+        if view.colour.grayscale:
+            return dict.fromkeys(drawn)
+        return {
+            name: colour_name(view.colour.apply([channel / 255 for channel in COLOURS[name]]))
+            for name in drawn
+        }
+
+
+def _shows(obj: ShapeObject, crop: Sequence[int]) -> bool:
+    """Whether a pixel the object covers lies in ``crop`` = (top, left, height, width) pixels."""
+    top, left, height, width = crop
+    x0, y0, x1, y1 = obj.bounds()
+    xs = np.arange(max(left, math.floor(x0)), min(left + width, math.ceil(x1))) + 0.5
+    ys = np.arange(max(top, math.floor(y0)), min(top + height, math.ceil(y1))) + 0.5
+    if not (len(xs) and len(ys)):
+        return False
+    dx = (xs[None, :] - obj.cx) / obj.half_width
+    dy = (ys[:, None] - obj.cy) / obj.half_height
+    return bool(_SHAPES[obj.kind](dx, dy).any())
+
+
+def _view_size(obj: ShapeObject, crop: Sequence[int]) -> str | None:
+    """'small' / 'large' / None by the object's size in the view (see Scene.view_caption)."""
+    _, _, height, width = crop
+    extent = math.sqrt(obj.half_width / width * obj.half_height / height)
+    if extent <= SMALL_RADIUS[1]:
+        return "small"
+    return "large" if extent >= LARGE_RADIUS[0] else None
+
+
+@dataclass
+class ShapesSample(Sample):
+    """A shapes sample with the scene it was rendered from (its views need not sample it again)."""
+
+    scene: Scene
 
 
 def _apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -196,11 +241,16 @@ class ShapesDataset(ImageSource):
     def __getitem__(self, index: int) -> Sample:
         scene = self.scene(index)
         image, _ = self._render(scene)
-        return Sample(torch.from_numpy(image), scene.label, scene.caption())
+        return ShapesSample(torch.from_numpy(image), scene.label, scene.caption(), scene)
 
     def captions(self, limit: int | None = None) -> list[str]:
         count = len(self) if limit is None else min(limit, len(self))
         return [self.scene(index).caption() for index in range(count)]
+
+    def describe_view(self, index: int, sample: Sample, view: ViewInfo) -> str:
+        """What this view of item ``index`` shows (:meth:`Scene.view_caption`)."""
+        scene = sample.scene if isinstance(sample, ShapesSample) else self.scene(index)
+        return scene.view_caption(view, self.image_size)
 
     def labels(self) -> list[int]:
         return [self.scene(index).label for index in range(len(self))]

@@ -13,11 +13,15 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:  # views imports this module
+    from m3i.data.views import ViewInfo
 
 logger = logging.getLogger("m3i.data")
 
@@ -77,6 +81,14 @@ class ImageSource(torch.utils.data.Dataset):
     def labels(self) -> list[int]:
         """Every sample's label in index order (-1: none), without decoding images."""
         return [self[index].label for index in range(len(self))]
+
+    def describe_view(self, index: int, sample: Sample, view: ViewInfo) -> str:
+        """The caption of one augmented view of sample ``index`` (``sample`` is ``self[index]``).
+
+        By default the sample's own caption; a source that knows what its images hold (shapes)
+        describes what the view shows after its crop, flip and colour change.
+        """
+        return sample.caption
 
     @property
     def num_corrupt(self) -> int:

@@ -3,19 +3,32 @@
 Geometry convention (the decoder relies on it): ``box = (top, left, height, width)`` as
 fractions of the source image; the view's normalised point (u, v) in [0, 1]^2 (u horizontal)
 maps to the source point x = left + (1 - u if flipped else u) * width, y = top + v * height.
+
+Each view also records its colour change (:class:`ColourChange`), so that a source can describe
+the view its text target sees (:meth:`ImageSource.describe_view`), not only the whole image.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.sources import ImageSource
+
+# colour step name -> torchvision op on a float image (ColorJitter's four steps)
+COLOUR_OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "brightness": F.adjust_brightness,
+    "contrast": F.adjust_contrast,
+    "saturation": F.adjust_saturation,
+    "hue": F.adjust_hue,
+}
 
 
 @dataclass
@@ -81,27 +94,95 @@ def sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _color_jitter(view: torch.Tensor, cfg: ViewConfig, generator: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class ColourChange:
+    """The colour steps one view went through, replayable on single colours.
+
+    ``steps`` are (name in COLOUR_OPS, factor) in the order applied; ``contrast_grey`` is the mean
+    grey level the contrast step blended toward (the whole view's at that point: the one step
+    that is not per pixel); ``grayscale`` says whether the view ended grey.
+    """
+
+    steps: tuple[tuple[str, float], ...] = ()
+    contrast_grey: float = 0.0
+    grayscale: bool = False
+
+    def apply(self, rgb: Sequence[float]) -> tuple[float, float, float]:
+        """A float RGB colour in [0, 1] -> the colour its pixels have in the view (before
+        normalisation), exact where resampling left them unmixed with their neighbours.
+
+        The formulas of torchvision's ops, on one colour in plain Python: the ops themselves cost
+        about a millisecond per call even on one pixel, as much as making the view.
+        """
+        red, green, blue = rgb
+        for name, factor in self.steps:
+            if name == "hue":
+                hue, saturation, value = colorsys.rgb_to_hsv(red, green, blue)
+                red, green, blue = colorsys.hsv_to_rgb((hue + factor) % 1.0, saturation, value)
+                continue
+            toward = {
+                "brightness": 0.0,
+                "contrast": self.contrast_grey,
+                "saturation": _grey(red, green, blue),
+            }[name]
+            red, green, blue = (
+                min(max(factor * channel + (1 - factor) * toward, 0.0), 1.0)
+                for channel in (red, green, blue)
+            )
+        if self.grayscale:
+            red = green = blue = _grey(red, green, blue)
+        return red, green, blue
+
+
+def _grey(red: float, green: float, blue: float) -> float:
+    """Luma with torchvision's rgb_to_grayscale weights."""
+    return 0.2989 * red + 0.587 * green + 0.114 * blue
+
+
+@dataclass(frozen=True)
+class ViewInfo:
+    """How one view was made: ``box`` = (top, left, height, width) as fractions of the source
+    (the module's geometry convention), the horizontal flip and the colour change."""
+
+    box: tuple[float, float, float, float]
+    flipped: bool
+    colour: ColourChange
+
+    def to_view(self, x: float, y: float) -> tuple[float, float]:
+        """The view point (u, v) of the source point (x, y), all fractions; the point lies in
+        the view when both are in [0, 1)."""
+        top, left, height, width = self.box
+        u = (x - left) / width
+        return (1 - u if self.flipped else u), (y - top) / height
+
+
+def _color_jitter(
+    view: torch.Tensor, cfg: ViewConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, ColourChange]:
     """Brightness, contrast, saturation and hue in random order, as ColorJitter does."""
     strength = cfg.color_jitter
     ops = []
     if strength:
         low = max(0.0, 1.0 - strength)
-        adjusts = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
-        ops += [(op, _uniform(low, 1.0 + strength, generator)) for op in adjusts]
+        ops += [
+            (name, _uniform(low, 1.0 + strength, generator))
+            for name in ("brightness", "contrast", "saturation")
+        ]
     if cfg.hue:
-        ops.append((F.adjust_hue, _uniform(-cfg.hue, cfg.hue, generator)))
-    for op_index in torch.randperm(len(ops), generator=generator).tolist():
-        op, factor = ops[op_index]
-        view = op(view, factor)
-    return view
+        ops.append(("hue", _uniform(-cfg.hue, cfg.hue, generator)))
+    steps = tuple(ops[k] for k in torch.randperm(len(ops), generator=generator).tolist())
+    grey = 0.0
+    for name, factor in steps:
+        if name == "contrast":
+            grey = F.rgb_to_grayscale(view).mean().item()  # what adjust_contrast blends toward
+        view = COLOUR_OPS[name](view, factor)
+    return view, ColourChange(steps, grey)
 
 
 def make_view(
     image: torch.Tensor, cfg: ViewConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One augmented view: (float image (3, size, size) normalised, box (4,) float =
-    (top, left, height, width) as fractions of the source image, flipped)."""
+) -> tuple[torch.Tensor, ViewInfo]:
+    """One augmented view: (float image (3, size, size) normalised, how it was made)."""
     _, height, width = image.shape
     top, left, h, w = sample_crop(height, width, cfg.scale, cfg.ratio, generator)
     view = F.resized_crop(image, top, left, h, w, [cfg.size, cfg.size], antialias=True)
@@ -109,12 +190,13 @@ def make_view(
     flipped = bool(torch.rand(1, generator=generator).item() < cfg.flip)
     if flipped:
         view = F.horizontal_flip(view)
-    view = _color_jitter(view, cfg, generator)
+    view, colour = _color_jitter(view, cfg, generator)
     if torch.rand(1, generator=generator).item() < cfg.grayscale:
         view = F.rgb_to_grayscale(view, num_output_channels=3)
+        colour = ColourChange(colour.steps, colour.contrast_grey, grayscale=True)
     view = F.normalize(view, list(cfg.mean), list(cfg.std))
-    box = torch.tensor([top / height, left / width, h / height, w / width], dtype=torch.float32)
-    return view, box, flipped
+    box = (top / height, left / width, h / height, w / width)
+    return view, ViewInfo(box, flipped, colour)
 
 
 def eval_transform(
@@ -133,14 +215,22 @@ def view_item(
     cfg: ViewConfig,
     generator: torch.Generator,
     num_views: int = 2,
+    describe: Callable[[ViewInfo], str] | None = None,
 ) -> dict[str, torch.Tensor | str]:
-    """One training item: `num_views` augmented views with their boxes and flips, the label
-    (-1: none), the caption ("" if none) and the sample's index."""
+    """One training item: `num_views` augmented views with their boxes (float32) and flips, the
+    label (-1: none), the caption ("" if none) and the sample's index.
+
+    The caption is the one the text target pairs with view 1: ``describe(view 1's info)`` when
+    the source can describe a view, else ``caption`` (the sample's own).
+    """
     item: dict[str, torch.Tensor | str] = {}
     for number in range(1, num_views + 1):
-        view, box, flipped = make_view(image, cfg, generator)
-        item.update({f"view{number}": view, f"box{number}": box})
-        item[f"flip{number}"] = torch.tensor(flipped)
+        view, info = make_view(image, cfg, generator)
+        item[f"view{number}"] = view
+        item[f"box{number}"] = torch.tensor(info.box, dtype=torch.float32)
+        item[f"flip{number}"] = torch.tensor(info.flipped)
+        if number == 1 and describe is not None:
+            caption = describe(info)
     item["label"] = torch.tensor(label, dtype=torch.int64)
     item["caption"] = caption
     item["index"] = torch.tensor(index, dtype=torch.int64)
@@ -177,4 +267,5 @@ class ViewDataset(torch.utils.data.Dataset):
         return view_item(
             sample.image, sample.label, sample.caption, index, self.cfg,
             self.generator(index), self.num_views,
+            partial(self.source.describe_view, index, sample),
         )  # fmt: skip
