@@ -84,6 +84,18 @@ def test_nested_overrides_are_typed():
         ),
         (["decoder.dim=30"], "decoder.dim (30) must be a multiple of 4 and of decoder.heads"),
         (["mix.isolate=false", "train.batch_size=63"], "mix.isolate=false needs an even"),
+        (
+            ["targets.view_regress.weight=1", "train.batch_size=4", "train.accum_steps=4"],
+            "targets.view_regress normalises its projector with BatchNorm",
+        ),
+        (
+            ["targets.view_contrast.weight=1", "targets.view_contrast.hidden_dim=0"],
+            "targets.view_contrast.hidden_dim and embed_dim must be >= 1",
+        ),
+        (
+            ["targets.view_contrast.weight=1", "targets.view_contrast.temperature=0"],
+            "targets.view_contrast.temperature must be > 0",
+        ),
     ],
 )
 def test_bad_overrides_fail_with_one_line(overrides, message):
