@@ -91,6 +91,18 @@ def test_nested_overrides_are_typed():
             "targets.intra_view.layers must be >= 1",
         ),
         (["targets.inter_view.decorrelation=-1"], "targets.inter_view.decorrelation must be >= 0"),
+        (
+            ["targets.view_regress.weight=1", "train.batch_size=4", "train.accum_steps=4"],
+            "targets.view_regress normalises its projector with BatchNorm",
+        ),
+        (
+            ["targets.view_contrast.weight=1", "targets.view_contrast.hidden_dim=0"],
+            "targets.view_contrast.hidden_dim and embed_dim must be >= 1",
+        ),
+        (
+            ["targets.view_contrast.weight=1", "targets.view_contrast.temperature=0"],
+            "targets.view_contrast.temperature must be > 0",
+        ),
     ],
 )
 def test_bad_overrides_fail_with_one_line(overrides, message):

@@ -96,18 +96,18 @@ class PixelTargetConfig:
 
 
 @dataclass
-class ViewContrastTargetConfig:
+class ViewContrastTargetConfig:  # MoCo v3
     weight: float = 0.0
-    embed_dim: int = 128
-    hidden_dim: int = 256
-    temperature: float = 0.2
+    embed_dim: int = 128  # output of projector and predictor (MoCo v3: 256)
+    hidden_dim: int = 256  # hidden width of projector and predictor (MoCo v3: 4096)
+    temperature: float = 0.2  # MoCo v3's for ViTs; the loss is 2 * temperature * cross-entropy
 
 
 @dataclass
-class ViewRegressTargetConfig:
+class ViewRegressTargetConfig:  # BYOL
     weight: float = 0.0
-    embed_dim: int = 128
-    hidden_dim: int = 256
+    embed_dim: int = 128  # output of projector and predictor (BYOL: 256)
+    hidden_dim: int = 256  # hidden width of projector and predictor (BYOL: 4096)
 
 
 @dataclass
@@ -434,6 +434,26 @@ def validate(cfg: Config) -> None:
     needs_masked = cfg.targets.intra_view.weight != 0 or cfg.targets.pixels.weight != 0
     if needs_masked and visible_a == grid:
         raise ConfigError("targets.intra_view/pixels need masked positions: set mix.ratio < 1")
+    _validate_pooled_views(cfg)
+
+
+def _validate_pooled_views(cfg: Config) -> None:
+    """The BYOL / MoCo v3 targets: BatchNorm needs two images, and their MLPs a hidden layer."""
+    micro_batch = cfg.train.batch_size // cfg.train.accum_steps
+    for name in ("view_contrast", "view_regress"):
+        target = getattr(cfg.targets, name)
+        if target.weight == 0:
+            continue
+        if target.hidden_dim < 1 or target.embed_dim < 1:
+            raise ConfigError(f"targets.{name}.hidden_dim and embed_dim must be >= 1")
+        if micro_batch < 2:
+            raise ConfigError(
+                f"targets.{name} normalises its projector with BatchNorm over the batch: it needs "
+                f"at least 2 images per micro-batch (train.batch_size / accum_steps), got "
+                f"{micro_batch}"
+            )
+    if cfg.targets.view_contrast.weight != 0 and cfg.targets.view_contrast.temperature <= 0:
+        raise ConfigError("targets.view_contrast.temperature must be > 0")
 
 
 def dump_yaml(cfg: Config) -> str:

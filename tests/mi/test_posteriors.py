@@ -5,10 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightly.loss import NTXentLoss
 from open_clip.loss import ClipLoss
 
-from m3i.mi.posteriors import boltzmann, gaussian, normalised_l2, nt_xent, symmetric_infonce
+from m3i.mi.posteriors import (
+    boltzmann,
+    gaussian,
+    normalised_l2,
+    query_key_infonce,
+    symmetric_infonce,
+)
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -36,31 +41,46 @@ def test_symmetric_infonce_is_not_one_directional():
     torch.testing.assert_close(symmetric_infonce(logits).loss, (rows + cols) / 2)
 
 
-# lightly at batch size 1: logits (2, 1), the only candidate is the positive, loss 0; nt_xent's
-# masked 2x2 logits give the same (the positive is the only finite logit), so 1 is included.
+def moco_v3_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's Algorithm 1, written out: ctr(q, k) = CE(q k^T / t, arange) * 2t, on unit
+    vectors, the cross-entropy as a brute-force mean of -log softmax rows."""
+    q, k = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+    logits = q @ k.t() / temperature
+    rows = [-(logits[i, i] - torch.logsumexp(logits[i], 0)) for i in range(len(q))]
+    return sum(rows) / len(rows) * 2 * temperature
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 8])
-@pytest.mark.parametrize("temperature", [0.1, 0.5])
-def test_nt_xent_equals_lightly(n, temperature):
+@pytest.mark.parametrize("temperature", [0.2, 1.0])
+def test_query_key_infonce_is_moco_v3_ctr(n, temperature):
     g = torch.Generator().manual_seed(n)
-    z0, z1 = torch.randn(n, 12, generator=g), torch.randn(n, 12, generator=g)  # not normalised
-    reference = NTXentLoss(temperature=temperature, memory_bank_size=0)(z0, z1)
-    bound = nt_xent(z0, z1, temperature)
+    q, k = torch.randn(n, 12, generator=g) * 3, torch.randn(n, 12, generator=g)  # not unit
+    bound = query_key_infonce(q, k, torch.arange(n), temperature)
+    reference = moco_v3_ctr(q, k, temperature)
     torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
-    assert torch.isfinite(bound.mi)
-    torch.testing.assert_close(
-        bound.mi, math.log(max(2 * n - 1, 1)) - reference, atol=1e-5, rtol=1e-5
-    )
+    # the bound: log K - cross-entropy, with the unscaled cross-entropy
+    expected_mi = math.log(n) - reference / (2 * temperature)
+    torch.testing.assert_close(bound.mi, expected_mi, atol=1e-5, rtol=1e-5)
 
 
-def test_nt_xent_gradient_equals_lightly():
+def test_query_key_infonce_positives_index_the_keys():
+    """Two queries against five keys (a rank's slice of a gathered batch): row i's positive is
+    key positives[i]; the bound is log 5 - cross-entropy."""
     g = torch.Generator().manual_seed(0)
-    z0, z1 = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
-    a0, a1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
-    b0, b1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
-    nt_xent(a0, a1, 0.2).loss.backward()
-    NTXentLoss(temperature=0.2)(b0, b1).backward()
-    torch.testing.assert_close(a0.grad, b0.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a1.grad, b1.grad, atol=1e-5, rtol=1e-5)
+    q, k = torch.randn(2, 6, generator=g), torch.randn(5, 6, generator=g)
+    positives = torch.tensor([3, 1])
+    bound = query_key_infonce(q, k, positives, 0.5)
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.5
+    ce = (-(logits[0, 3] - logits[0].logsumexp(0)) - (logits[1, 1] - logits[1].logsumexp(0))) / 2
+    torch.testing.assert_close(bound.loss, 2 * 0.5 * ce)
+    torch.testing.assert_close(bound.mi, math.log(5) - ce)
+
+
+def test_query_key_infonce_of_perfect_keys_tends_to_log_k():
+    k = torch.eye(4)  # orthogonal keys: at a small temperature each query picks its own
+    bound = query_key_infonce(k.clone(), k, torch.arange(4), 0.01)
+    assert bound.loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert bound.mi.item() == pytest.approx(math.log(4), abs=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -70,6 +70,27 @@ def test_teacher_stays_in_eval_mode():
         torch.testing.assert_close(teacher(x), online.eval()(x))
 
 
+def test_batch_statistics_teacher_runs_only_its_batchnorm_in_training_mode():
+    """BYOL's and MoCo v3's target networks: BatchNorm on the batch's statistics, no dropout."""
+    online = student()
+    teacher = MomentumTeacher(online, batch_statistics=True)
+    with torch.no_grad():  # running statistics that batch statistics cannot be mistaken for
+        teacher.module[1].running_mean.fill_(3.0)
+        teacher.module[1].running_var.fill_(9.0)
+    x = torch.randn(5, 4)
+    for mode in (True, False):
+        teacher.train(mode)
+        modes = {type(m).__name__: m.training for m in teacher.module}
+        assert modes == {"Linear": False, "BatchNorm1d": True, "Dropout": False}
+        # the batch's own statistics, by hand: (h - mean) / sqrt(biased var + eps) * w + b
+        linear, norm, _, last = teacher.module
+        h = linear(x)
+        normalised = (h - h.mean(0)) / (h.var(0, unbiased=False) + norm.eps).sqrt()
+        expected = last(normalised * norm.weight + norm.bias)
+        torch.testing.assert_close(teacher(x), expected)  # no dropout either: deterministic
+        assert teacher(x).requires_grad is False
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.99, 1.0])
 def test_update_follows_ema_formula(momentum):
     online = student()

@@ -1,15 +1,23 @@
-"""Contrastive targets use the global batch: 2 gloo processes x B equal 1 process x 2B."""
+"""Contrastive targets use the global batch: 2 gloo processes x B equal 1 process x 2B; and
+BatchNorm under torch.distributed: SyncBatchNorm on GPUs, per rank (with a warning) on CPUs."""
 
+import logging
+import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
-from m3i.mi.posteriors import nt_xent, symmetric_infonce
-from m3i.train.distributed import gather_with_grad
+from m3i.config import ViewContrastTargetConfig
+from m3i.mi.posteriors import symmetric_infonce
+from m3i.mi.targets import ViewContrastTarget
+from m3i.models.ema import MomentumTeacher
+from m3i.train.distributed import gather_with_grad, sync_batch_norm
 
 
 def free_port() -> int:
@@ -25,8 +33,31 @@ def features(seed: int = 0):
     )
 
 
-def losses(a, b):
-    return symmetric_infonce(10.0 * a @ b.t()).loss, nt_xent(a, b, 0.2).loss
+def moco() -> ViewContrastTarget:
+    cfg = ViewContrastTargetConfig(weight=1.0, embed_dim=8, hidden_dim=8, temperature=0.2)
+    return ViewContrastTarget("view_contrast", cfg, 8)
+
+
+def projector_and_teacher() -> nn.ModuleDict:
+    student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()  # modes must survive
+    return nn.ModuleDict(
+        {"student": student, "teacher": MomentumTeacher(student, batch_statistics=True)}
+    )
+
+
+def batch_norm_conversions() -> tuple[list[str], str, list[tuple[str, bool]], bool]:
+    """On CPU: what stays and what is logged; as for a GPU: what each BatchNorm becomes."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("m3i.train").addHandler(handler)
+    on_cpu = sync_batch_norm(projector_and_teacher(), torch.device("cpu"))
+    cpu_types = [type(m).__name__ for m in on_cpu.modules() if "Norm" in type(m).__name__]
+    model = projector_and_teacher()
+    weight = model["student"][1].weight
+    on_gpu = sync_batch_norm(model, torch.device("cuda"))  # converts; nothing runs on a GPU
+    gpu = [(type(m).__name__, m.training) for m in on_gpu.modules() if "Norm" in type(m).__name__]
+    return cpu_types, " ".join(messages), gpu, on_gpu["student"][1].weight is weight
 
 
 def worker(rank: int, port: int, results):
@@ -35,24 +66,54 @@ def worker(rank: int, port: int, results):
     a, b = features()
     local_a = a[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
     local_b = b[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
-    clip, ntx = losses(gather_with_grad(local_a), gather_with_grad(local_b))
-    (clip + ntx).backward()
-    results[rank] = (clip.item(), ntx.item(), local_a.grad.clone(), local_b.grad.clone())
+    clip = symmetric_infonce(10.0 * gather_with_grad(local_a) @ gather_with_grad(local_b).t())
+    # MoCo v3: this rank's queries against the keys of both ranks, gathered without gradient
+    contrast = moco().direction(local_a, local_b, torch.arange(3))
+    (clip.loss + contrast.loss).backward()
+    results[rank] = (
+        clip.loss.item(),
+        contrast.loss.item(),
+        contrast.mi.item(),
+        local_a.grad.clone(),
+        local_b.grad.clone(),
+        batch_norm_conversions(),
+    )
     dist.destroy_process_group()
 
 
-def test_two_processes_equal_one_process_with_the_doubled_batch():
+@pytest.fixture(scope="module")
+def ranks() -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
+    return dict(results)
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(ranks):
     a, b = features()
     a.requires_grad_(True)
     b.requires_grad_(True)
-    clip, ntx = losses(a, b)
-    (clip + ntx).backward()
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
+    clip = symmetric_infonce(10.0 * a @ b.t()).loss
+    contrast = moco().direction(a, b.detach(), torch.arange(6))
+    (clip + contrast.loss).backward()
+    # each rank's MoCo loss is the mean over its own queries: the ranks' mean is the global one
+    assert abs(sum(ranks[r][1] for r in range(2)) / 2 - contrast.loss.item()) < 1e-5
+    assert abs(sum(ranks[r][2] for r in range(2)) / 2 - contrast.mi.item()) < 1e-5
+    ce = [ranks[r][1] / 0.4 for r in range(2)]  # K = 6 keys on each rank
+    assert all(abs(ranks[r][2] - (math.log(6) - ce[r])) < 1e-5 for r in range(2))
     for rank in range(2):
-        rank_clip, rank_ntx, grad_a, grad_b = results[rank]
-        assert abs(rank_clip - clip.item()) < 1e-5 and abs(rank_ntx - ntx.item()) < 1e-5
-        # each rank backpropagates the global loss; DDP's gradient average divides by 2
+        rank_clip, _, _, grad_a, grad_b, _ = ranks[rank]
+        assert abs(rank_clip - clip.item()) < 1e-5
+        # each rank backpropagates the global CLIP loss and its own MoCo queries; DDP's gradient
+        # average divides by 2; no MoCo gradient reaches the keys (b's gradient is CLIP's)
         rows = slice(3 * rank, 3 * rank + 3)
         torch.testing.assert_close(grad_a / 2, a.grad[rows], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(grad_b / 2, b.grad[rows], atol=1e-6, rtol=1e-5)
+
+
+def test_batch_norm_is_synchronised_on_gpus_and_per_rank_with_a_warning_on_cpus(ranks):
+    cpu_types, warning, gpu, same_weight = ranks[0][5]
+    assert cpu_types == ["BatchNorm1d", "BatchNorm1d"]  # torch's SyncBatchNorm needs a GPU
+    assert "per rank" in warning and "SyncBatchNorm" in warning
+    # the EMA copy's BatchNorm keeps normalising with (now global) batch statistics
+    assert gpu == [("SyncBatchNorm", False), ("SyncBatchNorm", True)]
+    assert same_weight  # the optimizer's parameters are the ones the SyncBatchNorm uses

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import default_collate
 
 from m3i.bench.measure import synthetic_batch
-from m3i.config import load_config, preset_names
+from m3i.config import ConfigError, load_config, preset_names
 from m3i.data.shapes import ShapesDataset
 from m3i.data.sources import open_source
 from m3i.data.views import ViewDataset
@@ -32,6 +32,10 @@ def make_batch(source, cfg, n):
 @pytest.mark.parametrize("n", [1, 2])
 def test_every_loss_is_finite_and_trains_the_backbone(source, preset, n):
     torch.manual_seed(0)
+    if n == 1 and preset in ("byol", "moco"):  # BatchNorm in their heads needs two images
+        with pytest.raises(ConfigError, match="at least 2 images per micro-batch"):
+            load_config(preset, overrides=SMALL + ["train.batch_size=1"])
+        return
     cfg = load_config(preset, overrides=SMALL)
     model = M3IModel(
         cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
@@ -45,7 +49,7 @@ def test_every_loss_is_finite_and_trains_the_backbone(source, preset, n):
     )
     assert torch.allclose(loss.detach(), weighted)
     loss.backward()
-    if n == 1 and preset in ("clip", "moco"):  # one candidate in the softmax: nothing to learn
+    if n == 1 and preset == "clip":  # one candidate in the softmax: nothing to learn
         assert loss.item() == pytest.approx(0.0, abs=1e-6)
         return
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
@@ -69,6 +73,35 @@ def test_only_needed_streams_are_encoded(source):
         )
         ctx = model.encode(make_batch(source, cfg, 2))
         assert {k: s.tokens.shape[1] for k, s in ctx.streams.items()} == streams, preset
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "preset, student, teacher",
+    [("m3i", 1, 2), ("supervised", 1, 0), ("moco", 2, 2), ("byol", 2, 2)],
+)
+def test_student_encodes_view_2_only_for_pooled_view_targets(source, preset, student, teacher):
+    """BYOL / MoCo v3 put both views through the student and the EMA teacher (one pass each on
+    a CPU); M3I's step keeps its single student pass over the mix."""
+    cfg = load_config(preset, overrides=SMALL)
+    model = M3IModel(
+        cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+    )
+    student_calls = count_calls(model.backbone.vit.blocks[0])
+    teacher_calls = count_calls(model.teacher.module.vit.blocks[0]) if model.teacher else [0]
+    ctx = model.encode(make_batch(source, cfg, 2))
+    assert (student_calls[0], teacher_calls[0]) == (student, teacher)
+    pooled = preset in ("moco", "byol")
+    assert set(ctx.student_pooled) == ({"view2"} if pooled else set())
+    if pooled:
+        assert set(ctx.teacher_pooled) == {"view1", "view2"}
+        # at initialisation the EMA teacher is the student: the same features of view 2
+        torch.testing.assert_close(ctx.student_pooled["view2"], ctx.teacher_pooled["view2"])
 
 
 def test_image_b_of_mix_k_is_sample_n_minus_1_minus_k(source):

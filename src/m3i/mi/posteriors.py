@@ -42,18 +42,18 @@ def symmetric_infonce(logits: torch.Tensor) -> Bound:
     return Bound((rows.loss + cols.loss) / 2, (rows.mi + cols.mi) / 2)
 
 
-def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> Bound:
-    """SimCLR's NT-Xent: each of the 2N embeddings against the other 2N - 1.
+def query_key_infonce(
+    queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float
+) -> Bound:
+    """MoCo v3's contrastive loss: each query against all K keys, its own key at `positives`.
 
-    z0[i] and z1[i] are the two views of sample i; both sets are L2-normalised here.
+    Both sets are L2-normalised here; logits q.k / temperature. The loss is MoCo v3's
+    2 * temperature * cross-entropy; the bound is log K - cross-entropy (InfoNCE).
     """
-    n = z0.shape[0]
-    z = F.normalize(torch.cat([z0, z1]), dim=-1)
-    logits = z @ z.t() / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -torch.inf)
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    loss = F.cross_entropy(logits, labels)
-    return Bound(loss, math.log(max(2 * n - 1, 1)) - loss.detach())
+    q, k = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
+    cross_entropy = F.cross_entropy(q @ k.t() / temperature, positives)
+    mi = math.log(keys.shape[0]) - cross_entropy.detach()
+    return Bound(2 * temperature * cross_entropy, mi)
 
 
 def gaussian(prediction: torch.Tensor, target: torch.Tensor) -> Bound:

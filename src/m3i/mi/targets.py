@@ -8,7 +8,8 @@ It declares what it reads, so the step computes only what the active targets nee
     queries      None | "masked" (A's hidden positions, same view) | "other_view" (B's v_B')
     teacher      None | "view1" | "view2" (dense EMA-teacher tokens, LayerNorm'd)
     teacher_layers  0 | K (also the MLP outputs of the teacher's last K blocks on that view)
-    pooled_teacher  None | "view2" (pooled EMA-teacher features of the other view)
+    pooled_teacher  () | views, e.g. ("view1", "view2") (pooled EMA-teacher features)
+    pooled_student  None | "view2" (the student's pooled features of the whole other view)
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.data.mixing import gather_tokens
-from m3i.mi.posteriors import Bound, boltzmann, gaussian, normalised_l2, nt_xent, symmetric_infonce
+from m3i.mi.posteriors import (
+    Bound,
+    boltzmann,
+    gaussian,
+    normalised_l2,
+    query_key_infonce,
+    symmetric_infonce,
+)
 from m3i.models.ema import MomentumTeacher
-from m3i.models.heads import mlp_head
+from m3i.models.heads import batchnorm_mlp, mlp_head
 from m3i.models.text import TextEncoder, tokenize
+from m3i.train import distributed
 from m3i.train.distributed import gather_with_grad, sum_over_ranks
 
 
@@ -54,6 +63,7 @@ class StepContext:
     teacher_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
     # the MLP outputs of the teacher's last blocks, (N, P, D) each in block order, batch order
     teacher_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    student_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
 
 
 def zero_bound(like: torch.Tensor) -> Bound:
@@ -70,7 +80,8 @@ class Target(nn.Module):
     queries: str | None = None
     teacher: str | None = None
     teacher_layers: int = 0
-    pooled_teacher: str | None = None
+    pooled_teacher: tuple[str, ...] = ()
+    pooled_student: str | None = None
 
     def __init__(self, name: str, weight: float) -> None:
         super().__init__()
@@ -260,49 +271,82 @@ class PixelTarget(Target):
 
 
 class PooledViewTarget(Target):
-    """Another view's pooled EMA-teacher features, through an online and an EMA projector."""
+    """BYOL / MoCo v3: a view's pooled student features, through a projector and a predictor,
+    predict the EMA network's projection of the other view, in both directions.
 
-    pooled_teacher = "view2"
+    Direction 1: every image of the mixed input (view 1) against the EMA projection of its
+    view 2; direction 2: the student's encoding of the whole view 2 against the EMA projection of
+    view 1. With mix.ratio 1 (the byol and moco presets) that is the methods' L(q1, k2) +
+    L(q2, k1); with a mix of two images, direction 1 averages over them. The loss is the sum
+    of the two directions (as both papers), the information the mean of their figures.
+    Projector and predictor take each view's batch on its own, so their BatchNorm statistics
+    are per view, as in both methods; the EMA projector normalises with batch statistics too.
+    """
 
-    def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
-        super().__init__(name, cfg.weight)
-        self.projector = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
-        self.teacher_projector = MomentumTeacher(self.projector)
+    pooled_teacher = ("view1", "view2")
+    pooled_student = "view2"
+
+    def __init__(self, name: str, weight: float, projector: nn.Module, predictor: nn.Module):
+        super().__init__(name, weight)
+        self.projector, self.predictor = projector, predictor
+        self.teacher_projector = MomentumTeacher(projector, batch_statistics=True)
 
     def momentum_update(self, momentum: float) -> None:
         self.teacher_projector.update(self.projector, momentum)
 
-    def pairs(self, ctx: StepContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(online projection, teacher projection) for each encoded stream."""
-        keys = self.teacher_projector(ctx.teacher_pooled["view2"])
-        return [(self.projector(s.pooled), keys[s.samples]) for s in ctx.streams.values()]
+    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
+        """The posterior of one direction: query (N, E) predictions, keys (N, E) the EMA
+        projections of the other view in batch order, rows (N,) the key row of each query."""
+        raise NotImplementedError
+
+    def forward(self, ctx: StepContext) -> Bound:
+        k1, k2 = (self.teacher_projector(ctx.teacher_pooled[v]) for v in ("view1", "view2"))
+        first = mean_bound(
+            [
+                self.direction(self.predictor(self.projector(s.pooled)), k2, s.samples)
+                for s in ctx.streams.values()
+            ]
+        )
+        q2 = self.predictor(self.projector(ctx.student_pooled["view2"]))
+        second = self.direction(q2, k1, torch.arange(len(q2), device=q2.device))
+        return Bound(first.loss + second.loss, (first.mi + second.mi) / 2)
 
 
 class ViewContrastTarget(PooledViewTarget):
-    """MoCo v3 / SimCLR: NT-Xent between a view and another view over the global batch."""
+    """MoCo v3: InfoNCE of each query against the EMA keys of the global batch, 2*tau scaled.
+
+    Projector: 3-layer MLP with BatchNorm, the last without affine (MoCo v3 for ViTs);
+    predictor: 2-layer MLP, the same. Keys are gathered from all ranks without gradient; the
+    positive of this rank's query i is key rank * N + i. Information: log K - cross-entropy.
+    """
 
     def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
-        super().__init__(name, cfg, encoder_dim)
+        hidden, out = cfg.hidden_dim, cfg.embed_dim
+        projector = batchnorm_mlp([encoder_dim, hidden, hidden, out], last_batchnorm=True)
+        predictor = batchnorm_mlp([out, hidden, out], last_batchnorm=True)
+        super().__init__(name, cfg.weight, projector, predictor)
         self.temperature = cfg.temperature
 
-    def forward(self, ctx: StepContext) -> Bound:
-        return mean_bound(
-            [
-                nt_xent(gather_with_grad(q), gather_with_grad(k), self.temperature)
-                for q, k in self.pairs(ctx)
-            ]
-        )
+    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
+        positives = distributed.rank() * len(keys) + rows
+        return query_key_infonce(query, distributed.gather(keys), positives, self.temperature)
 
 
 class ViewRegressTarget(PooledViewTarget):
-    """BYOL: a predictor regresses the other view's EMA projection (normalised L2)."""
+    """BYOL: 2 - 2 cos(prediction, EMA projection of the other view), the normalised L2.
+
+    Projector and predictor: Linear -> BatchNorm -> ReLU -> Linear (BYOL's MLP). Information:
+    the Gaussian posterior's figure on the normalised vectors (`gaussian`).
+    """
 
     def __init__(self, name: str, cfg: Any, encoder_dim: int) -> None:
-        super().__init__(name, cfg, encoder_dim)
-        self.predictor = mlp_head(cfg.embed_dim, cfg.hidden_dim, cfg.embed_dim)
+        hidden, out = cfg.hidden_dim, cfg.embed_dim
+        projector = batchnorm_mlp([encoder_dim, hidden, out], last_batchnorm=False)
+        predictor = batchnorm_mlp([out, hidden, out], last_batchnorm=False)
+        super().__init__(name, cfg.weight, projector, predictor)
 
-    def forward(self, ctx: StepContext) -> Bound:
-        return mean_bound([normalised_l2(self.predictor(q), k) for q, k in self.pairs(ctx)])
+    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
+        return normalised_l2(query, keys[rows])
 
 
 def build_targets(

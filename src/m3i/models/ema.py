@@ -18,17 +18,30 @@ def momentum_at(step: int, total_steps: int, base: float, final: float) -> float
 
 
 class MomentumTeacher(nn.Module):
-    """A frozen copy of a module, updated as ema <- m * ema + (1 - m) * student, no gradient."""
+    """A frozen copy of a module, updated as ema <- m * ema + (1 - m) * student, no gradient.
 
-    def __init__(self, student: nn.Module) -> None:
+    With `batch_statistics`, the copy's BatchNorm layers normalise with the statistics of the
+    batch they are given, as BYOL's and MoCo v3's target networks do (those run in training
+    mode); their running statistics are never read and are overwritten by the student's at
+    each update. Every other layer runs in eval mode.
+    """
+
+    def __init__(self, student: nn.Module, batch_statistics: bool = False) -> None:
         super().__init__()
+        self.batch_statistics = batch_statistics
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)
-        self.module.eval()
+        self.train(False)
 
     def train(self, mode: bool = True) -> MomentumTeacher:
-        """The teacher always runs in eval mode (no drop path, no dropout)."""
-        return super().train(False)
+        """The teacher always runs in eval mode (no drop path, no dropout), but for its
+        BatchNorm layers when `batch_statistics` is set."""
+        super().train(False)
+        if self.batch_statistics:
+            for module in self.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(True)
+        return self
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:

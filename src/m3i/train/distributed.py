@@ -1,14 +1,20 @@
-"""torch.distributed helpers: joining the process group, rank, world size, all-gather with
-gradient."""
+"""torch.distributed helpers: joining the process group, rank, world size, all-gather with and
+without gradient, SyncBatchNorm."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
+from torch import nn
+
+log = logging.getLogger("m3i.train")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def is_distributed() -> bool:
@@ -37,6 +43,39 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (same shape on every rank) from all ranks along dim 0, without gradient
+    (MoCo's keys: `torch.distributed.all_gather`)."""
+    if world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def sync_batch_norm(model: ModuleT, device: torch.device) -> ModuleT:
+    """Under torch.distributed, BatchNorm over the global batch, as BYOL and MoCo v3 train.
+
+    On GPUs every BatchNorm layer becomes torch's SyncBatchNorm (in place; `model` is returned).
+    torch's SyncBatchNorm needs a GPU (its forward raises on CPU tensors), so on CPU ranks
+    (gloo) BatchNorm stays per rank: each rank normalises with its own batch's statistics, a
+    run on R ranks x B differs from one process x R*B, and a warning says so.
+    """
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if world_size() == 1 or not has_batch_norm:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.warning(
+        "BatchNorm normalises per rank on CPU (torch's SyncBatchNorm needs a GPU): these "
+        "%d ranks do not train as one process with the %d-fold batch",
+        world_size(),
+        world_size(),
+    )
+    return model
 
 
 def rank() -> int:

@@ -213,7 +213,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     source = training_source(cfg)
-    model = build_model(cfg, source).to(device)
+    model = distributed.sync_batch_norm(build_model(cfg, source).to(device), device)
     monitor = None
     if cfg.monitor.every and main:
         try:

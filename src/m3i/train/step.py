@@ -1,8 +1,9 @@
 """One M3I step: batch -> mix -> backbone -> decoder / teacher -> targets -> weighted loss.
 
 The step computes each shared piece once (one patch embedding of the input views, one
-encoder pass over the mix, one teacher pass over the target views, one decoder pass per
-kind of query) and only the pieces that the active targets read.
+encoder pass over the mix, one student pass over the whole view 2 when a target reads it,
+one teacher pass over the target views, one decoder pass per kind of query) and only the
+pieces that the active targets read.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class M3IModel(nn.Module):
         if use_b:
             streams["b"] = Stream(tokens_b, pos_b, partners)
         ctx = StepContext(batch, streams, backbone.patch_size, masked_positions=hidden_from_a)
+        for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
+            ctx.student_pooled[view] = backbone(batch[view]).mean(dim=1)  # the whole view
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -94,7 +97,7 @@ class M3IModel(nn.Module):
         targets = list(self.targets.values())
         views = sorted(
             {t.teacher for t in targets if t.teacher}
-            | {t.pooled_teacher for t in targets if t.pooled_teacher}
+            | {view for t in targets for view in t.pooled_teacher}
         )
         if self.teacher is None or not views:
             return
