@@ -77,6 +77,18 @@ def test_removal_table_only_where_removals_ran(tmp_path):
     assert "| m3i | **30.0** |" in removal_part
 
 
+def test_information_table_says_bound_or_estimate(tmp_path):
+    records = [
+        {"data": "shapes", "method": "m3i", "seed": seed, "metrics": {"knn/top1": 30.0},
+         "mi": {"category": 0.25 + seed, "intra_view": 4.0}, "train_s": 1.0, "img_per_s": 10.0}
+        for seed in (0, 1)
+    ]  # fmt: skip
+    markdown = write_results(tmp_path, {"budget": "x", "wall_s": 1.0, "runs": records}, ["m3i"], [])
+    table = markdown.split("## Final information per target (nats)")[1]
+    assert "| data | method | category (lower bound) | intra_view (estimate) |" in table
+    assert "| shapes | m3i | 0.75 | 4.00 |" in table
+
+
 def test_bad_seed_count_is_one_line(capsys):
     assert main(["bench", "ablation", "--budget", "tiny", "--seeds", "0"]) == 2
     assert capsys.readouterr().err.startswith("m3i: error: --seeds")

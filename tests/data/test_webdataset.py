@@ -139,6 +139,15 @@ def test_captions_and_classes(shapes: ShapesDataset, shards: list[Path], tmp_pat
         assert item["caption"] == ("" if level == 1 else f"caption {level}")
 
 
+def test_labels_in_shard_order_without_decoding(
+    shapes: ShapesDataset, shards: list[Path], tmp_path: Path
+) -> None:
+    assert WebDatasetStream(spec(shards), IDENTITY, seed=0).labels() == shapes.labels()
+    write_shards(Unlabelled(), str(tmp_path / "u-%02d.tar"), 2)
+    unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, seed=0)
+    assert unlabelled.labels() == [-1, -1, -1]
+
+
 def test_grayscale_jpeg_becomes_rgb(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     Image.new("L", (32, 32), 128).save(buffer, format="JPEG")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from m3i.eval.report import write_report
+from m3i.eval.report import information_title, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -85,6 +85,7 @@ def test_two_runs_compared_in_out(tmp_path: Path) -> None:
     assert rows[1]["knn/top1"] == "" and rows[1]["data"] == "shapes" and rows[1]["steps"] == "4"
     assert rows[0]["monitor/rankme"] == "12.5"
     summary = (out / "summary.md").read_text()
+    assert "mi/category (lower bound), mi/text (lower bound)" in summary
     for name in names[:-1]:
         assert f"![{name[:-4]}]({name})" in summary
     assert not (a / "report").exists()
@@ -116,3 +117,11 @@ def test_empty_metrics_writes_only_the_summary(tmp_path: Path) -> None:
 def test_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing: not a run directory.*m3i pretrain"):
         write_report([tmp_path / "missing"], tmp_path / "out")
+
+
+def test_information_titles_say_bound_or_estimate() -> None:
+    assert information_title("mi/category") == "mi/category (lower bound)"
+    assert information_title("mi/view_contrast") == "mi/view_contrast (lower bound)"
+    assert information_title("mi/intra_view") == "mi/intra_view (estimate)"
+    assert information_title("mi/pixels") == "mi/pixels (estimate)"
+    assert information_title("mi/unknown") == "mi/unknown"

@@ -111,7 +111,10 @@ def test_siameseim_loss_is_positive_plus_weighted_decorrelation_over_d(n):
     torch.testing.assert_close(bound.loss, siameseim_reference(prediction, tokens, 0.02))
     plain = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
     plain.load_state_dict(target.state_dict())
-    assert bound.mi == plain(ctx).mi  # the information estimate ignores the decorrelation term
+    # the information estimate ignores the decorrelation term (NaN at n = 1: 16 tokens on 16
+    # positions leave no degree of freedom for the covariance)
+    assert torch.isnan(bound.mi) if n == 1 else torch.isfinite(bound.mi)
+    torch.testing.assert_close(bound.mi, plain(ctx).mi, equal_nan=True)
     # the decorrelation term adds to the plain L2 loss, it is not the whole of it
     assert bound.loss.item() > plain(ctx).loss.item() + 1e-4
 

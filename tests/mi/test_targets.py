@@ -1,6 +1,7 @@
 """Targets on a hand-built StepContext, against brute-force and library references."""
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from m3i.config import (
     CategoryTargetConfig,
     DenseTargetConfig,
     PixelTargetConfig,
+    TargetsConfig,
     TextTargetConfig,
 )
 from m3i.mi.targets import (
+    INFORMATION,
     CategoryTarget,
     InterViewTarget,
     IntraViewTarget,
@@ -128,6 +131,63 @@ def test_category_without_labels_is_finite_zero_and_backpropagates(n):
     bound.loss.backward()  # the zero loss is still part of a graph
     assert streams["a"].tokens.grad is not None
     assert torch.count_nonzero(streams["a"].tokens.grad) == 0
+
+
+# 91% of the images in class 0, 1% in each of the 9 others: H(Y) by hand, in nats
+IMBALANCED = torch.tensor([0.91] + [0.01] * 9)
+IMBALANCED_ENTROPY = -(0.91 * math.log(0.91) + 9 * 0.01 * math.log(0.01))  # 0.5003
+
+
+def imbalanced_labels(n: int) -> torch.Tensor:
+    """n = 100 k labels with exactly the IMBALANCED frequencies, shuffled."""
+    labels = torch.cat([torch.zeros(91 * n // 100, dtype=torch.long), torch.arange(1, 10)])
+    labels = torch.cat([labels[:-9], labels[-9:].repeat(n // 100)])
+    return labels[torch.randperm(n)]
+
+
+def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
+    """Pure-noise images, 91% in one class: the classifier learns the prior and nothing else, so
+    the figure is near 0 and never above H(Y) = 0.50 (log C - CE said 2.07 here)."""
+    torch.manual_seed(0)
+    cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
+    target = CategoryTarget("category", cfg, ENC_DIM, 10, IMBALANCED)
+    assert target.label_entropy == pytest.approx(IMBALANCED_ENTROPY, rel=1e-6)
+    optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
+    for step in range(60):
+        ctx = StepContext({"label": imbalanced_labels(100)}, make_streams(100, 4, seed=step), 4)
+        bound = target(ctx)
+        optimizer.zero_grad()
+        bound.loss.backward()
+        optimizer.step()
+        assert bound.mi.item() <= IMBALANCED_ENTROPY
+    with torch.no_grad():
+        ctx = StepContext({"label": imbalanced_labels(2000)}, make_streams(2000, 4, seed=99), 4)
+        bound = target(ctx)
+    torch.testing.assert_close(bound.mi, IMBALANCED_ENTROPY - bound.loss)
+    assert -0.1 < bound.mi.item() < 0.05
+
+
+def test_category_predicting_the_prior_gets_zero():
+    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, IMBALANCED)
+    target.logits = lambda pooled: IMBALANCED.log().expand(len(pooled), 10)
+    bound = target(StepContext({"label": imbalanced_labels(200)}, make_streams(200, 4, seed=1), 4))
+    assert bound.loss.item() == pytest.approx(IMBALANCED_ENTROPY, rel=1e-5)
+    assert bound.mi.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_category_without_a_prior_counts_classes_as_balanced():
+    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 7)
+    assert target.label_entropy == pytest.approx(math.log(7))
+
+
+def test_category_prior_must_match_the_classes():
+    with pytest.raises(ValueError, match="label_prior must hold 10 .* shape \\(4,\\)"):
+        CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, torch.ones(4) / 4)
+
+
+def test_every_target_says_whether_its_figure_is_a_bound_or_an_estimate():
+    assert set(INFORMATION) == {f.name for f in fields(TargetsConfig)}
+    assert set(INFORMATION.values()) == {"lower bound", "estimate"}
 
 
 # ---------------------------------------------------------------- text
@@ -334,3 +394,58 @@ def test_inter_view_regresses_partner_teacher_view2_densely(n):
     torch.testing.assert_close(target.target_tokens(ctx), reference)
     expected = F.mse_loss(target.head(decoded), reference)
     torch.testing.assert_close(target(ctx).loss, expected)
+
+
+def position_only_tokens(n: int, grid: int, d: int, seed: int):
+    """Per-position means (grid, d) and tokens = mean + unit noise for n images."""
+    g = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(grid, d, generator=g)
+    return means, means + torch.randn(n, grid, d, generator=g)
+
+
+def identity_head(target) -> None:
+    with torch.no_grad():
+        target.head.weight.copy_(torch.eye(*target.head.weight.shape))
+        target.head.bias.zero_()
+
+
+def test_intra_view_figure_is_zero_for_a_position_only_predictor():
+    """The queries' positions reach the estimate: predicting each masked position's mean tells
+    nothing (without the positions the figure would be far above 0)."""
+    n, grid, q = 64, 16, 8
+    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    identity_head(target)
+    means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=0)
+    g = torch.Generator().manual_seed(1)
+    masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
+    streams = make_streams(n, grid, seed=0)
+    streams["a"].samples = torch.arange(n - 1, -1, -1)
+    ctx = StepContext(
+        {}, streams, 4, masked, {"masked": means[masked]}, {"view1": teacher, "view2": teacher}
+    )
+    assert abs(target(ctx).mi.item()) < 0.1
+
+
+def test_inter_view_figure_is_zero_for_a_position_only_predictor():
+    n, grid = 64, 16
+    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    identity_head(target)
+    means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=2)
+    decoded = {"other_view": means.expand(n, grid, ENC_DIM)}
+    ctx = StepContext({}, make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher})
+    assert abs(target(ctx).mi.item()) < 0.1
+
+
+def test_pixel_figure_is_zero_for_a_position_only_predictor():
+    n, p, size, q = 64, 4, 16, 8
+    grid = (size // p) ** 2
+    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=False), 3 * p * p, p)
+    identity_head(target)
+    g = torch.Generator().manual_seed(3)
+    mean_image = 3 * torch.randn(3, size, size, generator=g)
+    images = mean_image + torch.randn(n, 3, size, size, generator=g)
+    patch_means = torch.tensor(brute_force_patches(mean_image, p))  # (grid, 48)
+    masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
+    decoded = {"masked": patch_means[masked]}
+    ctx = StepContext({"view1": images}, make_streams(n, grid, seed=3), p, masked, decoded)
+    assert abs(target(ctx).mi.item()) < 0.1

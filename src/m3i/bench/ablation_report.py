@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from m3i.io import atomic_write, atomic_write_text
+from m3i.mi.targets import INFORMATION
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -88,13 +89,15 @@ def table(summary: dict, records: list[dict], methods: list[str]) -> str:
 
 
 def bounds_table(records: list[dict], methods: list[str]) -> str:
-    """The final MI lower bound of each target (nats, mean over seeds), per method."""
+    """The final information figure of each target (nats, mean over seeds), per method; each
+    column says whether it is a lower bound (Boltzmann) or an estimate (Gaussian family)."""
     bounds: dict = defaultdict(lambda: defaultdict(list))
     for record in records:
         for target, value in record["mi"].items():
             bounds[(record["data"], record["method"])][target].append(value)
     targets = sorted({t for b in bounds.values() for t in b})
-    lines = ["| data | method | " + " | ".join(targets) + " |", "|---" * (len(targets) + 2) + "|"]
+    names = [f"{t} ({INFORMATION[t]})" if t in INFORMATION else t for t in targets]
+    lines = ["| data | method | " + " | ".join(names) + " |", "|---" * (len(targets) + 2) + "|"]
     for (data, method), by_target in bounds.items():
         if method in methods:
             cells = [
@@ -145,7 +148,7 @@ def write_results(out: Path, report: dict[str, Any], methods: list[str], removal
                 removal_records,
                 ["m3i", *removals],
             ),  # fmt: skip
-            "## Final MI lower bounds (nats)",
+            "## Final information per target (nats): lower bounds and Gaussian estimates",
             bounds_table(records, methods + removals),
             "![ablation](ablation.png)",
         ]

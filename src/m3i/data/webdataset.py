@@ -133,6 +133,17 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         found = (sample["txt"].decode("utf-8") for sample in pipeline)
         return list(islice((caption for caption in found if caption), limit))
 
+    def labels(self) -> list[int]:
+        """Every sample's label (-1: none), shard by shard in order; no image is decoded.
+
+        Shards are resampled uniformly, so these are the stream's class frequencies."""
+        keep = (".cls", *(f".{key}" for key in IMAGE_KEYS))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.tarfile_to_samples(select_files=lambda name: name.endswith(keep)),
+        )
+        return [int(sample["cls"]) if "cls" in sample else -1 for sample in pipeline]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from m3i.io import atomic_write, atomic_write_text
+from m3i.mi.targets import INFORMATION
 
 TRAINING = ("lr", "momentum", "img_per_s")  # plotted with the monitor/* collapse monitors
 
@@ -127,8 +129,17 @@ def _grid(count: int) -> tuple[Figure, list[Any]]:
     return fig, list(axes[:count])
 
 
-def line_figure(runs: list[Run], keys: list[str], ylabel: str = "") -> Figure | None:
-    """One subplot per key, one line per run against step; None if nothing to plot."""
+def information_title(key: str) -> str:
+    """`mi/<target>` and what its figure is: `mi/category (lower bound)`, `mi/pixels (estimate)`."""
+    kind = INFORMATION.get(key.removeprefix("mi/"))
+    return f"{key} ({kind})" if kind else key
+
+
+def line_figure(
+    runs: list[Run], keys: list[str], ylabel: str = "", title: Callable[[str], str] = str
+) -> Figure | None:
+    """One subplot per key (titled `title(key)`), one line per run against step; None if
+    nothing to plot."""
     keys = [k for k in keys if any(run.series(k)[0] for run in runs)]
     if not keys:
         return None
@@ -139,7 +150,7 @@ def line_figure(runs: list[Run], keys: list[str], ylabel: str = "") -> Figure | 
             if steps:
                 marker = "." if len(steps) < 20 else None
                 ax.plot(steps, values, color=f"C{index}", label=run.name, marker=marker)
-        ax.set(title=key, xlabel="step", ylabel=ylabel)
+        ax.set(title=title(key), xlabel="step", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -200,6 +211,12 @@ def summary_markdown(runs: list[Run], images: list[str]) -> str:
             *(_eval_value(run, where) for where in evals.values()),
         ]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if targets:
+        kinds = ", ".join(information_title(key) for key in targets)
+        lines.append(
+            f"\n`mi/<target>` in nats: {kinds}; Boltzmann targets give lower bounds on the "
+            "mutual information, Gaussian ones a Gaussian-channel estimate (not a bound)."
+        )
     links = [f"![{Path(image).stem}]({image})" for image in images]
     return "# m3i report\n\n" + "\n".join(lines) + "\n" + "".join(f"\n{link}\n" for link in links)
 
@@ -214,7 +231,9 @@ def render(runs: list[Run]) -> dict[str, bytes | str]:
     """The report's files by name: the non-empty figures as PNG bytes, then summary.md."""
     figures = {
         "losses.png": line_figure(runs, ["loss", *_keys(runs, "loss/")]),
-        "bounds.png": line_figure(runs, _keys(runs, "mi/"), ylabel="nats"),
+        "bounds.png": line_figure(  # the file's old name; it holds bounds and estimates
+            runs, _keys(runs, "mi/"), ylabel="information (nats)", title=information_title
+        ),
         "monitors.png": line_figure(runs, [*_keys(runs, "monitor/"), *TRAINING]),
         "eval.png": eval_figure(runs),
     }

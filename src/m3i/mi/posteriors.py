@@ -1,13 +1,25 @@
-"""The two posterior families of the MI lower bound: each returns the loss and the bound in nats.
+"""The two posterior families: each returns a target's loss and its information figure in nats.
 
     I(z_x; z_y) >= H(z_y) + E[log p(z_y | z_x)]
 
-Boltzmann: p is a softmax over a candidate set C; the loss is the cross-entropy and
-log|C| - loss is a lower bound on the mutual information (the InfoNCE bound).
-Gaussian: p = N(z_y; zhat_y, sigma^2 I); the loss is the mean squared error. With the
-error variance fitted per dimension, the bound is sum_d 0.5 * log(Var[z_y,d] / MSE_d),
-exact when z_y is Gaussian and an estimate otherwise (H(z_y) is taken as the entropy of a
-Gaussian with the targets' variance).
+Boltzmann: p is a softmax over a candidate set C; the loss is the cross-entropy, and
+H(Y) - loss is a lower bound on the mutual information: log|C| for a batch of candidates
+(InfoNCE), the entropy of the class prior for classes (`boltzmann(..., label_entropy=)`).
+
+Gaussian: p = N(z_y; zhat_y, sigma^2 I); the loss is the mean squared error. H(z_y) is not
+known, so its figure is an ESTIMATE, not a bound: the Gaussian-channel information of one
+token's D dimensions,
+
+    0.5 * log det Sigma_y - 0.5 * log det Sigma_e
+
+with Sigma_e the second moment of the prediction error and Sigma_y the covariance of the
+targets after removing what the query position alone predicts (the per-position mean over the
+batch). It is exact for jointly Gaussian targets and the optimal predictor, invariant to
+rotations of the target space, and zero for a predictor that knows only positions. Each log
+det is bias-corrected with the Wishart expectation, so the estimate is unbiased for Gaussian
+targets at any token count; unless the tokens outnumber D plus the positions, it is not
+estimable (NaN).
+docs/information.md has the measurements.
 """
 
 from __future__ import annotations
@@ -21,18 +33,27 @@ import torch.nn.functional as F
 
 @dataclass
 class Bound:
-    """A target's loss (to minimise) and its mutual-information bound in nats.
+    """A target's loss (to minimise) and its information figure `mi` in nats.
 
-    Boltzmann: a true lower bound. Gaussian: an estimate of one (see the module docstring)."""
+    Boltzmann posteriors (`boltzmann`, `symmetric_infonce`, `nt_xent`): `mi` is a lower bound
+    on the mutual information. Gaussian posteriors (`gaussian`, `normalised_l2`): `mi` is the
+    Gaussian-channel ESTIMATE (module docstring), not a bound, and NaN when the batch holds too
+    few tokens to estimate it."""
 
     loss: torch.Tensor
     mi: torch.Tensor
 
 
-def boltzmann(logits: torch.Tensor, labels: torch.Tensor) -> Bound:
-    """Softmax cross-entropy over the candidates in the last dimension of `logits`."""
+def boltzmann(
+    logits: torch.Tensor, labels: torch.Tensor, label_entropy: float | None = None
+) -> Bound:
+    """Softmax cross-entropy over the candidates in the last dimension of `logits`.
+
+    The bound is H(Y) - CE with H(Y) = `label_entropy` (nats), the entropy of the labels'
+    prior; without it log C, the entropy of C equally likely candidates (InfoNCE's case)."""
     loss = F.cross_entropy(logits, labels)
-    return Bound(loss, math.log(logits.shape[-1]) - loss.detach())
+    entropy = math.log(logits.shape[-1]) if label_entropy is None else label_entropy
+    return Bound(loss, entropy - loss.detach())
 
 
 def symmetric_infonce(logits: torch.Tensor) -> Bound:
@@ -56,23 +77,80 @@ def query_key_infonce(
     return Bound(2 * temperature * cross_entropy, mi)
 
 
-def gaussian(prediction: torch.Tensor, target: torch.Tensor) -> Bound:
-    """L2 regression onto `target` (rows are samples, the last dimension is the vector)."""
-    prediction = prediction.reshape(-1, prediction.shape[-1])
-    target = target.reshape(-1, target.shape[-1]).to(prediction.dtype)
-    loss = F.mse_loss(prediction, target)
+def wishart_log_det_offset(dof: torch.Tensor, dim: torch.Tensor, max_dim: int) -> torch.Tensor:
+    """E[log det W] - log det Sigma for W ~ Wishart_dim(dof, Sigma): dim * log 2 plus
+    sum_{i=1..dim} digamma((dof - i + 1) / 2). `max_dim` >= dim fixes the shapes."""
+    i = torch.arange(1, max_dim + 1, dtype=torch.float64, device=dof.device)
+    terms = torch.special.digamma((dof - i + 1) / 2)
+    return dim * math.log(2) + torch.where(i <= dim, terms, 0.0).sum()
+
+
+def gaussian_information(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    num_positions: int | None = None,
+) -> torch.Tensor:
+    """The Gaussian-channel estimate in nats (module docstring), computed in float64.
+
+    prediction, target: (..., D), one token per row; positions: the leading shape, each token's
+    query position in 0..num_positions-1 (default: max + 1); without them only the overall mean
+    is removed. Directions in which the targets do not vary beyond the rounding of their dtype
+    (e.g. the mean over D of LayerNorm'd or per-patch normalised targets) are left out. NaN
+    when there are too few tokens to tell: the residual degrees of freedom (tokens - distinct
+    positions) must exceed the targets' rank (D, or D - 1 for LayerNorm'd targets).
+    """
+    d = target.shape[-1]
+    y = target.detach().reshape(-1, d).double()
+    error = y - prediction.detach().reshape(-1, d).double()
+    tokens = y.shape[0]
+    if positions is None:
+        groups, num_groups = torch.zeros(tokens, dtype=torch.long, device=y.device), 1
+    else:
+        groups = positions.reshape(-1)
+        num_groups = int(groups.max()) + 1 if num_positions is None else num_positions
+    one_hot = (groups[:, None] == torch.arange(num_groups, device=y.device)).double()  # (T, P)
+    counts = one_hot.sum(0)
+    residual = y - (one_hot @ ((one_hot.t() @ y) / counts.clamp_min(1)[:, None]))
+    dof_y = tokens - (counts > 0).sum().double()
+    variances, directions = torch.linalg.eigh(residual.t() @ residual)
+    # the rounding of D values each off by eps relative: variances below D eps^2 mean(y^2)
+    tolerance = tokens * d * torch.finfo(target.dtype).eps ** 2 * y.pow(2).mean()
+    kept = variances > tolerance
+    rank = kept.sum().double()
+    log_det_y = torch.where(kept, variances.clamp_min(tolerance).log(), 0.0).sum()
+    error_scatter = directions.t() @ (error.t() @ error) @ directions
+    block = kept[:, None] & kept[None, :]
+    eye = torch.eye(d, dtype=torch.float64, device=y.device)
+    sign, log_det_e = torch.linalg.slogdet(torch.where(block, error_scatter, eye))
+    log_det_e = torch.where(sign > 0, log_det_e, -math.inf)  # a noiseless direction: infinite
+    dof_e = torch.tensor(float(tokens), dtype=torch.float64, device=y.device)
+    estimate = 0.5 * (
+        (log_det_y - wishart_log_det_offset(dof_y, rank, d))
+        - (log_det_e - wishart_log_det_offset(dof_e, rank, d))
+    )
+    # rank == dof_y: the sample, not the targets, may be what limits the rank
+    return torch.where(rank < dof_y, estimate, math.nan).float()
+
+
+def gaussian(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    num_positions: int | None = None,
+) -> Bound:
+    """L2 regression onto `target` (rows are tokens, the last dimension is the vector); the
+    figure is `gaussian_information` (an estimate, not a bound) over the same tokens."""
+    rows = prediction.reshape(-1, prediction.shape[-1])
+    loss = F.mse_loss(rows, target.reshape(-1, target.shape[-1]).to(prediction.dtype))
     with torch.no_grad():
-        if target.shape[0] < 2:
-            mi = torch.zeros((), device=target.device)
-        else:
-            error = (prediction - target).pow(2).mean(0).clamp_min(1e-8)
-            variance = target.var(0, unbiased=False).clamp_min(1e-8)
-            mi = 0.5 * torch.log(variance / error).sum()
+        mi = gaussian_information(prediction, target, positions, num_positions)
     return Bound(loss, mi)
 
 
 def normalised_l2(prediction: torch.Tensor, target: torch.Tensor) -> Bound:
-    """BYOL's regression: 2 - 2 cos(prediction, target), a Gaussian on the unit sphere."""
+    """BYOL's regression: 2 - 2 cos(prediction, target), a Gaussian on the unit sphere; the
+    figure is the Gaussian-channel estimate on the normalised vectors (no positions)."""
     p, t = F.normalize(prediction, dim=-1), F.normalize(target, dim=-1)
     loss = (2 - 2 * (p * t).sum(-1)).mean()
     bound = gaussian(p, t)

@@ -1,7 +1,9 @@
 """Targets: a Target = source + target encoder + head + posterior + weight.
 
 Each target reads what the step computed once for all of them (a `StepContext`: encoder
-streams, decoder outputs, teacher features) and returns a `Bound` (loss and MI bound in nats).
+streams, decoder outputs, teacher features) and returns a `Bound`: its loss and its information
+figure in nats, a lower bound for the Boltzmann targets (category, text, view_contrast) and a
+Gaussian-channel estimate for the Gaussian ones (intra_view, inter_view, pixels, view_regress).
 It declares what it reads, so the step computes only what the active targets need:
 
     stream       "a" | "b" | "pooled" (pooled features of every encoded image)
@@ -37,6 +39,18 @@ from m3i.models.heads import batchnorm_mlp, mlp_head
 from m3i.models.text import TextEncoder, tokenize
 from m3i.train import distributed
 from m3i.train.distributed import gather_with_grad, sum_over_ranks
+
+# What each target's `mi/<name>` figure is (docs/information.md): a lower bound on the mutual
+# information (Boltzmann family) or a Gaussian-channel estimate of it (Gaussian family).
+INFORMATION = {
+    "category": "lower bound",
+    "text": "lower bound",
+    "view_contrast": "lower bound",
+    "intra_view": "estimate",
+    "inter_view": "estimate",
+    "pixels": "estimate",
+    "view_regress": "estimate",
+}
 
 
 @dataclass
@@ -98,12 +112,29 @@ class Target(nn.Module):
 
 
 class CategoryTarget(Target):
-    """Supervised: Boltzmann over learned class embeddings, for every labelled image."""
+    """Supervised: Boltzmann over learned class embeddings, for every labelled image.
 
-    def __init__(self, name: str, cfg: Any, encoder_dim: int, num_classes: int) -> None:
+    Its figure is H(Y) - CE, a lower bound, with H(Y) the entropy of `label_prior` (the
+    training set's class frequencies; uniform when not given, H(Y) = log C)."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: Any,
+        encoder_dim: int,
+        num_classes: int,
+        label_prior: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(name, cfg.weight)
         self.head = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
         self.class_embedding = nn.Parameter(torch.randn(num_classes, cfg.embed_dim) * 0.02)
+        prior = torch.ones(num_classes) / num_classes if label_prior is None else label_prior
+        if prior.shape != (num_classes,) or (prior < 0).any() or abs(prior.sum() - 1) > 1e-4:
+            raise ValueError(
+                f"label_prior must hold {num_classes} non-negative class frequencies summing "
+                f"to 1; got shape {tuple(prior.shape)}, sum {prior.sum().item():.4g}"
+            )
+        self.label_entropy = float(-torch.special.xlogy(prior, prior).sum())  # H(Y), nats
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled) @ self.class_embedding.t()
@@ -114,7 +145,7 @@ class CategoryTarget(Target):
         labelled = labels >= 0
         if not labelled.any():
             return zero_bound(logits)
-        return boltzmann(logits[labelled], labels[labelled])
+        return boltzmann(logits[labelled], labels[labelled], self.label_entropy)
 
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the learned inverse temperature
@@ -198,7 +229,8 @@ def decorrelation_term(prediction: torch.Tensor, target: torch.Tensor) -> torch.
 class DenseTeacherTarget(Target):
     """Gaussian regression of the decoder's query outputs onto EMA-teacher tokens: LayerNorm'd
     last-layer tokens (norm=layer) or data2vec 2.0's target (norm=instance); with
-    `decorrelation` > 0, SiameseIM's loss (pos + w * neg) / D, pos/D being the Gaussian's MSE."""
+    `decorrelation` > 0, SiameseIM's loss (pos + w * neg) / D, pos/D being the Gaussian's MSE.
+    The figure is the Gaussian-channel estimate given each query's grid position."""
 
     def __init__(self, name: str, cfg: Any, decoder_dim: int, encoder_dim: int) -> None:
         super().__init__(name, cfg.weight)
@@ -212,13 +244,23 @@ class DenseTeacherTarget(Target):
             return data2vec_target(ctx.teacher_layers[self.teacher][-self.teacher_layers :])
         return ctx.teacher_dense[self.teacher]
 
+    def num_positions(self, ctx: StepContext) -> int:
+        """P, the grid positions of the teacher's view."""
+        tokens = ctx.teacher_layers.get(self.teacher) or [ctx.teacher_dense[self.teacher]]
+        return tokens[-1].shape[1]
+
     def target_tokens(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def query_positions(self, ctx: StepContext) -> torch.Tensor:
+        """(N, Q) grid position of each query in its target view."""
         raise NotImplementedError
 
     def forward(self, ctx: StepContext) -> Bound:
         prediction = self.head(ctx.decoded[self.queries])
         target = self.target_tokens(ctx)
-        bound = gaussian(prediction, target)
+        positions = self.query_positions(ctx)
+        bound = gaussian(prediction, target, positions, self.num_positions(ctx))
         if not self.decorrelation:
             return bound
         negative = decorrelation_term(prediction, target) / prediction.shape[-1]
@@ -234,6 +276,9 @@ class IntraViewTarget(DenseTeacherTarget):
         tokens = self.teacher_tokens(ctx)[ctx.streams["a"].samples]
         return gather_tokens(tokens, ctx.masked_positions)
 
+    def query_positions(self, ctx: StepContext) -> torch.Tensor:
+        return ctx.masked_positions
+
 
 class InterViewTarget(DenseTeacherTarget):
     """Image B predicts the teacher's features of a different view, densely (SiameseIM)."""
@@ -242,6 +287,10 @@ class InterViewTarget(DenseTeacherTarget):
 
     def target_tokens(self, ctx: StepContext) -> torch.Tensor:
         return self.teacher_tokens(ctx)[ctx.streams["b"].samples]
+
+    def query_positions(self, ctx: StepContext) -> torch.Tensor:
+        n, grid = len(ctx.streams["b"].samples), self.num_positions(ctx)
+        return torch.arange(grid, device=ctx.streams["b"].samples.device).expand(n, grid)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -252,7 +301,8 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class PixelTarget(Target):
-    """MAE: Gaussian regression onto per-patch normalised pixels at A's hidden positions."""
+    """MAE: Gaussian regression onto per-patch normalised pixels at A's hidden positions; the
+    figure is the Gaussian-channel estimate given each hidden patch's grid position."""
 
     stream, queries = "a", "masked"
 
@@ -263,11 +313,13 @@ class PixelTarget(Target):
 
     def forward(self, ctx: StepContext) -> Bound:
         images = ctx.batch["view1"][ctx.streams["a"].samples]
-        target = gather_tokens(patchify(images, ctx.patch_size), ctx.masked_positions)
+        patches = patchify(images, ctx.patch_size)
+        target = gather_tokens(patches, ctx.masked_positions)
         if self.norm_pix:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        return gaussian(self.head(ctx.decoded["masked"]), target)
+        prediction = self.head(ctx.decoded["masked"])
+        return gaussian(prediction, target, ctx.masked_positions, patches.shape[1])
 
 
 class PooledViewTarget(Target):
@@ -350,12 +402,17 @@ class ViewRegressTarget(PooledViewTarget):
 
 
 def build_targets(
-    cfg: Any, encoder_dim: int, patch_size: int, num_classes: int, tokenizer: Tokenizer | None
+    cfg: Any,
+    encoder_dim: int,
+    patch_size: int,
+    num_classes: int,
+    tokenizer: Tokenizer | None,
+    label_prior: torch.Tensor | None = None,
 ) -> dict[str, Target]:
     """The active targets of a config (weight != 0), by name."""
     dec = cfg.decoder.dim
     makers = {
-        "category": lambda c: CategoryTarget("category", c, encoder_dim, num_classes),
+        "category": lambda c: CategoryTarget("category", c, encoder_dim, num_classes, label_prior),
         "text": lambda c: TextTarget("text", c, encoder_dim, tokenizer),
         "intra_view": lambda c: IntraViewTarget("intra_view", c, dec, encoder_dim),
         "inter_view": lambda c: InterViewTarget("inter_view", c, dec, encoder_dim),

@@ -79,15 +79,30 @@ def build_tokenizer(cfg: Config, source: ImageSource):
     return train_bpe(captions, text.vocab_size)
 
 
-def build_model(cfg: Config, source: ImageSource) -> M3IModel:
-    num_classes = len(source.classes) if source.classes else 0
-    if cfg.targets.category.weight != 0 and num_classes == 0:
+def label_prior(cfg: Config, source: ImageSource | WebDatasetStream) -> torch.Tensor:
+    """The class frequencies of the training source's labelled samples (-1: unlabelled)."""
+    labels = torch.tensor(source.labels(), dtype=torch.long)
+    counts = torch.bincount(labels[labels >= 0], minlength=len(source.classes or []))
+    if counts.sum() == 0:
         raise TrainingError(
-            f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
+            f"targets.category needs labels, and no sample of data {cfg.data.spec!r} has one; "
             "set targets.category.weight=0 or use labelled data"
         )
+    return counts.double() / counts.sum()
+
+
+def build_model(cfg: Config, source: ImageSource | WebDatasetStream) -> M3IModel:
+    num_classes = len(source.classes) if source.classes else 0
+    prior = None
+    if cfg.targets.category.weight != 0:
+        if num_classes == 0:
+            raise TrainingError(
+                f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
+                "set targets.category.weight=0 or use labelled data"
+            )
+        prior = label_prior(cfg, source)
     tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
-    model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer)
+    model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer, label_prior=prior)
     if cfg.init:
         model.backbone.vit.load_state_dict(load_file(cfg.init))
         if model.teacher is not None:

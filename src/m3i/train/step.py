@@ -24,17 +24,30 @@ from m3i.models.ema import MomentumTeacher
 
 
 class M3IModel(nn.Module):
-    """Backbone, decoder, targets and EMA teacher of one pre-training run."""
+    """Backbone, decoder, targets and EMA teacher of one pre-training run.
+
+    `label_prior` (num_classes,) holds the training set's class frequencies, from which the
+    category target's figure H(Y) - CE takes H(Y); without it the classes count as balanced.
+    """
 
     def __init__(
-        self, cfg: Config, num_classes: int = 0, tokenizer: Tokenizer | None = None
+        self,
+        cfg: Config,
+        num_classes: int = 0,
+        tokenizer: Tokenizer | None = None,
+        label_prior: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg.model)
         self.targets = nn.ModuleDict(
             build_targets(
-                cfg, self.backbone.embed_dim, cfg.model.patch_size, num_classes, tokenizer
+                cfg,
+                self.backbone.embed_dim,
+                cfg.model.patch_size,
+                num_classes,
+                tokenizer,
+                label_prior,
             )
         )
         targets = list(self.targets.values())
@@ -150,7 +163,8 @@ class M3IModel(nn.Module):
             )
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached)."""
+        """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached; nats,
+        a lower bound or an estimate as `m3i.mi.targets.INFORMATION` says)."""
         ctx = self.encode(batch)
         total = torch.zeros((), device=batch["view1"].device)
         monitors = {}
