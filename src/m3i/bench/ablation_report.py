@@ -94,6 +94,8 @@ def bounds_table(records: list[dict], methods: list[str]) -> str:
     bounds: dict = defaultdict(lambda: defaultdict(list))
     for record in records:
         for target, value in record["mi"].items():
+            if value is None:  # undefined for that batch (null in metrics.jsonl)
+                continue
             bounds[(record["data"], record["method"])][target].append(value)
     targets = sorted({t for b in bounds.values() for t in b})
     names = [f"{t} ({INFORMATION[t]})" if t in INFORMATION else t for t in targets]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,14 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record`; a non-finite number (e.g. an information estimate that the batch is
+        too small to define) is written as JSON null and not sent to TensorBoard."""
         if not self.enabled:
             return
+        record = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()
+        }
         append_jsonl(self.path, record)
         if self.writer is not None:
             for key, value in record.items():
