@@ -68,7 +68,7 @@ def worker(rank: int, port: int, results):
     local_b = b[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
     clip = symmetric_infonce(10.0 * gather_with_grad(local_a) @ gather_with_grad(local_b).t())
     # MoCo v3: this rank's queries against the keys of both ranks, gathered without gradient
-    contrast = moco().direction(local_a, local_b, torch.arange(3))
+    contrast = moco().direction(local_a, local_b, torch.arange(3), True)
     (clip.loss + contrast.loss).backward()
     results[rank] = (
         clip.loss.item(),
@@ -93,7 +93,7 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(ranks):
     a.requires_grad_(True)
     b.requires_grad_(True)
     clip = symmetric_infonce(10.0 * a @ b.t()).loss
-    contrast = moco().direction(a, b.detach(), torch.arange(6))
+    contrast = moco().direction(a, b.detach(), torch.arange(6), True)
     (clip + contrast.loss).backward()
     # each rank's MoCo loss is the mean over its own queries: the ranks' mean is the global one
     assert abs(sum(ranks[r][1] for r in range(2)) / 2 - contrast.loss.item()) < 1e-5

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 class Bound:
     """A target's loss (to minimise) and its information figure `mi` in nats.
 
-    Boltzmann posteriors (`boltzmann`, `symmetric_infonce`, `nt_xent`): `mi` is a lower bound
-    on the mutual information. Gaussian posteriors (`gaussian`, `normalised_l2`): `mi` is the
-    Gaussian-channel ESTIMATE (module docstring), not a bound, and NaN when the batch holds too
-    few tokens to estimate it."""
+    Boltzmann posteriors (`boltzmann`, `symmetric_infonce`, `query_key_infonce`): `mi` is a
+    lower bound on the mutual information. Gaussian posteriors (`gaussian`, `normalised_l2`):
+    `mi` is the Gaussian-channel ESTIMATE (module docstring), not a bound, and NaN when the
+    batch holds too few tokens to estimate it or when it was not asked for (`measure=False`)."""
 
     loss: torch.Tensor
     mi: torch.Tensor
@@ -138,20 +138,24 @@ def gaussian(
     target: torch.Tensor,
     positions: torch.Tensor | None = None,
     num_positions: int | None = None,
+    measure: bool = True,
 ) -> Bound:
     """L2 regression onto `target` (rows are tokens, the last dimension is the vector); the
-    figure is `gaussian_information` (an estimate, not a bound) over the same tokens."""
+    figure is `gaussian_information` (an estimate, not a bound) over the same tokens, or NaN
+    without `measure` (it costs a D x D eigendecomposition: the loop asks only when it logs)."""
     rows = prediction.reshape(-1, prediction.shape[-1])
     loss = F.mse_loss(rows, target.reshape(-1, target.shape[-1]).to(prediction.dtype))
+    if not measure:
+        return Bound(loss, torch.full((), math.nan, device=loss.device))
     with torch.no_grad():
         mi = gaussian_information(prediction, target, positions, num_positions)
     return Bound(loss, mi)
 
 
-def normalised_l2(prediction: torch.Tensor, target: torch.Tensor) -> Bound:
+def normalised_l2(prediction: torch.Tensor, target: torch.Tensor, measure: bool = True) -> Bound:
     """BYOL's regression: 2 - 2 cos(prediction, target), a Gaussian on the unit sphere; the
     figure is the Gaussian-channel estimate on the normalised vectors (no positions)."""
     p, t = F.normalize(prediction, dim=-1), F.normalize(target, dim=-1)
     loss = (2 - 2 * (p * t).sum(-1)).mean()
-    bound = gaussian(p, t)
+    bound = gaussian(p, t, measure=measure)
     return Bound(loss, bound.mi)

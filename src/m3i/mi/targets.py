@@ -78,6 +78,7 @@ class StepContext:
     # the MLP outputs of the teacher's last blocks, (N, P, D) each in block order, batch order
     teacher_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     student_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    measure: bool = True  # compute the Gaussian estimates (they cost; NaN when False)
 
 
 def zero_bound(like: torch.Tensor) -> Bound:
@@ -260,7 +261,7 @@ class DenseTeacherTarget(Target):
         prediction = self.head(ctx.decoded[self.queries])
         target = self.target_tokens(ctx)
         positions = self.query_positions(ctx)
-        bound = gaussian(prediction, target, positions, self.num_positions(ctx))
+        bound = gaussian(prediction, target, positions, self.num_positions(ctx), ctx.measure)
         if not self.decorrelation:
             return bound
         negative = decorrelation_term(prediction, target) / prediction.shape[-1]
@@ -319,7 +320,7 @@ class PixelTarget(Target):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         prediction = self.head(ctx.decoded["masked"])
-        return gaussian(prediction, target, ctx.masked_positions, patches.shape[1])
+        return gaussian(prediction, target, ctx.masked_positions, patches.shape[1], ctx.measure)
 
 
 class PooledViewTarget(Target):
@@ -346,21 +347,25 @@ class PooledViewTarget(Target):
     def momentum_update(self, momentum: float) -> None:
         self.teacher_projector.update(self.projector, momentum)
 
-    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
+    def direction(
+        self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
+    ) -> Bound:
         """The posterior of one direction: query (N, E) predictions, keys (N, E) the EMA
-        projections of the other view in batch order, rows (N,) the key row of each query."""
+        projections of the other view in batch order, rows (N,) the key row of each query;
+        `measure`: whether to compute a costly information estimate (StepContext.measure)."""
         raise NotImplementedError
 
     def forward(self, ctx: StepContext) -> Bound:
         k1, k2 = (self.teacher_projector(ctx.teacher_pooled[v]) for v in ("view1", "view2"))
         first = mean_bound(
             [
-                self.direction(self.predictor(self.projector(s.pooled)), k2, s.samples)
+                self.direction(self.predictor(self.projector(s.pooled)), k2, s.samples, ctx.measure)
                 for s in ctx.streams.values()
             ]
         )
         q2 = self.predictor(self.projector(ctx.student_pooled["view2"]))
-        second = self.direction(q2, k1, torch.arange(len(q2), device=q2.device))
+        rows = torch.arange(len(q2), device=q2.device)
+        second = self.direction(q2, k1, rows, ctx.measure)
         return Bound(first.loss + second.loss, (first.mi + second.mi) / 2)
 
 
@@ -379,7 +384,9 @@ class ViewContrastTarget(PooledViewTarget):
         super().__init__(name, cfg.weight, projector, predictor)
         self.temperature = cfg.temperature
 
-    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
+    def direction(
+        self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
+    ) -> Bound:
         positives = distributed.rank() * len(keys) + rows
         return query_key_infonce(query, distributed.gather(keys), positives, self.temperature)
 
@@ -397,8 +404,10 @@ class ViewRegressTarget(PooledViewTarget):
         predictor = batchnorm_mlp([out, hidden, out], last_batchnorm=False)
         super().__init__(name, cfg.weight, projector, predictor)
 
-    def direction(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> Bound:
-        return normalised_l2(query, keys[rows])
+    def direction(
+        self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
+    ) -> Bound:
+        return normalised_l2(query, keys[rows], measure)
 
 
 def build_targets(

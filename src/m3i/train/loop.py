@@ -309,6 +309,10 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     model.train()
     with stop_signals() as received, contextlib.closing(metrics):
         for step in bar:
+            every = cfg.monitor.every
+            monitor_now = bool(every) and (step % every == 0 or step == steps)
+            logged = monitor_now or step % cfg.train.log_every == 0 or step == steps
+            model.measure_information = logged  # the Gaussian estimates only when logged
             batch = next(stream)
             result = optimise(batch)
             scheduler.step_update(step)
@@ -323,11 +327,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                 )
                 model.momentum_update(momentum)
                 seen += len(batch["view1"]) * distributed.world_size()
-            every = cfg.monitor.every
-            monitor_now = bool(every) and (step % every == 0 or step == steps)
-            if not result.skipped and (
-                monitor_now or step % cfg.train.log_every == 0 or step == steps
-            ):
+            if not result.skipped and logged:
                 elapsed = time.perf_counter() - tick
                 loss, monitors = mean_over_ranks(result.loss, result.monitors)
                 record = {

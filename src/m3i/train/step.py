@@ -39,6 +39,9 @@ class M3IModel(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        # the Gaussian information estimates cost a D x D eigendecomposition each: the training
+        # loop turns them on only for the steps it logs (their `mi/...` are NaN otherwise)
+        self.measure_information = True
         self.backbone = Backbone(cfg.model)
         self.targets = nn.ModuleDict(
             build_targets(
@@ -99,7 +102,13 @@ class M3IModel(nn.Module):
             streams["a"] = Stream(tokens_a, pos_a, samples)
         if use_b:
             streams["b"] = Stream(tokens_b, pos_b, partners)
-        ctx = StepContext(batch, streams, backbone.patch_size, masked_positions=hidden_from_a)
+        ctx = StepContext(
+            batch,
+            streams,
+            backbone.patch_size,
+            masked_positions=hidden_from_a,
+            measure=self.measure_information,
+        )
         for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
             ctx.student_pooled[view] = backbone(batch[view]).mean(dim=1)  # the whole view
         self._run_teacher(ctx)
