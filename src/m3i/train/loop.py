@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
@@ -89,7 +88,7 @@ def build_model(cfg: Config, source: ImageSource) -> M3IModel:
     tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
     model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer)
     if cfg.init:
-        model.backbone.vit.load_state_dict(load_file(cfg.init))
+        model.backbone.load(cfg.init)
         if model.teacher is not None:
             model.teacher.module.load_state_dict(model.backbone.state_dict())
     model.backbone.grad_checkpointing = cfg.train.grad_checkpointing
