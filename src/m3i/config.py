@@ -13,6 +13,7 @@ import yaml
 
 from m3i.data.mixing import count_a
 from m3i.eval import TASKS
+from m3i.ranges import config_value_problem
 
 
 class ConfigError(ValueError):
@@ -335,6 +336,9 @@ def config_from_dict(values: dict[str, Any], check: bool = True) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject configs that cannot train, naming the key and what would work."""
+    problem = config_value_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     checks = [
         (cfg.train.steps >= 0, "train.steps must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
