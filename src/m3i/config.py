@@ -123,6 +123,7 @@ class DataConfig:
     image_size: int = 32  # side of generated `shapes` images
     seed: int = 0  # which `shapes` dataset (independent of train.seed)
     workers: int = 0
+    verify: bool = True  # open every folder:/captions: image's header before training
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
 
 logger = logging.getLogger("m3i.data")
 
@@ -39,6 +40,8 @@ _FASHION_TEMPLATES = [
 # PIL raises SyntaxError for some broken files (e.g. bad PNG chunks during verify()).
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_CORRUPT_FRACTION = 0.01
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_BACKGROUND = (255, 255, 255, 255)  # what transparent pixels show: a white page
 _SPLITS = ("train", "val")
 
 
@@ -83,8 +86,9 @@ class ImageSource(torch.utils.data.Dataset):
         """Images found unreadable so far (always 0 for sources held in memory)."""
         return 0
 
-    def verify(self) -> int:
-        """Check every image up-front; returns the number of corrupt images (none here)."""
+    def verify(self, progress: bool = False) -> int:
+        """Check every image up-front (a progress bar if `progress`); returns the number of
+        corrupt images (none here)."""
         return 0
 
 
@@ -224,9 +228,11 @@ class ImageFiles(ImageSource):
     def labels(self) -> list[int]:
         return list(self._labels)
 
-    def verify(self) -> int:
-        """Open every image once (PIL verify); same 1% rule as lazy loading."""
-        for index, path in enumerate(self._files):
+    def verify(self, progress: bool = False) -> int:
+        """Read every image's header and check its data (PIL verify), with a progress bar if
+        `progress`; same 1% rule as lazy loading."""
+        files = tqdm(self._files, f"checking {self.name}", disable=not progress, unit="image")
+        for index, path in enumerate(files):
             if index in self._corrupt:
                 continue
             try:
@@ -250,9 +256,22 @@ class ImageFiles(ImageSource):
             )
 
 
+def rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode as uint8 RGB (3, H, W): integer grey (16-bit PNGs: I;16, I)
+    scaled from 0..65535, float grey (F) from 0..1, transparency composited onto white."""
+    if image.mode.startswith("I") or image.mode == "F":
+        scale = 255.0 if image.mode == "F" else 255 / 65535
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255)
+        return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, _BACKGROUND)
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return F.pil_to_tensor(image.convert("RGB"))
+
+
 def _decode(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
-        return F.pil_to_tensor(image.convert("RGB"))
+        return rgb_tensor(image)
 
 
 def _open_folder(
@@ -330,6 +349,18 @@ def _read_jsonl(path: Path) -> list[tuple[Path, str, int, int]]:
     return rows
 
 
+def _check_class_count(path: Path, rows: list[tuple[Path, str, int, int]]) -> None:
+    """Labels 0..C-1 make C classes: refuse more classes than labelled samples (some class
+    would have no sample, and a huge label would allocate a huge class table)."""
+    labelled = sum(label >= 0 for _, _, label, _ in rows)
+    _, _, label, number = max(rows, key=lambda row: row[2])
+    if label >= labelled:
+        raise DataError(
+            f"{path}:{number}: label {label} makes {label + 1} classes for {labelled} labelled "
+            f"samples; number the classes 0..C-1 with C <= {labelled}"
+        )
+
+
 def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> ImageFiles:
     """captions:TRAIN.jsonl[,VAL.jsonl]; classes come from the labels of the train file."""
     paths = [Path(part) for part in arg.split(",")]
@@ -338,6 +369,7 @@ def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> 
     if split == "val" and len(paths) == 1:
         raise DataError(f"{name} has no val split; use captions:{arg},VAL.jsonl or the train split")
     train_rows = _read_jsonl(paths[0])
+    _check_class_count(paths[0], train_rows)
     max_label = max(row[2] for row in train_rows)
     classes = [str(index) for index in range(max_label + 1)] if max_label >= 0 else None
     rows = train_rows

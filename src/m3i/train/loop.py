@@ -85,6 +85,12 @@ def build_model(cfg: Config, source: ImageSource) -> M3IModel:
             f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
             "set targets.category.weight=0 or use labelled data"
         )
+    if cfg.targets.category.weight != 0 and num_classes == 1:
+        log.warning(
+            "data %r has one class: targets.category can learn nothing (its loss is always 0); "
+            "set targets.category.weight=0 or use data with two classes or more",
+            cfg.data.spec,
+        )
     tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
     model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer)
     if cfg.init:
@@ -213,6 +219,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     source = training_source(cfg)
     model = build_model(cfg, source).to(device)
+    if cfg.data.verify and isinstance(source, ImageSource):  # corrupt files: now, not mid-run
+        source.verify(progress=progress and main)
     monitor = None
     if cfg.monitor.every and main:
         try:
