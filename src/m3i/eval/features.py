@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from m3i.models.backbone import load_timm_model
 from m3i.train.batches import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
+log = logging.getLogger("m3i.eval")
 
 
 class EvalError(ValueError):
@@ -53,9 +55,20 @@ def load_backbone(checkpoint: str | Path, **overrides) -> VisionTransformer:
         raise EvalError(str(err)) from None
 
 
-def open_split(spec: str, split: str, num_samples: int | None, image_size: int, seed: int):
-    """Open one split of a data spec for evaluation, with a clear error when it is missing."""
+def open_split(
+    spec: str, split: str, num_samples: int | None, image_size: int, seed: int
+) -> ImageSource:
+    """Open one split of a data spec for evaluation: `num_samples` of it (None: all), or all
+    of it, with a warning, when it holds fewer; a clear error when the split is missing."""
     try:
+        whole = open_source(spec, split, image_size=image_size, seed=seed)
+        if num_samples is None or num_samples >= len(whole):
+            if num_samples is not None and num_samples > len(whole):
+                log.warning(
+                    "data %r: %d %s images asked for, the split holds %d: using %d",
+                    spec, num_samples, split, len(whole), len(whole),
+                )  # fmt: skip
+            return whole
         return open_source(spec, split, num_samples=num_samples, image_size=image_size, seed=seed)
     except DataError as err:
         if split == "val":
