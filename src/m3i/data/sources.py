@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
+
+from m3i.data.images import rgb_tensor
 
 logger = logging.getLogger("m3i.data")
 
@@ -40,8 +41,6 @@ _FASHION_TEMPLATES = [
 # PIL raises SyntaxError for some broken files (e.g. bad PNG chunks during verify()).
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_CORRUPT_FRACTION = 0.01
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_BACKGROUND = (255, 255, 255, 255)  # what transparent pixels show: a white page
 _SPLITS = ("train", "val")
 
 
@@ -254,19 +253,6 @@ class ImageFiles(ImageSource):
                 f"{path}: unreadable image ({error}); {len(self._corrupt)} of {len(self)} "
                 f"images in {self.name} are corrupt, more than 1%; replace or remove them"
             )
-
-
-def rgb_tensor(image: Image.Image) -> torch.Tensor:
-    """A PIL image of any mode as uint8 RGB (3, H, W): integer grey (16-bit PNGs: I;16, I)
-    scaled from 0..65535, float grey (F) from 0..1, transparency composited onto white."""
-    if image.mode.startswith("I") or image.mode == "F":
-        scale = 255.0 if image.mode == "F" else 255 / 65535
-        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255)
-        return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        background = Image.new("RGBA", image.size, _BACKGROUND)
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return F.pil_to_tensor(image.convert("RGB"))
 
 
 def _decode(path: Path) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from m3i.data.sources import _IMAGE_ERRORS, DataError, ImageSource, rgb_tensor
+from m3i.data.images import rgb_tensor
+from m3i.data.sources import _IMAGE_ERRORS, DataError, ImageSource
 from m3i.data.views import ViewConfig, view_item
 from m3i.io import atomic_write, atomic_write_text
 
