@@ -201,7 +201,8 @@ def _create(path: str | Path, name: str, kwargs: dict) -> VisionTransformer:
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as err:
-        raise ValueError(f"{path}: timm cannot build {name} from its metadata ({err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: timm cannot build {name} from its metadata ({reason})") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(
             f"{path}: {name} is a {type(model).__name__}, not a timm VisionTransformer; "
