@@ -188,11 +188,13 @@ def test_captions_jsonl(tmp_path: Path) -> None:
             {"image": "img/a.png", "caption": "a dark square", "label": 2},
             "",
             {"image": absolute, "caption": ""},
+            {"image": "img/a.png", "caption": "", "label": 0},
+            {"image": "img/a.png", "caption": "", "label": 0},
         ],
     )
     write_jsonl(val, [{"image": "img/a.png", "caption": "again", "label": 1}])
     source = open_source(f"captions:{train}")
-    assert len(source) == 2 and source.classes == ["0", "1", "2"]
+    assert len(source) == 4 and source.classes == ["0", "1", "2"]  # class 1 has no sample
     assert (source[0].label, source[0].caption) == (2, "a dark square")
     assert source[0].image[:, 0, 0].tolist() == [10, 20, 30]
     assert (source[1].label, source[1].image[:, 0, 0].tolist()) == (-1, [40, 50, 60])
@@ -218,7 +220,12 @@ def test_captions_bad_input(tmp_path: Path) -> None:
     data_error(lambda: open_source(f"captions:{train}"), f"{train}:1", "-3")
     write_jsonl(train, [{"image": "a.png", "caption": "ok", "label": "cat"}])
     data_error(lambda: open_source(f"captions:{train}"), f"{train}:1", "cat")
-    write_jsonl(train, [{"image": "a.png", "caption": "ok", "label": 1}])
+    write_jsonl(
+        train,
+        [{"image": "a.png", "caption": "ok", "label": 1}, {"image": "a.png", "caption": "ok"}],
+    )
+    data_error(lambda: open_source(f"captions:{train}"), f"{train}:1", "label 1", "C <= 1")
+    write_jsonl(train, [{"image": "a.png", "caption": "ok", "label": k} for k in (1, 0)])
     write_jsonl(
         val, [{"image": "a.png", "caption": "ok"}, {"image": "a.png", "caption": "", "label": 2}]
     )
@@ -243,3 +250,21 @@ def test_unknown_spec_and_split() -> None:
     assert all(name in message for name in ("shapes", "fashion-mnist", "folder:", "captions:"))
     data_error(lambda: open_source("shapes", "test"), "'test'", "'val'")
     data_error(lambda: open_source("folder:"), "folder:PATH")
+
+
+def test_16_bit_png_and_cmyk_jpeg_files_read_right(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    grey16 = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # 16-bit grey: / 257
+    Image.fromarray(grey16).save(tmp_path / "train" / "a" / "grey16.png")
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(tmp_path / "train" / "b" / "cyan.jpg")
+    source = open_source(f"folder:{tmp_path}")
+    assert source[0].image[:, 0].T.tolist() == [[0] * 3, [1] * 3, [128] * 3, [255] * 3]
+    cyan = source[1].image.reshape(3, -1).float().mean(dim=1)  # lossy: within 3 levels
+    assert torch.allclose(cyan, torch.tensor([0.0, 255.0, 255.0]), atol=3), cyan
+
+
+def test_verify_shows_a_progress_bar(tmp_path: Path, capsys) -> None:
+    make_folder(tmp_path)
+    assert open_source(f"folder:{tmp_path}").verify(progress=True) == 0
+    assert f"checking folder:{tmp_path}" in capsys.readouterr().err

@@ -241,3 +241,15 @@ def test_mix_streams_equal_each_image_encoded_alone(n):
     full = torch.cat([ctx.streams["a"].positions, ctx.streams["b"].positions], dim=1)
     assert torch.equal(full.sort(dim=1).values, torch.arange(16).expand(n, -1))
     assert torch.equal(ctx.masked_positions, ctx.streams["b"].positions)
+
+
+def test_load_takes_a_backbone_file_of_the_same_model_only(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    backbone().save(path)
+    same = Backbone(ModelConfig(img_size=SIZE, patch_size=PATCH, depth=2))
+    same.load(path)
+    for key, value in backbone().vit.state_dict().items():
+        assert torch.equal(same.vit.state_dict()[key], value), key
+    deeper = Backbone(ModelConfig(img_size=SIZE, patch_size=PATCH, depth=3))
+    with pytest.raises(ValueError, match=r"holds a backbone with model\.depth=2; set the same"):
+        deeper.load(path)

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from m3i.data.images import rgb_tensor
 
 if TYPE_CHECKING:  # views imports this module
     from m3i.data.views import ViewInfo
@@ -95,8 +97,9 @@ class ImageSource(torch.utils.data.Dataset):
         """Images found unreadable so far (always 0 for sources held in memory)."""
         return 0
 
-    def verify(self) -> int:
-        """Check every image up-front; returns the number of corrupt images (none here)."""
+    def verify(self, progress: bool = False) -> int:
+        """Check every image up-front (a progress bar if `progress`); returns the number of
+        corrupt images (none here)."""
         return 0
 
 
@@ -236,9 +239,11 @@ class ImageFiles(ImageSource):
     def labels(self) -> list[int]:
         return list(self._labels)
 
-    def verify(self) -> int:
-        """Open every image once (PIL verify); same 1% rule as lazy loading."""
-        for index, path in enumerate(self._files):
+    def verify(self, progress: bool = False) -> int:
+        """Read every image's header and check its data (PIL verify), with a progress bar if
+        `progress`; same 1% rule as lazy loading."""
+        files = tqdm(self._files, f"checking {self.name}", disable=not progress, unit="image")
+        for index, path in enumerate(files):
             if index in self._corrupt:
                 continue
             try:
@@ -264,7 +269,7 @@ class ImageFiles(ImageSource):
 
 def _decode(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
-        return F.pil_to_tensor(image.convert("RGB"))
+        return rgb_tensor(image)
 
 
 def _open_folder(
@@ -342,6 +347,18 @@ def _read_jsonl(path: Path) -> list[tuple[Path, str, int, int]]:
     return rows
 
 
+def _check_class_count(path: Path, rows: list[tuple[Path, str, int, int]]) -> None:
+    """Labels 0..C-1 make C classes: refuse more classes than labelled samples (some class
+    would have no sample, and a huge label would allocate a huge class table)."""
+    labelled = sum(label >= 0 for _, _, label, _ in rows)
+    _, _, label, number = max(rows, key=lambda row: row[2])
+    if label >= labelled:
+        raise DataError(
+            f"{path}:{number}: label {label} makes {label + 1} classes for {labelled} labelled "
+            f"samples; number the classes 0..C-1 with C <= {labelled}"
+        )
+
+
 def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> ImageFiles:
     """captions:TRAIN.jsonl[,VAL.jsonl]; classes come from the labels of the train file."""
     paths = [Path(part) for part in arg.split(",")]
@@ -350,6 +367,7 @@ def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> 
     if split == "val" and len(paths) == 1:
         raise DataError(f"{name} has no val split; use captions:{arg},VAL.jsonl or the train split")
     train_rows = _read_jsonl(paths[0])
+    _check_class_count(paths[0], train_rows)
     max_label = max(row[2] for row in train_rows)
     classes = [str(index) for index in range(max_label + 1)] if max_label >= 0 else None
     rows = train_rows

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from m3i.data.sources import DataError, ImageSource, open_source
 from m3i.data.views import ViewConfig, eval_transform
-from m3i.models.backbone import read_backbone_metadata
+from m3i.models.backbone import load_timm_model
 from m3i.train.batches import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
+log = logging.getLogger("m3i.eval")
 
 
 class EvalError(ValueError):
@@ -44,24 +44,31 @@ def load_backbone(checkpoint: str | Path, **overrides) -> VisionTransformer:
     """
     path = backbone_path(checkpoint)
     try:
-        name, kwargs = read_backbone_metadata(path)
-    except (SafetensorError, OSError, ValueError) as err:
+        return load_timm_model(path, **overrides)
+    except (SafetensorError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EvalError(
             f"{path} is not an m3i backbone ({reason}); give a backbone.safetensors written by "
             "`m3i pretrain`"
         ) from None
-    model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    head = {k for k in model.state_dict() if k.startswith("head.")}
-    if unexpected or set(missing) - head:
-        raise EvalError(f"{path}: weights do not match {name} ({missing or unexpected})")
-    return model
+    except ValueError as err:
+        raise EvalError(str(err)) from None
 
 
-def open_split(spec: str, split: str, num_samples: int | None, image_size: int, seed: int):
-    """Open one split of a data spec for evaluation, with a clear error when it is missing."""
+def open_split(
+    spec: str, split: str, num_samples: int | None, image_size: int, seed: int
+) -> ImageSource:
+    """Open one split of a data spec for evaluation: `num_samples` of it (None: all), or all
+    of it, with a warning, when it holds fewer; a clear error when the split is missing."""
     try:
+        whole = open_source(spec, split, image_size=image_size, seed=seed)
+        if num_samples is None or num_samples >= len(whole):
+            if num_samples is not None and num_samples > len(whole):
+                log.warning(
+                    "data %r: %d %s images asked for, the split holds %d: using %d",
+                    spec, num_samples, split, len(whole), len(whole),
+                )  # fmt: skip
+            return whole
         return open_source(spec, split, num_samples=num_samples, image_size=image_size, seed=seed)
     except DataError as err:
         if split == "val":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from m3i.config import ConfigError, apply_overrides
+from m3i.data.shapes import MIN_IMAGE_SIZE
+from m3i.ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Range, out_of_range
 
 
 @dataclass
@@ -75,26 +77,51 @@ class EvalSettings:
     zeroshot: ZeroshotSettings = field(default_factory=ZeroshotSettings)
 
 
+EVAL_RANGES: dict[str, Range] = {
+    "num_train": Range(1, note="null: the whole train split"),
+    "num_val": Range(1, note="null: the whole val split"),
+    "image_size": Range(MIN_IMAGE_SIZE, note="null: the backbone's"),
+    "data_seed": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
+    "*batch_size": COUNT,
+    "*epochs": COUNT,
+    "*lr": POSITIVE,
+    "*lrs": POSITIVE,
+    "*weight_decay": NON_NEGATIVE,
+    "knn.k": COUNT,
+    "knn.temperature": POSITIVE,
+    "linear.holdout": Range(0, 1, low_open=True, high_open=True),
+    "finetune.min_lr": NON_NEGATIVE,
+    "finetune.warmup_epochs": NON_NEGATIVE,
+    "finetune.layer_decay": FRACTION,
+    "finetune.label_smoothing": Range(0, 1, high_open=True),
+    "finetune.drop_path": Range(0, 1, high_open=True),
+    "finetune.scale_min": FRACTION,
+    "detect.hidden_dim": COUNT,
+    "detect.max_detections": COUNT,
+}
+
+
 def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> EvalSettings:
     """Defaults < `key=value` overrides, checked."""
     settings = apply_overrides(EvalSettings(), overrides)
+    problem = out_of_range(settings, EVAL_RANGES)
+    if problem:
+        raise ConfigError(problem)
     checks = [
-        (settings.knn.k >= 1, "knn.k must be >= 1"),
-        (settings.knn.temperature > 0, "knn.temperature must be > 0"),
         (bool(settings.linear.lrs), "linear.lrs must list at least one learning rate"),
-        (0 < settings.linear.holdout < 1, "linear.holdout must be in (0, 1)"),
-        (settings.batch_size >= 1, "batch_size must be >= 1"),
         (settings.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
         (bool(settings.zeroshot.templates), "zeroshot.templates must list at least one"),
         (
             all("{}" in t for t in settings.zeroshot.templates),
             "every zeroshot template needs a {} where the class name goes",
         ),
+        (
+            settings.finetune.min_lr <= settings.finetune.lr,
+            f"finetune.min_lr ({settings.finetune.min_lr}) must be <= finetune.lr "
+            f"({settings.finetune.lr})",
+        ),
     ]
-    for task in ("linear", "finetune", "segment", "detect"):
-        part = getattr(settings, task)
-        checks.append((part.epochs >= 1, f"{task}.epochs must be >= 1"))
-        checks.append((part.batch_size >= 1, f"{task}.batch_size must be >= 1"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

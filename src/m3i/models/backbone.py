@@ -10,6 +10,7 @@ one sequence and the two images see each other.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -39,6 +40,7 @@ class Backbone(nn.Module):
         }
         if cfg.depth is not None:
             self.timm_kwargs["depth"] = cfg.depth
+        check_timm_name(cfg.name, "model.name")
         try:
             vit = timm.create_model(cfg.name, pretrained=False, **self.timm_kwargs)
         except (RuntimeError, TypeError, AssertionError) as err:
@@ -136,6 +138,22 @@ class Backbone(nn.Module):
         n_prefix = self.vit.num_prefix_tokens
         return tokens, [out[:, n_prefix:] for out in outputs]
 
+    def load(self, path: str | Path) -> None:
+        """Load an m3i backbone.safetensors written with this model's settings (`init`); a
+        one-line ValueError names the model.* keys that differ."""
+        name, kwargs = read_backbone_metadata(path)
+        keys = ("img_size", "patch_size", "depth")
+        stored = {"name": name, **{key: kwargs.get(key) for key in keys}}
+        mine = {"name": self.timm_name, **{key: self.timm_kwargs.get(key) for key in keys}}
+        differ = [f"model.{key}={value}" for key, value in stored.items() if value != mine[key]]
+        if differ:
+            raise ValueError(
+                f"init {path} holds a backbone with {', '.join(differ)}; set the same, or init "
+                "from a backbone of this run's model"
+            )
+        _check_shapes(path, name, kwargs)
+        self.vit.load_state_dict(load_file(str(path)))
+
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the weights (or `state`, e.g. gathered from shards) as a plain timm state dict,
         with the timm arguments as metadata."""
@@ -145,18 +163,114 @@ class Backbone(nn.Module):
         atomic_save_safetensors(state, path, metadata)
 
 
+def _is_size(value: object) -> bool:
+    return type(value) is int and value >= 1
+
+
+# The timm keyword arguments m3i writes into a backbone file, each with the values it may hold:
+# nothing else reaches timm.create_model (e.g. no checkpoint_path, pretrained_cfg_overlay).
+TIMM_KWARGS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "img_size": ("an integer >= 1", _is_size),
+    "patch_size": ("an integer >= 1", _is_size),
+    "depth": ("an integer >= 1", _is_size),
+    "num_classes": ("0", lambda value: type(value) is int and value == 0),
+    "global_pool": ("'avg'", lambda value: value == "avg"),
+    "fc_norm": ("false", lambda value: value is False),
+    "drop_path_rate": (
+        "a number in [0, 1)",
+        lambda value: type(value) in (int, float) and 0 <= value < 1,
+    ),
+}
+
+
+def check_timm_name(name: object, what: str) -> None:
+    """Refuse anything but the name of a model built into the installed timm: no `hf-hub:`,
+    `local-dir:` or other prefix, no path (timm would reach for the network or the disk)."""
+    if not (
+        isinstance(name, str) and not any(char in name for char in ":/\\") and timm.is_model(name)
+    ):
+        raise ValueError(
+            f"{what} {name!r} is not a model built into timm (no hub names, prefixes or paths); "
+            "use a timm ViT name, e.g. vit_tiny_patch16_224"
+        )
+
+
 def read_backbone_metadata(path: str | Path) -> tuple[str, dict]:
-    """The timm model name and keyword arguments stored in an m3i backbone.safetensors."""
+    """The timm model name and keyword arguments stored in an m3i backbone.safetensors, checked
+    against the allow-list (a ValueError names the first bad one)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    if "timm_name" not in metadata:
+    if "timm_name" not in metadata or "timm_kwargs" not in metadata:
         raise ValueError(f"{path} is not an m3i backbone (no timm_name in its metadata)")
-    return metadata["timm_name"], json.loads(metadata["timm_kwargs"])
+    check_timm_name(metadata["timm_name"], f"{path}: timm_name")
+    try:
+        kwargs = json.loads(metadata["timm_kwargs"])
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: its timm_kwargs metadata is not a JSON object")
+    for key, value in kwargs.items():
+        if key not in TIMM_KWARGS:
+            raise ValueError(
+                f"{path}: timm_kwargs key {key!r} is not one m3i writes; allowed: "
+                f"{', '.join(TIMM_KWARGS)}"
+            )
+        what, valid = TIMM_KWARGS[key]
+        if not valid(value):
+            raise ValueError(f"{path}: timm_kwargs {key}={value!r}; m3i writes {what}")
+    return metadata["timm_name"], kwargs
 
 
-def load_timm_model(path: str | Path) -> VisionTransformer:
-    """`timm.create_model` + `load_state_dict` from an m3i backbone.safetensors."""
+def _create(path: str | Path, name: str, kwargs: dict) -> VisionTransformer:
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: timm cannot build {name} from its metadata ({reason})") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"{path}: {name} is a {type(model).__name__}, not a timm VisionTransformer; "
+            "give a backbone.safetensors written by `m3i pretrain`"
+        )
+    return model
+
+
+def _check_shapes(path: str | Path, name: str, kwargs: dict) -> None:
+    """Compare the tensors a model built from the metadata would hold (on the meta device: no
+    memory) with the file's, so that metadata cannot make us allocate more than the file."""
+    with torch.device("meta"):
+        expected = {
+            key: tuple(value.shape)
+            for key, value in _create(path, name, kwargs).state_dict().items()
+        }
+    with safe_open(str(path), framework="pt") as f:
+        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    new_head = {key for key in expected if key.startswith("head.")}
+    differ = sorted(
+        (set(expected) - new_head) ^ set(stored)
+        | {key for key in set(expected) & set(stored) if expected[key] != stored[key]}
+    )
+    if differ:
+        key = differ[0]
+        found = f"{stored[key]} in the file" if key in stored else "not in the file"
+        wanted = f"{expected[key]} for the model" if key in expected else "not in the model"
+        raise ValueError(
+            f"{path}: its weights do not fit {name} with {kwargs} ({len(differ)} tensors differ, "
+            f"e.g. {key}: {found}, {wanted}); give an unedited backbone.safetensors written by "
+            "`m3i pretrain`"
+        )
+
+
+def load_timm_model(path: str | Path, **overrides) -> VisionTransformer:
+    """`timm.create_model` + `load_state_dict` from an m3i backbone.safetensors; a one-line
+    ValueError when its metadata is refused or does not match its weights.
+
+    ``overrides`` change timm arguments (e.g. num_classes, drop_path_rate) after the check; a
+    new classifier head stays freshly initialised.
+    """
     name, kwargs = read_backbone_metadata(path)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    model.load_state_dict(load_file(str(path)))
+    kwargs.update(overrides)
+    _check_shapes(path, name, kwargs)
+    model = _create(path, name, kwargs)
+    model.load_state_dict(load_file(str(path)), strict=False)  # only a new head is missing
     return model

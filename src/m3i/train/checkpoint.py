@@ -32,6 +32,7 @@ RESUMABLE = (
     "train.device",
     "train.dist_timeout",
     "data.workers",
+    "data.verify",
     "monitor.",
 )
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
@@ -100,11 +99,17 @@ def build_model(cfg: Config, source: ImageSource | WebDatasetStream) -> M3IModel
                 f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
                 "set targets.category.weight=0 or use labelled data"
             )
+        if num_classes == 1:
+            log.warning(
+                "data %r has one class: targets.category can learn nothing (its loss is always "
+                "0); set targets.category.weight=0 or use data with two classes or more",
+                cfg.data.spec,
+            )
         prior = label_prior(cfg, source)
     tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
     model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer, label_prior=prior)
     if cfg.init:
-        model.backbone.vit.load_state_dict(load_file(cfg.init))
+        model.backbone.load(cfg.init)
         if model.teacher is not None:
             model.teacher.module.load_state_dict(model.backbone.state_dict())
     model.backbone.grad_checkpointing = cfg.train.grad_checkpointing
@@ -229,6 +234,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     source = training_source(cfg)
     model = distributed.sync_batch_norm(build_model(cfg, source).to(device), device)
+    if cfg.data.verify and isinstance(source, ImageSource):  # corrupt files: now, not mid-run
+        source.verify(progress=progress and main)
     monitor = None
     if cfg.monitor.every and main:
         try:

@@ -1,0 +1,63 @@
+"""Every number of the config and of the eval settings has a declared range."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from m3i.config import Config
+from m3i.eval.settings import EVAL_RANGES, EvalSettings
+from m3i.ranges import CONFIG_RANGES, Range, numbers, out_of_range, range_of
+
+
+@pytest.mark.parametrize(
+    ("schema", "ranges"), [(Config, CONFIG_RANGES), (EvalSettings, EVAL_RANGES)]
+)
+def test_every_number_has_a_range_and_the_defaults_are_in_it(schema, ranges):
+    keys = [key for key, _ in numbers(schema())]
+    assert "train.lr" in keys or "knn.k" in keys
+    assert [key for key in keys if range_of(key, ranges) is None] == []
+    assert out_of_range(schema(), ranges) is None
+
+
+def test_numbers_walks_nested_optional_and_list_fields():
+    found = dict(numbers(EvalSettings()))
+    assert found["num_train"] == []  # None: nothing to check
+    assert found["linear.lrs"] == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    assert found["knn.k"] == [20]
+    assert "device" not in found and "zeroshot.templates" not in found  # strings
+    assert "mix.isolate" not in dict(numbers(Config()))  # bools
+
+
+@pytest.mark.parametrize(
+    ("valid", "inside", "outside", "text"),
+    [
+        (Range(0, low_open=True), [1e-300, 5.0], [0.0, -1.0, math.inf, math.nan], "> 0"),
+        (Range(0, note="0: off"), [0, 0.0, 7], [-1e-9, math.inf], ">= 0 (0: off)"),
+        (Range(0, 1, high_open=True), [0.0, 0.999], [1.0, -0.1, math.nan], "in [0, 1)"),
+        (Range(0, 1, low_open=True), [1.0, 0.5], [0.0, 1.5], "in (0, 1]"),
+        (Range(high=2, high_open=True), [-5, 1.9], [2, math.inf], "< 2"),
+    ],
+)
+def test_range_bounds_and_wording(valid, inside, outside, text):
+    assert all(valid.holds(value) for value in inside)
+    assert not any(valid.holds(value) for value in outside)
+    assert valid.describe() == text
+
+
+def test_a_new_targets_fields_get_their_namesakes_rules():
+    assert range_of("targets.some_new_target.weight", CONFIG_RANGES) == Range(0, note="0: off")
+    assert range_of("targets.some_new_target.temperature", CONFIG_RANGES).describe() == "> 0"
+    assert range_of("train.some_new_number", CONFIG_RANGES) is None
+
+
+@dataclass
+class Unranged:
+    ratio: float = 0.5
+    count: int = -3
+
+
+def test_a_number_without_a_range_must_still_be_finite():
+    assert out_of_range(Unranged(), {}) is None  # any finite value
+    assert out_of_range(Unranged(ratio=math.inf), {}) == "ratio must be finite, got inf"
+    assert out_of_range(Unranged(), {"count": Range(1)}) == "count must be >= 1, got -3"
