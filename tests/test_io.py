@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from m3i.io import atomic_write, atomic_write_text
+from m3i.io import TEMPORARY_NAME, atomic_write, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_files_with_umask_permissions(tmp_path):
@@ -33,3 +33,14 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write(path, half_then_crash)
     assert path.read_text() == "kept\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_temporary_names_are_recognised_as_a_writes_own(tmp_path):
+    """A resume removes leftovers of interrupted writes by this name pattern: it must match the
+    names atomic_write really uses, and only them."""
+    seen = []
+    atomic_write(tmp_path / "step-00000008.pt", lambda tmp: seen.append(tmp))
+    match = TEMPORARY_NAME.fullmatch(os.path.basename(seen[0]))
+    assert match is not None and match["name"] == "step-00000008.pt"
+    assert TEMPORARY_NAME.fullmatch(".step-00000008.pt.tmp") is None
+    assert TEMPORARY_NAME.fullmatch("step-00000008.pt.abcdefgh.tmp") is None

@@ -14,6 +14,10 @@ from m3i.config import ConfigError, load_config, preset_names, preset_values
 from m3i.eval import TASKS
 
 
+class Interrupted(Exception):
+    """Ctrl-C arrived; the message says what was recorded before it (exit status 130)."""
+
+
 def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
     """The repeatable `--set KEY=VALUE` option, collected in `overrides`."""
     parser.add_argument(
@@ -37,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl | wds:PATTERN",
     )
-    pre.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    pre.add_argument("--out", help="run directory, new or empty (default runs/<preset>-<time>)")
+    pre.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (its files only; refused if the directory holds others)",
+    )
     add_overrides(pre, "override a config key, e.g. train.steps=20 (repeatable)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets, one line each")
@@ -80,8 +89,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     from m3i.train.loop import pretrain
 
     if args.resume:
-        if args.out or args.data:
-            raise ConfigError("--resume continues RUN_DIR with its own data; drop --out/--data")
+        if args.out or args.data or args.overwrite:
+            raise ConfigError(
+                "--resume continues RUN_DIR with its own data; drop --out/--data/--overwrite"
+            )
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; give a run directory")
@@ -94,28 +105,46 @@ def _pretrain(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     main = not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
     verb = "resuming" if args.resume else "pre-training"
-    if main:
+
+    def started() -> None:
         print(f"m3i: {verb} preset {cfg.preset!r} on {cfg.data.spec!r} in {out}", file=sys.stderr)
-    pretrain(cfg, out, progress=not args.quiet, resume=bool(args.resume))
+
+    pretrain(
+        cfg,
+        out,
+        progress=not args.quiet,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        started=started,
+    )
     if not main:
         return 0
     print(f"m3i: wrote {out / 'backbone.safetensors'} and {out / 'metrics.jsonl'}", file=sys.stderr)
     final_evaluation(cfg, out)
     from m3i.eval.report import write_report
 
-    write_report([out])
+    try:
+        write_report([out])
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted while writing the report; the run and its evaluations are recorded in "
+            f"{out}; write the report with `m3i report {out}`"
+        ) from None
     print(f"m3i: report in {out / 'report'} (summary.md and plots)", file=sys.stderr)
     return 0
 
 
 def final_evaluation(cfg, out: Path) -> None:
-    """Run `monitor.final_eval` on the finished run and print one line per task."""
+    """Run `monitor.final_eval` on the finished run: print one line per task and record it as
+    soon as it is computed (Ctrl-C: an Interrupted saying which results were recorded)."""
     from m3i.data.sources import DataError
     from m3i.eval.features import EvalError
     from m3i.eval.settings import EvalSettings
-    from m3i.eval.tasks import evaluate
+    from m3i.eval.tasks import evaluate_each, record_result
 
     monitor = cfg.monitor
+    if not monitor.final_eval:
+        return
     settings = EvalSettings(
         num_train=min(
             cfg.data.num_train or monitor.final_eval_num_train, monitor.final_eval_num_train
@@ -125,13 +154,20 @@ def final_evaluation(cfg, out: Path) -> None:
         data_seed=cfg.data.seed,
         device=cfg.train.device,
     )
+    recorded = []
     try:
-        results = evaluate(monitor.final_eval, out, cfg.data.spec, settings)
+        for result in evaluate_each(monitor.final_eval, out, cfg.data.spec, settings):
+            print(f"m3i: {format_result(result)}", flush=True)
+            if record_result(result):
+                recorded.append(result["task"])
     except (EvalError, DataError) as err:
         print(f"m3i: no final evaluation: {err}", file=sys.stderr)
-        return
-    for result in results:
-        print(f"m3i: {format_result(result)}")
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during the final evaluation; the run's files are written and "
+            f"{out / 'eval.jsonl'} records {', '.join(recorded) or 'no result'}; evaluate with "
+            f"`m3i eval TASK --checkpoint {out}`"
+        ) from None
 
 
 def format_result(result: dict) -> str:
@@ -143,17 +179,25 @@ def format_result(result: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Compute the result, print it, then record it (a result that cannot be recorded is still
+    printed, with a warning, and the exit status is 0)."""
     from m3i.eval.settings import load_settings
-    from m3i.eval.tasks import evaluate
+    from m3i.eval.tasks import evaluate_each, record_result
 
     settings = load_settings(args.overrides)
-    (result,) = evaluate([args.task], args.checkpoint, args.data, settings)
+    try:
+        (result,) = evaluate_each([args.task], args.checkpoint, args.data, settings)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted before the {args.task} result was computed; nothing was recorded"
+        ) from None
     summary = format_result(result)
     if args.json:
         print(summary, file=sys.stderr)
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
     else:
-        print(summary)
+        print(summary, flush=True)
+    record_result(result)
     return 0
 
 
@@ -233,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stop:
         print(f"m3i: {stop}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a process killed by it
+    except Interrupted as stop:
+        print(f"m3i: {stop}", file=sys.stderr)
+        return 130  # 128 + SIGINT
+    except KeyboardInterrupt:
+        print("m3i: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, TrainingError, CheckpointError, ValueError) as err:
         print(f"m3i: error: {err}", file=sys.stderr)
         return 2

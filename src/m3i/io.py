@@ -1,9 +1,11 @@
-"""Atomic writes: every file of a run is written to a temporary name, then renamed."""
+"""Atomic writes: every file of a run is written to a temporary name, then renamed; and a
+check, before any work, that a directory can be written to."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,6 +14,33 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+# the temporary name of atomic_write: `.NAME.` + mkstemp's 8 random characters + `.tmp`
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+class OutDirError(ValueError):
+    """A directory cannot be written to, or holds what must not be overwritten; one line."""
+
+
+def writable_dir(
+    path: str | Path, what: str = "--out", advice: str = "give a directory you can write to"
+) -> Path:
+    """Create `path` (with its parents) and check that a file can be created in it, so that a
+    run fails here, in one line, rather than when it first saves (an OutDirError)."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
+        raise OutDirError(f"{what} {path} is a file, not a directory; {advice}")
+    if blocker is not None:
+        raise OutDirError(f"{what} {path} is under {blocker}, which is a file; {advice}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # O_TMPFILE where it can: no name left behind
+            pass
+    except OSError as err:
+        raise OutDirError(f"{what} {path} is not writable ({err.strerror}); {advice}") from None
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

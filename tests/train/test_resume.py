@@ -1,6 +1,8 @@
 """Runs survive being killed: SIGKILL or SIGTERM mid-way, then `--resume`, gives the same final
 weights as an uninterrupted run, bit for bit (CPU, one process)."""
 
+import json
+import logging
 import math
 import os
 import signal
@@ -46,7 +48,10 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def interrupt(out: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start the run, send `sig` once its step-8 checkpoint exists, wait for the process."""
+    """Start the run, send `sig` once its step-8 checkpoint exists, wait for the process.
+
+    The signal may land before checkpoint.pt links to that file, or in the middle of a later
+    write: a resume falls back to the step file and removes the temporaries."""
     process = subprocess.Popen(
         command("--out", str(out), *sets()), env=ENV, stderr=subprocess.PIPE, text=True
     )
@@ -119,19 +124,89 @@ def test_resume_refuses_a_changed_model(uninterrupted, tmp_path, capsys):
     assert "model.depth" in error and "targets.text.weight" in error
 
 
-def test_corrupt_checkpoint_names_the_previous_one(uninterrupted, tmp_path, capsys):
+def copy_run(uninterrupted: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(uninterrupted), str(out)], check=True)
-    (out / "checkpoint.pt").unlink()  # the copy broke the hard link: make a truncated latest
-    newest = sorted((out / "checkpoints").iterdir())[-1]
-    newest.write_bytes(newest.read_bytes()[:1000])
-    os.link(newest, out / "checkpoint.pt")
+    subprocess.run(["cp", "-r", str(uninterrupted), str(out)], check=True)  # breaks the hard link
+    return out
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_resume_falls_back_to_the_newest_intact_step_checkpoint(
+    uninterrupted, tmp_path, caplog, damage
+):
+    """A kill between checkpoints/step-N.pt and its checkpoint.pt link leaves no checkpoint.pt
+    (the first time) or an older one; a torn disk, a truncated one: resume from step-N.pt."""
+    out = copy_run(uninterrupted, tmp_path)
+    previous, newest = sorted((out / "checkpoints").iterdir())  # steps 32 and 40
+    (out / "checkpoint.pt").unlink()
+    if damage == "missing":
+        newest.unlink()
+    else:
+        newest.write_bytes(newest.read_bytes()[:1000])
+        os.link(newest, out / "checkpoint.pt")
+    with caplog.at_level(logging.WARNING, logger="m3i.train"):
+        assert main(["pretrain", "--quiet", "--resume", str(out)]) == 0
+    reason = {"missing": "is missing", "corrupt": "is corrupt or truncated (RuntimeError)"}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out / 'checkpoint.pt'} {reason[damage]}; resuming from {previous}, the newest intact "
+        "checkpoint"
+    ]
+    assert_same_weights(uninterrupted, out)
+    assert logged_steps(out) == list(range(4, STEPS + 1, 4))
+
+
+def test_resume_without_an_intact_checkpoint_says_to_start_again(uninterrupted, tmp_path, capsys):
+    out = copy_run(uninterrupted, tmp_path)
+    for path in [out / "checkpoint.pt", *(out / "checkpoints").iterdir()]:
+        path.write_bytes(path.read_bytes()[:1000])
     assert main(["pretrain", "--quiet", "--resume", str(out)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("m3i: error: ") and "corrupt or truncated" in error
-    previous = sorted((out / "checkpoints").iterdir())[-2]
-    assert str(previous) in error
-    torch.load(previous, weights_only=True)  # and it is intact
+    assert error.startswith(f"m3i: error: {out / 'checkpoint.pt'} is corrupt or truncated")
+    assert "step-00000032.pt is corrupt" in error and "step-00000040.pt is corrupt" in error
+    assert error.endswith("no intact checkpoint is kept: start the run again with --overwrite")
+
+
+def test_resume_heals_what_a_kill_left(uninterrupted, tmp_path, caplog):
+    """A half-written metrics line is dropped and the temporaries of interrupted writes are
+    removed, each said in one line; files that are not the run's stay."""
+    out = copy_run(uninterrupted, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 44, "loss": 0.')
+    ours = [
+        out / ".checkpoint.pt.k2j4h6g8.tmp",
+        out / "checkpoints" / ".step-00000048.pt.a_b1c2d3.tmp",
+    ]
+    theirs = [out / ".notes.txt.k2j4h6g8.tmp", out / "checkpoints" / "mine.tmp"]
+    for path in ours + theirs:
+        path.write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="m3i.train"):
+        assert (
+            main(["pretrain", "--quiet", "--resume", str(out), f"--set=train.steps={STEPS + 4}"])
+            == 0
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed 2 temporary file(s) of interrupted writes: {ours[0]}, {ours[1]}",
+        f"{out / 'metrics.jsonl'}: dropped its half-written last line 11 (Expecting ',' "
+        "delimiter), left by a killed run",
+    ]
+    assert [p.exists() for p in ours + theirs] == [False, False, True, True]
+    assert logged_steps(out) == list(range(4, STEPS + 5, 4))
+
+
+def test_a_broken_metrics_line_before_the_last_is_named(uninterrupted, tmp_path, capsys):
+    out = copy_run(uninterrupted, tmp_path)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:20] + "\n"
+    (out / "metrics.jsonl").write_text("".join(lines))
+    assert main(["pretrain", "--quiet", "--resume", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"m3i: error: {out / 'metrics.jsonl'}:3: not a JSON line (Expecting value); delete or fix "
+        "that line to resume"
+    )
 
 
 def test_resume_of_a_directory_without_a_run(tmp_path, capsys):

@@ -112,7 +112,7 @@ def pretrain_and_evaluate(
     """Pre-train `cfg` into `run`, then evaluate `tasks` on `data` (features shared between
     them); ({"task/metric": value}, seconds of pre-training)."""
     start = time.perf_counter()
-    pretrain(cfg, run, progress=False)
+    pretrain(cfg, run, progress=False, overwrite=True)  # the bench owns its run directories
     train_s = time.perf_counter() - start
     results = evaluate(tasks, run, data, settings, record=record)
     return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}, train_s

@@ -15,7 +15,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from m3i.io import atomic_write, atomic_write_text
+from m3i.io import atomic_write, atomic_write_text, writable_dir
 from m3i.mi.targets import INFORMATION
 
 TRAINING = ("lr", "momentum", "img_per_s")  # plotted with the monitor/* collapse monitors
@@ -254,12 +254,19 @@ def _write_files(files: dict[str, bytes | str], out: Path) -> list[Path]:
 def write_report(run_dirs: list[Path | str], out: Path | str | None = None) -> list[Path]:
     """Compare runs in one report written to `out`, or to each run's own report/ directory.
 
-    Returns the written files. Raises ValueError for a directory without metrics.jsonl.
+    Returns the written files. Raises ValueError for a directory without metrics.jsonl, and
+    OutDirError for an output directory that cannot be written (both before any plotting).
     """
     if not run_dirs:
         raise ValueError("no run directories given; name at least one written by `m3i pretrain`")
     paths = [Path(p) for p in run_dirs]
     runs = [read_run(path, name) for path, name in zip(paths, _run_names(paths), strict=True)]
+    if out is not None:
+        outs = [writable_dir(out, "--out", "give a directory for the report")]
+    else:
+        outs = [
+            writable_dir(run.path / "report", "report directory", "give another one with --out")
+            for run in runs
+        ]
     files = render(runs)
-    outs = [Path(out)] if out is not None else [run.path / "report" for run in runs]
     return [path for directory in outs for path in _write_files(files, directory)]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
 from m3i.io import append_jsonl
 from m3i.train.loop import pick_device
+
+log = logging.getLogger("m3i.eval")
 
 
 class Session:
@@ -203,26 +206,24 @@ def default_data(checkpoint: str | Path) -> str:
     return "shapes"
 
 
-def evaluate(
+def evaluate_each(
     tasks: list[str],
     checkpoint: str | Path,
     data: str | None = None,
     settings: EvalSettings | None = None,
-    record: bool = True,
-) -> list[dict[str, Any]]:
-    """Run tasks on one checkpoint (features shared between them); one result dict per task,
-    appended to eval.jsonl beside the backbone when `record`."""
+) -> Iterator[dict[str, Any]]:
+    """Run tasks on one checkpoint (features shared between them), yielding each task's result
+    as soon as it is computed (nothing is recorded)."""
     for task in tasks:
         check_task(task)
     data = data or default_data(checkpoint)
     session = Session(checkpoint, data, settings or EvalSettings())
     session.split("val")  # fail on a missing val split before any work
-    results = []
     for task in tasks:
         start = time.perf_counter()
         metrics = RUNNERS[task](session)
         chosen = {key: metrics.pop(key) for key in CHOSEN if key in metrics}
-        result = {
+        yield {
             "task": task,
             "checkpoint": str(checkpoint),
             "data": data,
@@ -231,7 +232,33 @@ def evaluate(
             "seconds": round(time.perf_counter() - start, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+
+def record_result(result: dict[str, Any]) -> bool:
+    """Append a result to eval.jsonl beside its backbone; when that file cannot be written (a
+    read-only run), warn in one line naming it and return False: the caller still holds it."""
+    path = backbone_path(result["checkpoint"]).parent / "eval.jsonl"
+    try:
+        append_jsonl(path, result)
+    except OSError as err:
+        log.warning("could not record the %s result in %s (%s); it is printed, not saved",
+                    result["task"], path, err.strerror)  # fmt: skip
+        return False
+    return True
+
+
+def evaluate(
+    tasks: list[str],
+    checkpoint: str | Path,
+    data: str | None = None,
+    settings: EvalSettings | None = None,
+    record: bool = True,
+) -> list[dict[str, Any]]:
+    """Run tasks on one checkpoint (features shared between them); one result dict per task,
+    appended to eval.jsonl beside the backbone when `record` (see record_result)."""
+    results = []
+    for result in evaluate_each(tasks, checkpoint, data, settings):
         if record:
-            append_jsonl(backbone_path(checkpoint).parent / "eval.jsonl", result)
+            record_result(result)
         results.append(result)
     return results

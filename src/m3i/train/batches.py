@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from m3i.config import Config
-from m3i.data.sources import ImageSource, open_source
+from m3i.data.sources import DataError, ImageSource, open_source
 from m3i.data.views import ViewConfig, ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 from m3i.train import distributed
@@ -29,6 +29,24 @@ def view_config(cfg: Config) -> ViewConfig:
         hue=v.hue,
         grayscale=v.grayscale,
     )
+
+
+@contextlib.contextmanager
+def worker_errors() -> Iterator[None]:
+    """Re-raise a DataError from a DataLoader worker with its own one-line message.
+
+    torch re-raises a worker's exception in the main process as the same type with the worker's
+    whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."); the original message follows the traceback's last `module.DataError: `.
+    """
+    try:
+        yield
+    except DataError as err:
+        kind, text = type(err), str(err)
+        last = f"{kind.__module__}.{kind.__qualname__}: "
+        if not text.startswith(f"Caught {kind.__name__} in DataLoader worker") or last not in text:
+            raise
+        raise kind(text.rsplit(last, 1)[1].strip()) from None
 
 
 @contextlib.contextmanager
@@ -88,7 +106,7 @@ def batches(
             )
         )
         while True:
-            with intra_op_threads(threads):
+            with intra_op_threads(threads), worker_errors():
                 batch = next(loader, None)
             if batch is None:
                 break
@@ -103,8 +121,12 @@ def stream_batches(
     stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
     """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers)
-    for batch in loader:
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers))
+    while True:
+        with worker_errors():
+            batch = next(loader, None)
+        if batch is None:
+            return
         yield {
             k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()

@@ -9,6 +9,7 @@ Files are written to a temporary name and renamed: `checkpoints/step-00000800.pt
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -20,7 +21,9 @@ import torch
 
 from m3i.config import ConfigError
 from m3i.io import atomic_torch_save, atomic_write
+from m3i.train import distributed
 
+log = logging.getLogger("m3i.train")
 HISTORY = "checkpoints"
 LATEST = "checkpoint.pt"
 # keys a resumed run may change: the step budget and how the run is logged, saved and fed
@@ -84,25 +87,42 @@ def save_checkpoint(state: dict[str, Any], out_dir: Path, keep: int) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: Path) -> dict[str, Any]:
-    """The newest checkpoint of a run directory (weights_only: nothing arbitrary unpickled)."""
-    path = out_dir / LATEST
-    if not path.is_file():
-        raise CheckpointError(
-            f"{out_dir} has no {LATEST} to resume from; start it without --resume"
-        )
+def _read(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A checkpoint's state (weights_only: nothing arbitrary unpickled), or None and why not."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), ""
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        older = [p for p in history(out_dir) if not p.samefile(path)]
-        hint = (
-            f"the previous one, {older[-1]}, is intact: copy it over {path} to resume from it"
-            if older
-            else "no older checkpoint is kept"
-        )
+        return None, f"{path} is corrupt or truncated ({type(err).__name__})"
+
+
+def load_checkpoint(out_dir: Path) -> dict[str, Any]:
+    """The newest intact checkpoint of a run directory: checkpoint.pt, else (when a kill left it
+    missing or half-written) the newest readable checkpoints/step-N.pt, said in one line."""
+    latest = out_dir / LATEST
+    older = list(reversed(history(out_dir)))
+    if latest.is_file():
+        older = [p for p in older if not p.samefile(latest)]
+        state, why = _read(latest)
+        if state is not None:
+            return state
+        problems = [why]
+    else:
+        problems = [f"{latest} is missing"]
+    for path in older:
+        state, why = _read(path)
+        if state is not None:
+            if distributed.rank() == 0:
+                log.warning("%s; resuming from %s, the newest intact checkpoint", problems[0], path)
+            return state
+        problems.append(why)
+    if not older and not latest.is_file():
         raise CheckpointError(
-            f"{path} is corrupt or truncated ({type(err).__name__}); {hint}"
-        ) from None
+            f"{out_dir} has no checkpoint to resume from (no {LATEST}, nothing in {HISTORY}/); "
+            "start it again with --overwrite"
+        )
+    raise CheckpointError(
+        f"{'; '.join(problems)}; no intact checkpoint is kept: start the run again with --overwrite"
+    )
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,16 @@ def device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank, so that all ranks act on one
+    decision; the value itself without a process group."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device())
+    return box[0]
 
 
 def lost_peer(err: BaseException) -> bool:

@@ -8,7 +8,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from m3i.io import atomic_write_text
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
-from m3i.train import distributed, sharding
+from m3i.train import distributed, rundir, sharding
 from m3i.train.batches import batches, stream_batches, training_source, view_config
 from m3i.train.checkpoint import (
     check_resumable,
@@ -193,15 +193,27 @@ def should_stop(received: list[int]) -> bool:
     return any_rank(bool(received))
 
 
-def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False) -> Path:
-    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`); under
-    torchrun, join the process group for the whole run, stages included."""
+def pretrain(
+    cfg: Config,
+    out_dir: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    started: Callable[[], None] | None = None,
+) -> Path:
+    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`; a new or
+    empty directory otherwise, or one holding only a run that `overwrite` removes); under
+    torchrun, join the process group for the whole run, stages included. `started` is called on
+    rank 0 once out_dir is accepted, before any work."""
     out_dir = Path(out_dir)
     if cfg.stages and resume:
         raise TrainingError("--resume of a multistage run is not supported; resume its stage")
     pick_device(cfg.train.device)  # a clear error for cuda without a GPU
     distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
+        rundir.prepare(out_dir, resume, overwrite)
+        if started is not None and distributed.rank() == 0:
+            started()
         if cfg.stages:
             from m3i.train.stages import run_stages
 

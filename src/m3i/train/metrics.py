@@ -13,6 +13,36 @@ from m3i.io import append_jsonl, atomic_write_text
 log = logging.getLogger("m3i.train")
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl line that is not JSON, before its last; the message names file and line."""
+
+
+def heal_metrics(path: Path) -> None:
+    """Make a killed run's metrics.jsonl whole again before it is resumed: a half-written last
+    line is dropped (with a one-line warning naming the file), a complete last line without
+    its newline gets one; any earlier line that is not JSON is a MetricsError."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise MetricsError(
+                    f"{path}:{number}: not a JSON line ({err.msg}); delete or fix that line to "
+                    "resume"
+                ) from None
+            atomic_write_text(path, "".join(lines[:-1]))
+            log.warning(
+                "%s: dropped its half-written last line %d (%s), left by a killed run",
+                path, number, err.msg,
+            )  # fmt: skip
+            return
+    if lines and not lines[-1].endswith("\n"):
+        atomic_write_text(path, "".join(lines) + "\n")
+
+
 class MetricsLog:
     """Appends one JSON object per record; numeric values also go to TensorBoard scalars."""
 
