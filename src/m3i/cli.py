@@ -73,11 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     add_overrides(
         speed, "a config override for this package's steps, e.g. mix.isolate=false (repeatable)"
     )
-    abl = bench.add_parser("ablation", help="every method at equal compute, evaluated alike")
+    abl = bench.add_parser(
+        "ablation",
+        help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
+    )
     abl.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")
     abl.add_argument("--data", action="append", help="data spec (repeatable; default: budget's)")
     abl.add_argument("--seeds", type=int, help="seeds per data spec (default: the budget's)")
     abl.add_argument("--out", default="runs/ablation", help="directory for runs and results")
+    abl.add_argument(
+        "--equal",
+        choices=["flops", "steps"],
+        default="flops",
+        help="flops: each method trains for M3I's training FLOPs (more steps when its steps are "
+        "cheaper); steps: each method trains the budget's steps (default flops)",
+    )
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
@@ -218,10 +228,12 @@ def _ablation(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds must be >= 1")
     out = Path(args.out)
     start = time.perf_counter()
-    runs = run_ablation(
-        args.budget, out, args.data, args.seeds, log=lambda m: print(f"m3i: {m}", file=sys.stderr)
-    )
-    report = {"budget": args.budget, "wall_s": time.perf_counter() - start, "runs": runs}
+
+    def log(message: str) -> None:
+        print(f"m3i: {message}", file=sys.stderr)
+
+    ablation = run_ablation(args.budget, out, args.data, args.seeds, log, args.equal)
+    report = {"budget": args.budget, "wall_s": time.perf_counter() - start, **ablation}
     print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)
     return 0

@@ -153,6 +153,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the step
     dist_timeout: int = 600  # seconds a rank waits for the others before failing
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) under torchrun
+    first_batch: int = 0  # global batch number of step 1 (multistage: where the last stage ended)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
+    stage_steps: list[int] = field(default_factory=list)  # steps per stage ([]: equal split)
     init: str = ""  # backbone.safetensors to start from
 
     def active_targets(self) -> dict[str, Any]:
@@ -372,6 +374,7 @@ def validate(cfg: Config) -> None:
             f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}",
         ),
         (cfg.train.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
+        (cfg.train.first_batch >= 0, "train.first_batch must be >= 0"),
         (
             set(cfg.monitor.final_eval) <= set(TASKS),
             f"monitor.final_eval {cfg.monitor.final_eval} may only list {', '.join(TASKS)}",
@@ -404,12 +407,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for stage in cfg.stages:
-        if stage not in preset_names() or stage == cfg.preset:
-            raise ConfigError(
-                f"stage {stage!r} is not a single-stage preset; valid: "
-                f"{', '.join(n for n in preset_names() if n != cfg.preset)}"
-            )
+    validate_stages(cfg)
     if not cfg.stages and not cfg.active_targets():
         raise ConfigError("no active target: set at least one targets.<name>.weight > 0")
     grid = (cfg.model.img_size // cfg.model.patch_size) ** 2
@@ -440,6 +438,35 @@ def _validate_pooled_views(cfg: Config) -> None:
                 f"at least 2 images per micro-batch (train.batch_size / accum_steps), got "
                 f"{micro_batch}"
             )
+
+
+def validate_stages(cfg: Config) -> None:
+    """`stages` names single-stage presets; `stage_steps`, if given, one count >= 0 for each
+    stage, summing to train.steps."""
+    if cfg.stage_steps and not cfg.stages:
+        raise ConfigError("stage_steps needs stages: list the presets to run one after another")
+    if not cfg.stages:
+        return
+    single = [n for n in preset_names() if n != cfg.preset and "stages" not in preset_values(n)]
+    for stage in cfg.stages:
+        if stage not in single:
+            raise ConfigError(
+                f"stage {stage!r} is not a single-stage preset; valid: {', '.join(single)}"
+            )
+    if not cfg.stage_steps:
+        return
+    if len(cfg.stage_steps) != len(cfg.stages):
+        raise ConfigError(
+            f"stage_steps {cfg.stage_steps} must give one step count for each of the "
+            f"{len(cfg.stages)} stages {cfg.stages} (or be [] for an equal split of train.steps)"
+        )
+    if min(cfg.stage_steps) < 0:
+        raise ConfigError(f"stage_steps {cfg.stage_steps} must all be >= 0")
+    if sum(cfg.stage_steps) != cfg.train.steps:
+        raise ConfigError(
+            f"stage_steps {cfg.stage_steps} sum to {sum(cfg.stage_steps)}, but train.steps is "
+            f"{cfg.train.steps}; set train.steps={sum(cfg.stage_steps)} (the run's total)"
+        )
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,9 +1,14 @@
-"""`m3i bench ablation`: every pre-training method at equal compute, evaluated alike.
+"""`m3i bench ablation`: every pre-training method at equal training FLOPs, evaluated alike.
 
-Each method is pre-trained with the same model, batch size, optimizer, schedule and number of
-steps (`multistage` splits the same steps between its stages), then evaluated with the same
-protocols; the random initialisation is the baseline. A second table removes one target at a
-time from M3I. Results are written by `m3i.bench.ablation_report`.
+Each method is pre-trained with the same model, batch size, optimizer and data, and for the
+number of steps that gives it the training FLOPs (student forward and backward, EMA teacher
+forward, heads, decoder, text encoder; counted on one real step, `ablation_compute`) of M3I's
+run of the budget's train.steps, within 5%: methods with cheaper steps take more of them.
+`multistage` gives each of its stages an equal share of those FLOPs, its stages reading one
+data stream. Every run's warm-up is the same share of its steps as the budget's. `--equal
+steps` gives every method the budget's steps instead (the FLOPs are still counted and
+reported). The random initialisation is the baseline. A second table removes one target at a
+time from M3I (at equal FLOPs too). Results are written by `m3i.bench.ablation_report`.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from m3i.config import load_config
+from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
+from m3i.config import load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
 from m3i.train.loop import pretrain
+from m3i.train.stages import stage_steps
 
 METHODS = ("random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage", "m3i")
 REMOVALS = {  # M3I minus one target
@@ -50,8 +57,8 @@ class Budget:
 
 
 BUDGETS = {
-    "tiny": Budget(  # for tests: seconds per method
-        train=TINY_MODEL + ["train.steps=4", "train.batch_size=16", "data.num_train=64"],
+    "tiny": Budget(  # for tests: seconds per method; 8 steps: every method within 5% of M3I
+        train=TINY_MODEL + ["train.steps=8", "train.batch_size=16", "data.num_train=64"],
         evaluation=[
             "num_train=64",
             "num_val=32",
@@ -76,8 +83,11 @@ BUDGETS = {
 }
 
 
-def method_config(method: str, data: str, seed: int, budget: Budget):
-    """The config of one method: its preset, the budget's shared overrides, seed and data."""
+def method_config(
+    method: str, data: str, seed: int, budget: Budget, plan: list[StagePlan] | None = None
+):
+    """The config of one method: its preset, the budget's shared overrides, seed and data; the
+    budget's steps, or the steps of `plan` (one entry per stage)."""
     preset = "m3i" if method in REMOVALS or method == "random" else method
     overrides = budget.train + [f"train.seed={seed}", "monitor.every=0", "monitor.final_eval=[]"]
     overrides += ["monitor.tensorboard=false"]
@@ -85,7 +95,25 @@ def method_config(method: str, data: str, seed: int, budget: Budget):
         overrides.append(REMOVALS[method])
     if method == "random":
         overrides.append("train.steps=0")
-    return load_config(preset, overrides=overrides, data=data)
+    cfg = load_config(preset, overrides=overrides, data=data)
+    if plan is not None:
+        validate(with_steps(cfg, plan))
+    return cfg
+
+
+def plan_compute(
+    budget: Budget, data: str, methods: list[str], equal: str
+) -> tuple[dict[str, list[StagePlan]], int]:
+    """The stages (steps, FLOPs per step) of every method on `data`, and the FLOP budget: M3I's
+    training FLOPs at the budget's steps. equal="flops": every trained method gets that budget
+    within 5%; equal="steps": every method the budget's steps."""
+    counts = FlopCounts()
+    (m3i,) = plan_run(method_config("m3i", data, 0, budget), counts, None)
+    target = m3i.train_flops if equal == "flops" else None
+    plans = {m: plan_run(method_config(m, data, 0, budget), counts, target) for m in methods}
+    if target is not None:
+        check_equal(plans, target, f"budget on {data}")
+    return plans, m3i.train_flops
 
 
 def tasks_for(method: str, data: str, budget: Budget) -> list[str]:
@@ -118,10 +146,13 @@ def pretrain_and_evaluate(
     return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}, train_s
 
 
-def run_one(method: str, data: str, seed: int, budget: Budget, out: Path, log) -> dict:
-    """Pre-train and evaluate one (method, data, seed); its record for results.json."""
+def run_one(
+    method: str, data: str, seed: int, budget: Budget, plan: list[StagePlan], out: Path, log
+) -> dict:
+    """Pre-train (for the steps of `plan`) and evaluate one (method, data, seed); its record
+    for results.json."""
     run = out / data.replace(":", "_") / f"seed{seed}" / method
-    cfg = method_config(method, data, seed, budget)
+    cfg = method_config(method, data, seed, budget, plan)
     start = time.perf_counter()
     settings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
     metrics, train_s = pretrain_and_evaluate(
@@ -132,7 +163,12 @@ def run_one(method: str, data: str, seed: int, budget: Budget, out: Path, log) -
     summary = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items())
     log(f"{data} seed {seed} {method} ({seconds:.0f} s): {summary}")
     images = cfg.train.steps * cfg.train.batch_size
-    return {
+    trained = stage_steps(cfg) if cfg.stages else [cfg.train.steps]
+    ran = [  # the steps the run's config trained, at the plan's FLOPs per step
+        StagePlan(stage.preset, steps, stage.flops_per_step)
+        for stage, steps in zip(plan, trained, strict=True)
+    ]
+    record = {
         "method": method,
         "data": data,
         "seed": seed,
@@ -140,18 +176,39 @@ def run_one(method: str, data: str, seed: int, budget: Budget, out: Path, log) -
         "mi": final_bounds(run),
         "train_s": train_s,
         "img_per_s": images / train_s if images else None,
+        "steps": cfg.train.steps,
+        "train_flops": sum(stage.train_flops for stage in ran),
     }
+    if cfg.stages:
+        record["stages"] = [stage.record() for stage in ran]
+    else:
+        record["flops_per_step"] = ran[0].flops_per_step
+    return record
 
 
-def run_ablation(budget_name: str, out: Path, data: list[str] | None, seeds: int | None, log):
-    """Every method on every data spec and seed of the budget; the list of run records."""
+def run_ablation(
+    budget_name: str,
+    out: Path,
+    data: list[str] | None,
+    seeds: int | None,
+    log,
+    equal: str = "flops",
+) -> dict:
+    """Every method on every data spec and seed of the budget, at equal training FLOPs
+    (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "runs": [records]}."""
     budget = BUDGETS[budget_name]
-    plan = {spec: seeds or count for spec, count in budget.seeds.items()}
+    seeds_of = {spec: seeds or count for spec, count in budget.seeds.items()}
     if data:
-        plan = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}
-    return [
-        run_one(method, spec, seed, budget, out, log)
-        for spec, count in plan.items()
-        for seed in range(count)
-        for method in list(METHODS) + (list(REMOVALS) if spec in budget.removals else [])
-    ]
+        seeds_of = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}
+    runs, flop_budget = [], {}
+    for spec, count in seeds_of.items():
+        methods = list(METHODS) + (list(REMOVALS) if spec in budget.removals else [])
+        plans, flop_budget[spec] = plan_compute(budget, spec, methods, equal)
+        steps = "  ".join(f"{m} {sum(s.steps for s in plan)}" for m, plan in plans.items())
+        log(f"{spec}: {flop_budget[spec] / 1e9:.4g} GFLOP of training per run; steps: {steps}")
+        runs += [
+            run_one(method, spec, seed, budget, plans[method], out, log)
+            for seed in range(count)
+            for method in methods
+        ]
+    return {"equal": equal, "flop_budget": flop_budget, "runs": runs}

@@ -1,5 +1,5 @@
-"""The ablation's outputs: results.json, results.md (mean and spread over seeds, best in bold,
-mean rank) and ablation.png (grouped bars)."""
+"""The ablation's outputs: results.json, results.md (what compute was equal, mean and spread
+over seeds, best in bold, mean rank, steps and training FLOPs per run) and ablation.png."""
 
 from __future__ import annotations
 
@@ -109,6 +109,59 @@ def bounds_table(records: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def compute_statement(report: dict[str, Any]) -> str:
+    """What "equal compute" means in this report, with each data spec's FLOP budget."""
+    m3i = {r["data"]: r for r in report["runs"] if r["method"] == "m3i"}
+    budgets = ", ".join(
+        f"{data}: {flops / 1e9:.4g} GFLOP = {m3i[data]['steps']} steps × "
+        f"{m3i[data]['flops_per_step'] / 1e9:.4g} GFLOP"
+        for data, flops in report["flop_budget"].items()
+        if data in m3i
+    )
+    what = (
+        "training FLOPs are matmul-class FLOPs of forward and backward (student, EMA teacher, "
+        "heads, decoder, text encoder), counted on one real step of each method"
+    )
+    if report["equal"] == "flops":
+        return (
+            f"Equal training FLOPs: every trained run spends M3I's training FLOPs at the "
+            f"budget's steps within 5% ({budgets}); methods with cheaper steps take more of "
+            f"them, and multistage gives each stage an equal share; {what}."
+        )
+    return (
+        f"Equal steps: every method trains the budget's steps, so training FLOPs differ (see "
+        f"the table below; M3I's: {budgets}); {what}."
+    )
+
+
+def compute_table(records: list[dict], methods: list[str]) -> str:
+    """Steps and training FLOPs of each (data, method), against M3I's on the same data."""
+    first = {}
+    for record in records:
+        first.setdefault((record["data"], record["method"]), record)
+    lines = [
+        "| data | method | steps | GFLOP/step | train GFLOP | / M3I |",
+        "|---" * 6 + "|",
+    ]
+    for (data, method), record in first.items():
+        if method not in methods:
+            continue
+        stages = record.get("stages")
+        steps = "+".join(str(s["steps"]) for s in stages) if stages else str(record["steps"])
+        per_step = (
+            "/".join(f"{s['flops_per_step'] / 1e9:.3g}" for s in stages)
+            if stages
+            else f"{record['flops_per_step'] / 1e9:.3g}"
+        )
+        reference = first.get((data, "m3i"), {}).get("train_flops")
+        ratio = f"{record['train_flops'] / reference:.3f}" if reference else "–"
+        lines.append(
+            f"| {data} | {method} | {steps} | {per_step} | "
+            f"{record['train_flops'] / 1e9:.4g} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def figure(summary: dict, methods: list[str]) -> bytes:
     """Grouped bars: one panel per data spec, one group per metric, one bar per method."""
     fig = Figure(figsize=(12, 4 * len(summary)))
@@ -143,6 +196,7 @@ def write_results(out: Path, report: dict[str, Any], methods: list[str], removal
     markdown = "\n\n".join(
         [
             f"# m3i bench ablation: budget {report['budget']}",
+            compute_statement(report),
             table(summary, records, methods),
             "## M3I minus one target",
             table(
@@ -152,6 +206,8 @@ def write_results(out: Path, report: dict[str, Any], methods: list[str], removal
             ),  # fmt: skip
             "## Final information per target (nats): lower bounds and Gaussian estimates",
             bounds_table(records, methods + removals),
+            "## Training compute (steps and FLOPs per run)",
+            compute_table(records, methods + removals),
             "![ablation](ablation.png)",
         ]
     )

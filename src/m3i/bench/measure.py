@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch.utils import flop_counter
 
+from m3i.config import Config
 from m3i.data.shapes import CLASSES
+from m3i.train.batches import training_source, training_stream
+from m3i.train.loop import build_model
 
 
 def sync(device: torch.device) -> None:
@@ -42,6 +45,19 @@ def count_flops(step: Callable[[], Any]) -> int:
     with counter:
         step()
     return counter.get_total_flops()
+
+
+def train_step_flops(cfg: Config) -> int:
+    """Matmul-class FLOPs of one training step of `cfg`: forward and backward of everything the
+    step runs (student, EMA teacher, heads, decoder, text encoder), on the CPU, on the first
+    batch of the run's own data stream (real masks, labels and captions). Deterministic: the
+    counts depend on shapes only, and the RNG is seeded inside and restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        source = training_source(cfg)
+        model = build_model(cfg, source).train()
+        batch = next(training_stream(cfg, source, 0, torch.device("cpu")))
+        return count_flops(lambda: model(batch)[0].backward())
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:

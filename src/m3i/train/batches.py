@@ -133,6 +133,19 @@ def stream_batches(
         }
 
 
+def training_stream(
+    cfg: Config, source: ImageSource | WebDatasetStream, step: int, device: torch.device
+) -> Iterator[dict[str, Any]]:
+    """This rank's batches of a run from its step `step` on: global batch number
+    train.first_batch + step onwards (a `wds:` stream is reseeded there instead)."""
+    first = cfg.train.first_batch + step
+    if isinstance(source, WebDatasetStream):
+        source.set_start(first)
+        return stream_batches(source, cfg.train.batch_size, cfg.data.workers, device)
+    dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
+    return batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, first)
+
+
 def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
     """The run's training data: a `wds:` shard stream (this rank's), or an indexable source."""
     kind, _, arg = cfg.data.spec.partition(":")

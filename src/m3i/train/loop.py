@@ -19,14 +19,13 @@ from tqdm import tqdm
 
 from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.sources import DataError, ImageSource
-from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
 from m3i.train import distributed, rundir, sharding
-from m3i.train.batches import batches, stream_batches, training_source, view_config
+from m3i.train.batches import training_source, training_stream
 from m3i.train.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -40,6 +39,7 @@ from m3i.train.optimise import Optimise, any_rank
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
+MASK_SEED_STRIDE = 1_000_003  # more than any number of ranks
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +62,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def mask_seed(seed: int, rank: int, first_batch: int) -> int:
+    """The seed of a rank's own draws (masks) in a run whose stream starts at global batch
+    `first_batch`: each rank, and each stage of a multistage run, draws its own."""
+    return seed + rank + MASK_SEED_STRIDE * first_batch
 
 
 def build_tokenizer(cfg: Config, source: ImageSource):
@@ -292,15 +298,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
         if "text" in model.targets:
             atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
-    if isinstance(source, WebDatasetStream):
-        source.set_start(start)
-        stream = stream_batches(source, cfg.train.batch_size, cfg.data.workers, device)
-    else:
-        dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
-        stream = batches(
-            dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, start
-        )
-    seed_everything(cfg.train.seed + distributed.rank())  # each rank draws its own masks
+    stream = training_stream(cfg, source, start, device)
+    seed_everything(mask_seed(cfg.train.seed, distributed.rank(), cfg.train.first_batch))
     if state is not None:
         scheduler.step_update(start)
         rngs = state["rng"]

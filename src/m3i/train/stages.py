@@ -1,30 +1,108 @@
-"""Multi-stage pre-training: a sequence of single-stage presets, each from the last backbone."""
+"""Multi-stage pre-training: a sequence of single-stage presets, each from the last backbone.
+
+What each stage takes from the multistage run:
+- `model`, `views`, `decoder`, `data`, `train` and `monitor`: the run's, as they are, except
+  `train.steps` (the stage's own: `stage_steps[i]`, or an equal split of train.steps with the
+  remainder to the last stage), `train.warmup_steps` (scaled with the stage's length:
+  round(train.warmup_steps * stage steps / train.steps)) and `train.first_batch`.
+- One data stream across the stages: stage i starts at the global batch number where stage
+  i - 1 ended (`train.first_batch`), so the stages read the batches a single run of
+  train.steps reads, in the same order, and none replays another's; each stage also draws its
+  own masks (the loop seeds them from the first batch). A `wds:` stream is reseeded at each
+  stage's first batch, as a resumed run's is.
+- `targets`, `mix` and `teacher`: each stage's preset, plus every key of these sections that
+  the run sets to a value other than the default (e.g. `teacher.momentum`, `mix.isolate`,
+  `targets.text.width`), which reaches every stage (a stage whose targets do not read it
+  ignores it). Keys that say which objective a stage is, `targets.<name>.weight` and
+  `mix.ratio`, differ from stage to stage: setting them on a multistage run is refused
+  (choose the stages' presets with `stages`).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
-from m3i.config import Config, config_from_dict, dump_yaml, preset_values, to_dict
+from m3i.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_yaml,
+    preset_values,
+    to_dict,
+)
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
 from m3i.train import distributed
 
 SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
+STAGE_SECTIONS = ("targets", "mix", "teacher")  # from each stage's preset, plus the run's changes
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_per_stage(key: str) -> bool:
+    """Keys that say which objective a stage is: each stage's preset sets its own."""
+    return key == "mix.ratio" or (key.startswith("targets.") and key.endswith(".weight"))
+
+
+def stage_overrides(cfg: Config) -> dict[str, Any]:
+    """The run's `targets`, `mix` and `teacher` keys that differ from the defaults, which every
+    stage gets; ConfigError for a per-stage key (a target's weight, mix.ratio)."""
+    defaults = _leaves({s: v for s, v in to_dict(Config()).items() if s in STAGE_SECTIONS})
+    run = _leaves({s: v for s, v in to_dict(cfg).items() if s in STAGE_SECTIONS})
+    changed = {key: value for key, value in run.items() if value != defaults[key]}
+    for key in changed:
+        if _is_per_stage(key):
+            raise ConfigError(
+                f"{key} cannot be set on a multistage run: each stage takes it from its own "
+                f"preset; choose the presets with stages=[...] (now {cfg.stages})"
+            )
+    return changed
+
+
+def _set(values: dict[str, Any], key: str, value: Any) -> None:
+    *sections, name = key.split(".")
+    for section in sections:
+        values = values.setdefault(section, {})
+    values[name] = value
+
+
+def stage_steps(cfg: Config) -> list[int]:
+    """Steps of each stage: `stage_steps`, or an equal split of train.steps (the remainder to
+    the last stage)."""
+    if cfg.stage_steps:
+        return list(cfg.stage_steps)
+    share, rest = divmod(cfg.train.steps, len(cfg.stages))
+    return [share] * (len(cfg.stages) - 1) + [share + rest]
 
 
 def stage_configs(cfg: Config) -> list[Config]:
-    """Each stage: its preset's targets, mix and teacher; the run's model, data, views, decoder
-    and train settings; an equal share of train.steps (the remainder goes to the last stage)."""
+    """The config of each stage (see the module docstring for what it takes from `cfg`)."""
+    overrides = stage_overrides(cfg)
     shared = {k: v for k, v in to_dict(cfg).items() if k in SHARED_SECTIONS}
-    share, rest = divmod(cfg.train.steps, len(cfg.stages))
+    total, first = cfg.train.steps, cfg.train.first_batch
     configs = []
-    for index, name in enumerate(cfg.stages):
+    for name, steps in zip(cfg.stages, stage_steps(cfg), strict=True):
         values = preset_values(name)
         values.update(copy.deepcopy(shared))
-        values["train"]["steps"] = share + (rest if index == len(cfg.stages) - 1 else 0)
+        for key, value in overrides.items():
+            _set(values, key, value)
+        warmup = round(cfg.train.warmup_steps * steps / total) if total else 0
+        values["train"].update(steps=steps, warmup_steps=warmup, first_batch=first)
         values["init"] = cfg.init
         configs.append(config_from_dict(values))
+        first += steps
     return configs
 
 
@@ -32,13 +110,14 @@ def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     """Run the stages under out_dir/stages/, then publish the last backbone as the run's."""
     from m3i.train.loop import train_one
 
+    configs = stage_configs(cfg)  # bad overrides fail here, before anything is written
     main = distributed.rank() == 0  # under torchrun only rank 0 writes
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         atomic_write_text(out_dir / "metrics.jsonl", "")
     offset, previous = 0, None
-    for index, stage_cfg in enumerate(stage_configs(cfg)):
+    for index, stage_cfg in enumerate(configs):
         if previous is not None:
             stage_cfg.init = str(previous / "backbone.safetensors")
         stage_dir = out_dir / "stages" / f"{index}-{stage_cfg.preset}"
