@@ -1,7 +1,9 @@
 """Tuning sweep for `m3i bench ablation`, on training-side data only.
 
-Each variant is pre-trained like one run of the ablation budget (same model, batch, schedule,
-steps) with its own overrides, then evaluated (knn, linear, segment) on an independently
+Each variant is pre-trained with the ablation budget's model, batch, schedule and steps (the
+budget's steps for every variant: equal steps, whereas `m3i bench ablation` gives each method
+the steps that match M3I's training FLOPs; add `train.steps=N` to a variant to compare at equal
+FLOPs) with its own overrides, then evaluated (knn, linear, segment) on an independently
 generated `shapes` set (`data_seed`, default 1). Pre-training reads the train split of data
 seed 0; the val split of data seed 0, the one the ablation table reports, is never read.
 

@@ -197,6 +197,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flat_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict by dotted key: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     hints = get_type_hints(cls)
@@ -460,8 +471,6 @@ def validate_stages(cfg: Config) -> None:
             f"stage_steps {cfg.stage_steps} must give one step count for each of the "
             f"{len(cfg.stages)} stages {cfg.stages} (or be [] for an equal split of train.steps)"
         )
-    if min(cfg.stage_steps) < 0:
-        raise ConfigError(f"stage_steps {cfg.stage_steps} must all be >= 0")
     if sum(cfg.stage_steps) != cfg.train.steps:
         raise ConfigError(
             f"stage_steps {cfg.stage_steps} sum to {sum(cfg.stage_steps)}, but train.steps is "

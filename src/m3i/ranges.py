@@ -95,6 +95,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.checkpoint_every": COUNT,
     "train.seed": NON_NEGATIVE,
     "train.max_bad_steps": COUNT,
+    "train.first_batch": Range(0, note="the global batch a stage's first step reads"),
+    "stage_steps": NON_NEGATIVE,
     "train.keep_checkpoints": COUNT,
     "train.accum_steps": COUNT,
     "train.dist_timeout": COUNT,

@@ -158,10 +158,14 @@ def test_equal_steps_gives_every_method_the_budget_steps():
 def test_information_table_says_bound_or_estimate(tmp_path):
     records = [
         {"data": "shapes", "method": "m3i", "seed": seed, "metrics": {"knn/top1": 30.0},
-         "mi": {"category": 0.25 + seed, "intra_view": 4.0}, "train_s": 1.0, "img_per_s": 10.0}
+         "mi": {"category": 0.25 + seed, "intra_view": 4.0, "view_regress": None},
+         "train_s": 1.0, "img_per_s": 10.0, "steps": 10, "flops_per_step": 100,
+         "train_flops": 1000}
         for seed in (0, 1)
     ]  # fmt: skip
-    markdown = write_results(tmp_path, {"budget": "x", "wall_s": 1.0, "runs": records}, ["m3i"], [])
+    report = {"budget": "x", "wall_s": 1.0, "runs": records, "equal": "flops"}
+    report["flop_budget"] = {"shapes": 1000}
+    markdown = write_results(tmp_path, report, ["m3i"], [])
     table = markdown.split("## Final information per target (nats)")[1]
     assert "| data | method | category (lower bound) | intra_view (estimate) |" in table
     assert "| shapes | m3i | 0.75 | 4.00 |" in table

@@ -12,6 +12,7 @@ from m3i.data.mixing import gather_tokens, split_positions
 from m3i.models.backbone import Backbone, load_timm_model, read_backbone_metadata
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
+from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
 
 SIZE, PATCH = 16, 4
@@ -51,19 +52,6 @@ def test_backbone_equals_timm_forward_features(name, n):
     torch.testing.assert_close(tokens, reference, atol=1e-5, rtol=1e-5)
 
 
-def mlp_outputs_by_hand(vit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """timm's blocks run by hand: each block's MLP output (patch tokens) before its residual add,
-    and the final normed patch tokens."""
-    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-    outputs = []
-    for block in vit.blocks:
-        x = x + block.ls1(block.attn(block.norm1(x)))
-        mlp = block.mlp(block.norm2(x))
-        x = x + block.ls2(mlp)
-        outputs.append(mlp[:, vit.num_prefix_tokens :])
-    return vit.norm(x)[:, vit.num_prefix_tokens :], outputs
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("last", [1, 2, 5])
 def test_mlp_outputs_of_the_last_blocks_equal_timm_blocks_run_by_hand(name, last):
@@ -71,7 +59,7 @@ def test_mlp_outputs_of_the_last_blocks_equal_timm_blocks_run_by_hand(name, last
     x = images(2, seed=3)
     with torch.no_grad():
         tokens, outputs = model.forward_with_mlp_outputs(x, last)
-        reference_tokens, reference = mlp_outputs_by_hand(model.vit, x)
+        reference_tokens, reference = vit_blocks_by_hand(model.vit, x)
     torch.testing.assert_close(tokens, reference_tokens, atol=1e-5, rtol=1e-5)
     assert len(outputs) == min(last, 2)  # the model has 2 blocks: all of them when last > 2
     for mine, theirs in zip(outputs, reference[-last:], strict=True):

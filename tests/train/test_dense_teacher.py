@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from m3i.bench.measure import synthetic_batch
 from m3i.config import DenseTargetConfig, load_config
 from m3i.train.step import M3IModel
+from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
 
 SIZE, PATCH, DEPTH = 16, 4, 3
@@ -25,18 +26,6 @@ def model_with_own_teacher(preset: str, overrides: list[str] = ()) -> M3IModel:
     return model
 
 
-def mlp_outputs_by_hand(vit, images: torch.Tensor) -> list[torch.Tensor]:
-    """Each timm block's MLP output (patch tokens), the block run by hand."""
-    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
-    outputs = []
-    for block in vit.blocks:
-        x = x + block.ls1(block.attn(block.norm1(x)))
-        mlp = block.mlp(block.norm2(x))
-        x = x + block.ls2(mlp)
-        outputs.append(mlp[:, vit.num_prefix_tokens :])
-    return outputs
-
-
 def normalise(x: torch.Tensor, dim: int) -> torch.Tensor:
     mean = x.mean(dim=dim, keepdim=True)
     return (x - mean) / ((x - mean).pow(2).mean(dim=dim, keepdim=True) + EPS).sqrt()
@@ -46,7 +35,7 @@ def data2vec_by_hand(vit, images: torch.Tensor, k: int) -> torch.Tensor:
     """data2vec 2.0's image target: the top k MLP outputs, each normalised over the tokens per
     sample and channel (instance norm), averaged, then normalised over the channels."""
     with torch.no_grad():
-        top = mlp_outputs_by_hand(vit, images)[-k:]
+        top = vit_blocks_by_hand(vit, images)[1][-k:]
     return normalise(sum(normalise(x, dim=1) for x in top) / k, dim=-1)
 
 

@@ -123,7 +123,7 @@ def test_stage_steps_warmup_and_first_batch():
     ("overrides", "message"),
     [
         (["stage_steps=[1,2]"], "stage_steps [1, 2] must give one step count for each of the 4"),
-        (["stage_steps=[1,2,3,-1]", "train.steps=5"], "stage_steps [1, 2, 3, -1] must all be >= 0"),
+        (["stage_steps=[1,2,3,-1]", "train.steps=5"], "stage_steps must be >= 0, got -1"),
         (["stage_steps=[1,2,3,4]"], "sum to 10, but train.steps is 200; set train.steps=10"),
         (["stages=[supervised,multistage]"], "stage 'multistage' is not a single-stage preset"),
         (["stages=[]", "stage_steps=[3]"], "stage_steps needs stages"),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3i.config import ConfigError
+from m3i.config import ConfigError, flat_keys
 from m3i.io import atomic_torch_save, atomic_write
 from m3i.train import distributed
 
@@ -125,19 +125,9 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
     )
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resumable(saved: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to resume under a config that changed anything but the step budget and logging."""
-    old, now = _flatten(saved), _flatten(new)
+    old, now = flat_keys(saved), flat_keys(new)
     changed = sorted(
         key
         for key in old.keys() | now.keys()

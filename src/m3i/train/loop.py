@@ -216,6 +216,7 @@ def pretrain(
         raise TrainingError("--resume of a multistage run is not supported; resume its stage")
     pick_device(cfg.train.device)  # a clear error for cuda without a GPU
     distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    created = not out_dir.exists()
     try:
         rundir.prepare(out_dir, resume, overwrite)
         if started is not None and distributed.rank() == 0:
@@ -225,6 +226,10 @@ def pretrain(
 
             return run_stages(cfg, out_dir, progress)
         return train_one(cfg, out_dir, progress, resume)
+    except BaseException:
+        if created and distributed.rank() == 0:
+            rundir.remove_if_empty(out_dir)
+        raise
     finally:
         distributed.teardown()
 

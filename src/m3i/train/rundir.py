@@ -99,6 +99,14 @@ def heal(out_dir: Path) -> None:
     heal_metrics(out_dir / "metrics.jsonl")
 
 
+def remove_if_empty(out_dir: Path) -> None:
+    """Remove a run directory this run created if the run failed before writing any file into
+    it (bad input found after the probe, e.g. while building the model): a failed start leaves
+    nothing behind. A directory holding any file is kept as it is."""
+    if out_dir.is_dir() and not any(p.is_file() for p in out_dir.rglob("*")):
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def prepare(out_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
     """Everything about `out_dir` that can fail, before the model is built: rank 0 decides
     (refuses, clears, probes, heals) and every rank raises the same one-line error."""

@@ -30,6 +30,7 @@ from m3i.config import (
     ConfigError,
     config_from_dict,
     dump_yaml,
+    flat_keys,
     preset_values,
     to_dict,
 )
@@ -40,17 +41,6 @@ SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
 STAGE_SECTIONS = ("targets", "mix", "teacher")  # from each stage's preset, plus the run's changes
 
 
-def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _is_per_stage(key: str) -> bool:
     """Keys that say which objective a stage is: each stage's preset sets its own."""
     return key == "mix.ratio" or (key.startswith("targets.") and key.endswith(".weight"))
@@ -59,8 +49,8 @@ def _is_per_stage(key: str) -> bool:
 def stage_overrides(cfg: Config) -> dict[str, Any]:
     """The run's `targets`, `mix` and `teacher` keys that differ from the defaults, which every
     stage gets; ConfigError for a per-stage key (a target's weight, mix.ratio)."""
-    defaults = _leaves({s: v for s, v in to_dict(Config()).items() if s in STAGE_SECTIONS})
-    run = _leaves({s: v for s, v in to_dict(cfg).items() if s in STAGE_SECTIONS})
+    defaults = flat_keys({s: v for s, v in to_dict(Config()).items() if s in STAGE_SECTIONS})
+    run = flat_keys({s: v for s, v in to_dict(cfg).items() if s in STAGE_SECTIONS})
     changed = {key: value for key, value in run.items() if value != defaults[key]}
     for key in changed:
         if _is_per_stage(key):
