@@ -1,6 +1,7 @@
 """The `m3i` preset's step, pinned from outside: the EMA teacher that `pretrain` leaves in its
-checkpoints follows the METHOD.md recurrence, and the step's loss is the weighted sum of the
-losses each target gives on its own."""
+checkpoints follows the METHOD.md recurrence, the step's loss is the weighted sum of the
+losses each target gives on its own, and the inter-view decoder reads image B's tokens at the
+other view's geometry."""
 
 import math
 from functools import partial
@@ -144,3 +145,55 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     unweighted = sum(alone.values())
     assert abs(unweighted - expected) > 0.1  # the weights matter at these values
+
+
+# ---------------------------------------------------------------- the decoder's inputs
+
+
+def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, monkeypatch):
+    """In the m3i step the inter-view decoder call gets image B's own encoder tokens (B = sample
+    N-1-k, encoded alone at the positions the mix gave it), those tokens' grid coordinates, and
+    queries at view_to_view(box2, flip2 -> box1, flip1) of sample B: the target view's patch
+    centres in the input view's frame, not the other way round."""
+    import m3i.train.step as step
+    from m3i.data.mixing import gather_tokens
+    from m3i.models.decoder import grid_coords, view_to_view
+
+    cfg = load_config("m3i", overrides=TINY)
+    torch.manual_seed(0)
+    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(shapes.captions(), 200)).eval()
+    items = [ViewDataset(shapes, view_config(cfg), seed=3)[i] for i in range(4)]
+    batch = default_collate(items)
+    assert not torch.equal(batch["box1"], batch["box2"])  # the two views differ
+    assert batch["flip1"].tolist() != batch["flip2"].tolist()
+    splits, calls = [], []
+    real_split = step.split_positions
+
+    def spy_split(*args, **kwargs):
+        splits.append(real_split(*args, **kwargs))
+        return splits[-1]
+
+    monkeypatch.setattr(step, "split_positions", spy_split)
+    real_forward = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda *a: calls.append(a) or real_forward(*a))
+    with torch.no_grad():
+        model(batch)
+        ((_, pos_b),) = splits
+        partners = torch.arange(3, -1, -1)  # image B of mix k is sample N - 1 - k
+        patches = model.backbone.embed_patches(batch["view1"])
+        b_tokens = model.backbone.encode(gather_tokens(patches[partners], pos_b))
+    inter = [c for c in calls if len(c) == 4 and c[3] is not None]
+    assert len(inter) == 1 and len(calls) == 2  # one intra-view, one inter-view decoder call
+    tokens, token_coords, query_coords, geometry = inter[0]
+    torch.testing.assert_close(tokens, b_tokens, atol=1e-5, rtol=1e-5)
+    grid = model.backbone.grid
+    torch.testing.assert_close(token_coords, grid_coords(grid)[pos_b])
+    expected_coords, expected_geometry = view_to_view(
+        grid,
+        batch["box2"][partners],
+        batch["flip2"][partners],
+        batch["box1"][partners],
+        batch["flip1"][partners],
+    )
+    torch.testing.assert_close(query_coords, expected_coords)
+    torch.testing.assert_close(geometry, expected_geometry)
