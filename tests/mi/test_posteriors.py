@@ -184,6 +184,17 @@ def test_gaussian_estimate_is_invariant_to_rotating_the_target_space():
     assert after.item() == pytest.approx(before.item(), rel=0.02)
 
 
+def test_a_constant_offset_of_the_predictions_carries_no_information_away():
+    """Information cannot depend on shifting the predictor by a constant: the estimate uses the
+    error's covariance (a second moment would count the offset as error)."""
+    tokens = gaussian_tokens(128, 32, 64, 16, seed=9)
+    offset = torch.linspace(-2.0, 3.0, 16, dtype=torch.float64)
+    exact = gaussian(tokens["optimal"], tokens["target"], tokens["positions"], 64).mi
+    shifted = gaussian(tokens["optimal"] + offset, tokens["target"], tokens["positions"], 64).mi
+    assert shifted.item() == pytest.approx(exact.item(), abs=1e-4)
+    assert exact.item() == pytest.approx(tokens["exact"], rel=0.1)
+
+
 def test_a_position_only_predictor_gets_zero():
     tokens = gaussian_tokens(128, 32, 64, 16, seed=7)
     bound = gaussian(tokens["position_only"], tokens["target"], tokens["positions"], 64)

@@ -12,7 +12,7 @@ token's D dimensions,
 
     0.5 * log det Sigma_y - 0.5 * log det Sigma_e
 
-with Sigma_e the second moment of the prediction error and Sigma_y the covariance of the
+with Sigma_e the covariance of the prediction error and Sigma_y the covariance of the
 targets after removing what the query position alone predicts (the per-position mean over the
 batch). It is exact for jointly Gaussian targets and the optimal predictor, invariant to
 rotations of the target space, and zero for a predictor that knows only positions. Each log
@@ -103,6 +103,9 @@ def gaussian_information(
     d = target.shape[-1]
     y = target.detach().reshape(-1, d).double()
     error = y - prediction.detach().reshape(-1, d).double()
+    # the error's covariance, not its second moment: a constant offset of the predictions
+    # carries no information and must not count against it (T - 1 degrees of freedom)
+    error = error - error.mean(dim=0)
     tokens = y.shape[0]
     if positions is None:
         groups, num_groups = torch.zeros(tokens, dtype=torch.long, device=y.device), 1
@@ -124,7 +127,7 @@ def gaussian_information(
     eye = torch.eye(d, dtype=torch.float64, device=y.device)
     sign, log_det_e = torch.linalg.slogdet(torch.where(block, error_scatter, eye))
     log_det_e = torch.where(sign > 0, log_det_e, -math.inf)  # a noiseless direction: infinite
-    dof_e = torch.tensor(float(tokens), dtype=torch.float64, device=y.device)
+    dof_e = torch.tensor(float(tokens - 1), dtype=torch.float64, device=y.device)
     estimate = 0.5 * (
         (log_det_y - wishart_log_det_offset(dof_y, rank, d))
         - (log_det_e - wishart_log_det_offset(dof_e, rank, d))
