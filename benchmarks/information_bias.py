@@ -8,7 +8,7 @@ has I = 0. Each token count is drawn `--repeats` times; the JSON line per case g
 and standard deviation of:
 
   estimate   m3i.mi.posteriors.gaussian (Wishart bias-corrected log dets)
-  plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / T)
+  plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / (T-1))
   per_dim    the former figure, sum_d 0.5 log(Var_d / MSE_d) (overall mean removed)
 
 and `estimate_ms`, the median time of one `gaussian` call (loss and estimate).
@@ -46,7 +46,7 @@ def random_covariance(d: int, scale: float, floor: float, g: torch.Generator) ->
 
 
 def plug_in(prediction: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> float:
-    """0.5 log det of the unbiased residual covariance minus that of the error second moment."""
+    """0.5 log det of the unbiased residual covariance minus that of the error covariance."""
     d = target.shape[-1]
     y, p, q = target.reshape(-1, d), prediction.reshape(-1, d), positions.reshape(-1)
     residual = y.clone()
@@ -54,7 +54,8 @@ def plug_in(prediction: torch.Tensor, target: torch.Tensor, positions: torch.Ten
         rows = q == position
         residual[rows] -= y[rows].mean(0)
     dof = len(y) - len(q.unique())
-    cov_y, cov_e = residual.t() @ residual / dof, (y - p).t() @ (y - p) / len(y)
+    error = y - p - (y - p).mean(0)
+    cov_y, cov_e = residual.t() @ residual / dof, error.t() @ error / (len(y) - 1)
     return 0.5 * (torch.linalg.slogdet(cov_y)[1] - torch.linalg.slogdet(cov_e)[1]).item()
 
 
