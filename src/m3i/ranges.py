@@ -10,10 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, is_dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
-
-if TYPE_CHECKING:
-    from m3i.config import Config
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 @dataclass(frozen=True)
@@ -146,10 +143,10 @@ def out_of_range(obj: Any, ranges: dict[str, Range]) -> str | None:
     return None
 
 
-def config_value_problem(cfg: Config) -> str | None:
+def config_value_problem(cfg: Any) -> str | None:
     """The first number of a config out of its range (CONFIG_RANGES) or not fitting the numbers
-    it goes with, as a one-line message; None if there is none. Run before any check that
-    divides by one of them."""
+    it goes with (`cfg`: an m3i.config.Config, which imports this module), as a one-line
+    message; None if there is none. Run before any check that divides by one of them."""
     problem = out_of_range(cfg, CONFIG_RANGES)
     if problem:
         return problem
