@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from m3i.config import config_from_dict
+from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
 from m3i.mi.posteriors import gaussian_information
-from m3i.train.batches import batches, training_source, view_config
+from m3i.train.batches import training_source, view_config
 from m3i.train.checkpoint import load_checkpoint
 from m3i.train.loop import build_model
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.features import open_split
-from m3i.train import loop
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 
 TINY_RUN = [
@@ -81,7 +81,7 @@ def make_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class
 def run(tmp_path_factory) -> Path:
     """A finished tiny supervised run (2 steps on shapes)."""
     cfg = load_config("supervised", overrides=TINY_RUN)
-    return loop.pretrain(cfg, tmp_path_factory.mktemp("bad-input") / "run", progress=False)
+    return pretrain(cfg, tmp_path_factory.mktemp("bad-input") / "run", progress=False)
 
 
 # ---------------------------------------------------------------- config values, up-front
@@ -128,6 +128,11 @@ CONFIG_CASES = [
     (["data.seed=-1"], "data.seed must be >= 0"),
     (["monitor.knn_train=0"], "monitor.knn_train must be >= 1"),
     (["monitor.final_eval_num_val=0"], "monitor.final_eval_num_val must be >= 1"),
+    (
+        ["monitor.final_eval=[knn,segmnt]"],
+        "monitor.final_eval ['knn', 'segmnt'] may only list knn, linear, finetune, segment, "
+        "detect, zeroshot",
+    ),
 ]
 
 

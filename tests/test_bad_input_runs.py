@@ -21,10 +21,11 @@ from PIL import Image
 
 from m3i.cli import main
 from m3i.config import load_config
-from m3i.data.sources import DataError
+from m3i.data.base import DataError
+from m3i.data.stream import batches
 from m3i.io import OutDirError
 from m3i.train import loop
-from m3i.train.batches import batches
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports
 
@@ -330,7 +331,7 @@ def refuse_on_two_ranks(rank: int, port: int, outs: list[Path], queue) -> None:
     )  # fmt: skip
     cfg = load_config("supervised", overrides=[*TINY, "train.device=cpu", "train.steps=1"])
     try:
-        loop.pretrain(cfg, outs[rank], progress=False)
+        pretrain(cfg, outs[rank], progress=False)
         queue.put((rank, "trained"))
     except Exception as err:  # noqa: BLE001 - the test reports whatever ended the rank
         queue.put((rank, str(err) if isinstance(err, OutDirError) else repr(err)))

@@ -11,7 +11,8 @@ from m3i.cli import main
 from m3i.config import load_config, preset_names, preset_values
 from m3i.mi.posteriors import Bound
 from m3i.mi.targets import CategoryTarget
-from m3i.train.loop import TrainingError, pretrain
+from m3i.train.loop import TrainingError
+from m3i.train.pretrain import pretrain
 
 QUIET = ["monitor.every=0", "monitor.final_eval=[]"]  # no monitors, no final evaluation
 FAST = ["model.depth=2", "decoder.depth=1", "data.num_train=512", "train.batch_size=32", *QUIET]

@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from m3i.train import distributed
-    from m3i.train.loop import pretrain
+    from m3i import runtime
+    from m3i.train.pretrain import pretrain
 
     if args.resume:
         if args.out or args.data or args.overwrite:
@@ -113,7 +113,8 @@ def _pretrain(args: argparse.Namespace) -> int:
             preset=args.preset, config_file=args.config, overrides=args.overrides, data=args.data
         )
         out = Path(args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    main = not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
+    check_final_eval(cfg.monitor.final_eval)
+    main = not runtime.launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
     verb = "resuming" if args.resume else "pre-training"
 
     def started() -> None:
@@ -144,10 +145,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_final_eval(tasks: list[str]) -> None:
+    """`monitor.final_eval` may only name eval tasks (checked before the run starts)."""
+    if not set(tasks) <= set(TASKS):
+        raise ConfigError(f"monitor.final_eval {tasks} may only list {', '.join(TASKS)}")
+
+
 def final_evaluation(cfg, out: Path) -> None:
     """Run `monitor.final_eval` on the finished run: print one line per task and record it as
     soon as it is computed (Ctrl-C: an Interrupted saying which results were recorded)."""
-    from m3i.data.sources import DataError
+    from m3i.data.base import DataError
     from m3i.eval.features import EvalError
     from m3i.eval.settings import EvalSettings
     from m3i.eval.tasks import evaluate_each, record_result
@@ -243,7 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.bench == "ablation":
         return _ablation(args)
     from m3i.bench.speed import BenchSettings, format_table, run_speed
-    from m3i.train.loop import pick_device
+    from m3i.runtime import pick_device
 
     if min(args.batch, args.steps, args.repeats, args.img_size, args.patch_size) < 1:
         raise ConfigError("--batch, --steps, --repeats, --img-size and --patch-size must be >= 1")
@@ -258,7 +265,7 @@ def _bench(args: argparse.Namespace) -> int:
         peers=not args.no_peers,
         overrides=tuple(args.overrides),
     )
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     report = run_speed(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
     print(format_table(report), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -277,7 +284,7 @@ def _presets() -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="m3i: %(message)s")
     args = _parser().parse_args(argv)
-    from m3i.data.sources import DataError
+    from m3i.data.base import DataError
     from m3i.train.checkpoint import CheckpointError
     from m3i.train.loop import TrainingError, TrainingStopped
 

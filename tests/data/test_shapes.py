@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from m3i.data.base import DataError
 from m3i.data.shapes import COLOURS, POSITIONS, ShapesDataset
-from m3i.data.sources import DataError, open_source
+from m3i.data.specs import open_source
 
 CAPTION = re.compile(
     r"^a (small|large) (\w+) ([\w-]+) (" + "|".join(POSITIONS) + r") on a (\w+) background"

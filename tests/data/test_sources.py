@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from m3i.data.sources import FASHION_MNIST_DIR, DataError, open_source
+from m3i.data.base import DataError
+from m3i.data.sources import FASHION_MNIST_DIR
+from m3i.data.specs import open_source
 
 FASHION = Path(FASHION_MNIST_DIR)
 needs_fashion = pytest.mark.skipif(

@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from m3i.data.base import ColourChange, Sample, ViewInfo
 from m3i.data.shape_words import (
     COLOURS,
     HUE_MARGIN,
@@ -27,8 +28,7 @@ from m3i.data.shapes import (
     ShapeObject,
     ShapesDataset,
 )
-from m3i.data.sources import Sample
-from m3i.data.views import ColourChange, ViewConfig, ViewDataset, ViewInfo
+from m3i.data.views import ViewConfig, ViewDataset
 
 NAME = "|".join(COLOURS)
 MAIN = (

@@ -7,13 +7,11 @@ import torch
 import torchvision.transforms as legacy
 from torch.utils.data import default_collate
 
+from m3i.data.base import ColourChange, ImageSource, Sample, ViewInfo
 from m3i.data.shapes import ShapesDataset
-from m3i.data.sources import ImageSource, Sample
 from m3i.data.views import (
-    ColourChange,
     ViewConfig,
     ViewDataset,
-    ViewInfo,
     eval_transform,
     make_view,
     sample_crop,

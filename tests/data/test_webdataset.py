@@ -11,8 +11,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from m3i.data.base import DataError, ImageSource, Sample
 from m3i.data.shapes import CLASSES, ShapesDataset
-from m3i.data.sources import DataError, ImageSource, Sample
 from m3i.data.views import ViewConfig, ViewDataset
 from m3i.data.webdataset import WebDatasetStream, write_shards
 

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from m3i.data.sources import open_source
+from m3i.data.specs import open_source
 from m3i.eval.finetune import finetune
 from m3i.eval.settings import FinetuneSettings
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.tasks import TASKS
-from m3i.train import loop
+from m3i.train import pretrain as pretraining
 from tests.tiny import TINY_M3I
 
 SMALL = [
@@ -42,7 +42,7 @@ def pretrain(out: Path, preset: str, *overrides: str) -> Path:
     cfg = load_config(preset, overrides=overrides)
     if preset == "m3i":
         assert {"category", "text"} <= set(cfg.active_targets())
-    return loop.pretrain(cfg, out, progress=False)
+    return pretraining.pretrain(cfg, out, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from m3i.cli import main
 from m3i.config import load_config
-from m3i.data.sources import open_source
+from m3i.data.specs import open_source
 from m3i.eval.zeroshot import load_text_target
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 
 NUM_VAL = 32  # <= the backbone width (192): one exact linear solution for every image

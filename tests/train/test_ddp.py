@@ -11,13 +11,13 @@ import torch
 import torch.multiprocessing as mp
 
 from m3i.config import load_config
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 
 PRESETS = ["clip", "supervised"]  # mix.ratio 1.0: no random masks, so the ranks' seeds agree
 # byol and moco (mix.ratio 1.0 too) are left out: their heads' BatchNorm normalises per rank on
-# CPU ranks (torch's SyncBatchNorm needs a GPU; `distributed.sync_batch_norm` warns), so there
-# 2 ranks x B are not 1 process x 2B. Their key gather is checked in test_distributed.py.
+# CPU ranks (torch's SyncBatchNorm needs a GPU; `runtime.sync_batch_norm` warns), so there
+# 2 ranks x B are not 1 process x 2B. Their key gather is checked in tests/test_runtime.py.
 B = 8  # per rank
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from m3i.config import load_config
 from m3i.data import mixing
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports
 

@@ -5,7 +5,7 @@ import json
 
 import m3i.mi.posteriors as posteriors
 from m3i.config import load_config
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 
 

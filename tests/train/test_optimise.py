@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 from m3i.config import load_config
-from m3i.data.sources import open_source
+from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.models import backbone as backbone_module
 from m3i.models.text import train_bpe

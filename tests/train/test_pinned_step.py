@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 from m3i.config import load_config
-from m3i.data.sources import open_source
+from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
 from m3i.train.batches import view_config
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 

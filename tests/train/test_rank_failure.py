@@ -15,7 +15,8 @@ TIMEOUT = 5
 def worker(rank: int, port: int, out: Path, queue) -> None:
     import torch
 
-    from m3i.train import loop, optimise
+    from m3i.train import optimise
+    from m3i.train.pretrain import pretrain
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -41,7 +42,7 @@ def worker(rank: int, port: int, out: Path, queue) -> None:
     )
     start = time.monotonic()
     try:
-        loop.pretrain(cfg, out / f"rank{rank}", progress=False)
+        pretrain(cfg, out / f"rank{rank}", progress=False)
         queue.put((rank, "finished", time.monotonic() - start))
     except Exception as err:  # noqa: BLE001 - the test reports whatever ended the rank
         queue.put((rank, f"{type(err).__name__}: {err}", time.monotonic() - start))

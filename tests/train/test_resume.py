@@ -218,7 +218,7 @@ def test_training_caps_the_clip_logit_scale_after_every_step(tmp_path):
     """A checkpoint whose logit scale drifted above 100 (the old forward-only clamp let the
     parameter grow, with zero gradient) is brought back to 100 by the first resumed step."""
     from m3i.config import load_config
-    from m3i.train.loop import pretrain
+    from m3i.train.pretrain import pretrain
 
     overrides = [*RUN, "train.steps=2", "train.checkpoint_every=1"]
     cfg = load_config("clip", overrides=overrides)

@@ -8,7 +8,7 @@ import m3i.train.batches
 import m3i.train.step
 from m3i.cli import main
 from m3i.config import ConfigError, load_config
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_configs
 from tests.tiny import TINY_M3I
 

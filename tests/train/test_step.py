@@ -8,8 +8,9 @@ from torch.utils.data import default_collate
 
 from m3i.bench.measure import synthetic_batch
 from m3i.config import ConfigError, load_config, preset_names
+from m3i.data.base import ImageSource
 from m3i.data.shapes import CLASSES, ShapesDataset
-from m3i.data.sources import ImageSource, open_source
+from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.mi.targets import INFORMATION
 from m3i.models.text import train_bpe

@@ -22,7 +22,7 @@ from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_
 from m3i.config import load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
-from m3i.train.loop import pretrain
+from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps
 
 METHODS = ("random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage", "m3i")

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
 from m3i.models.text import tokenize, train_bpe
-from m3i.train.batches import batches, view_config
+from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
 
 OURS = ("m3i", "supervised", "clip", "data2vec", "siameseim", "mae")

@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+# what PIL raises for a broken image file (SyntaxError: e.g. bad PNG chunks during verify())
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _BACKGROUND = (255, 255, 255, 255)  # what transparent pixels show: a white page
 

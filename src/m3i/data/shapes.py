@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from m3i.data.base import DataError, ImageSource, Sample, ViewInfo
 from m3i.data.shape_words import COLOURS, POSITIONS, colour_name, noun_phrase, sentence
-from m3i.data.sources import DataError, ImageSource, Sample
-from m3i.data.views import ViewInfo
 
 CLASSES = [
     "circle", "square", "triangle", "diamond", "cross",

@@ -1,8 +1,8 @@
-"""Image sources: the procedural shapes set, Fashion-MNIST, image folders and caption files.
+"""Image sources read from files: Fashion-MNIST's IDX files, image folders and caption files.
 
 Every source yields :class:`Sample` (uint8 RGB image, label or -1, caption or "") and is opened
-from a one-string spec with :func:`open_source`. Bad input raises :class:`DataError` with a
-one-line message that names the file or spec and says what would work.
+from a one-string spec with :func:`m3i.data.specs.open_source`. Bad input raises
+:class:`DataError` with a one-line message that names the file or spec and says what would work.
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ import gzip
 import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from m3i.data.images import rgb_tensor
-
-if TYPE_CHECKING:  # views imports this module
-    from m3i.data.views import ViewInfo
+from m3i.data.base import DataError, ImageSource, Sample
+from m3i.data.images import IMAGE_ERRORS, rgb_tensor
 
 logger = logging.getLogger("m3i.data")
 
-SPECS = "shapes, fashion-mnist[:DIR], folder:PATH, captions:TRAIN.jsonl[,VAL.jsonl], wds:PATTERN"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -42,65 +37,7 @@ _FASHION_TEMPLATES = [
     "a photo of {}", "a grayscale picture of {}", "a low resolution photo of {}",
     "a black and white image of {}", "a product photo of {}", "a small picture of {}",
 ]  # fmt: skip
-# PIL raises SyntaxError for some broken files (e.g. bad PNG chunks during verify()).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_CORRUPT_FRACTION = 0.01
-_SPLITS = ("train", "val")
-
-
-class DataError(ValueError):
-    """Bad data input; the message is one line naming the file or spec and what would work."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
-
-
-@dataclass
-class Sample:
-    """One image with its optional label and caption."""
-
-    image: torch.Tensor  # uint8, (3, H, W), RGB
-    label: int  # class index, -1 when the sample has no label
-    caption: str  # "" when the sample has no caption
-
-
-class ImageSource(torch.utils.data.Dataset):
-    """Base class of every source: indexable samples plus class names and cheap captions."""
-
-    classes: list[str] | None
-    name: str
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> Sample:
-        raise NotImplementedError
-
-    def captions(self, limit: int | None = None) -> list[str]:
-        """Non-empty captions in index order (at most ``limit``), without decoding images."""
-        raise NotImplementedError
-
-    def labels(self) -> list[int]:
-        """Every sample's label in index order (-1: none), without decoding images."""
-        return [self[index].label for index in range(len(self))]
-
-    def describe_view(self, index: int, sample: Sample, view: ViewInfo) -> str:
-        """The caption of one augmented view of sample ``index`` (``sample`` is ``self[index]``).
-
-        By default the sample's own caption; a source that knows what its images hold (shapes)
-        describes what the view shows after its crop, flip and colour change.
-        """
-        return sample.caption
-
-    @property
-    def num_corrupt(self) -> int:
-        """Images found unreadable so far (always 0 for sources held in memory)."""
-        return 0
-
-    def verify(self, progress: bool = False) -> int:
-        """Check every image up-front (a progress bar if `progress`); returns the number of
-        corrupt images (none here)."""
-        return 0
 
 
 def _check_index(index: int, length: int) -> None:
@@ -222,7 +159,7 @@ class ImageFiles(ImageSource):
             if index not in self._corrupt:
                 try:
                     image = _decode(self._files[index])
-                except _IMAGE_ERRORS as error:
+                except IMAGE_ERRORS as error:
                     self._mark_corrupt(index, error)
                 else:
                     return Sample(image, self._labels[index], self._captions[index])
@@ -249,7 +186,7 @@ class ImageFiles(ImageSource):
             try:
                 with Image.open(path) as image:
                     image.verify()
-            except _IMAGE_ERRORS as error:
+            except IMAGE_ERRORS as error:
                 self._mark_corrupt(index, error)
         return self.num_corrupt
 
@@ -272,9 +209,7 @@ def _decode(path: Path) -> torch.Tensor:
         return rgb_tensor(image)
 
 
-def _open_folder(
-    root: str, split: str, num_samples: int | None, seed: int, name: str
-) -> ImageFiles:
+def open_folder(root: str, split: str, num_samples: int | None, seed: int, name: str) -> ImageFiles:
     """ImageNet layout: ROOT/train/CLASS/*.png and ROOT/val/CLASS/*; classes from train/."""
     layout = "expected PATH/train/CLASS/IMAGE.png and optionally PATH/val/CLASS/IMAGE.png"
     base = Path(root)
@@ -359,7 +294,7 @@ def _check_class_count(path: Path, rows: list[tuple[Path, str, int, int]]) -> No
         )
 
 
-def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> ImageFiles:
+def open_captions(arg: str, split: str, num_samples: int | None, name: str) -> ImageFiles:
     """captions:TRAIN.jsonl[,VAL.jsonl]; classes come from the labels of the train file."""
     paths = [Path(part) for part in arg.split(",")]
     if len(paths) > 2 or not all(part.strip() for part in arg.split(",")):
@@ -383,37 +318,3 @@ def _open_captions(arg: str, split: str, num_samples: int | None, name: str) -> 
     rows = rows[: _take(len(rows), num_samples, name)]
     files, captions, labels, _ = (list(column) for column in zip(*rows, strict=True))
     return ImageFiles(name, files, labels, captions, classes)
-
-
-def open_source(
-    spec: str,
-    split: str = "train",
-    *,
-    num_samples: int | None = None,
-    image_size: int = 32,
-    seed: int = 0,
-) -> ImageSource:
-    """Open a source from its spec; ``image_size`` and ``seed`` shape the procedural set.
-
-    num_samples takes the first n samples in file order, except for ``folder:`` (whose order is
-    grouped by class) where it takes a random subset drawn with ``seed``.
-    """
-    if split not in _SPLITS:
-        raise DataError(f"{spec}: unknown split {split!r}; use 'train' or 'val'")
-    kind, _, arg = spec.partition(":")
-    if kind == "shapes" and not arg:
-        from m3i.data.shapes import ShapesDataset  # shapes imports this module
-
-        return ShapesDataset(split, num_samples, image_size, seed)
-    if kind == "fashion-mnist":
-        return FashionMNIST(arg or FASHION_MNIST_DIR, split, num_samples, spec)
-    if kind == "folder" and arg:
-        return _open_folder(arg, split, num_samples, seed, spec)
-    if kind == "captions" and arg:
-        return _open_captions(arg, split, num_samples, spec)
-    if kind == "wds":
-        raise DataError(
-            f"{spec}: WebDataset shards stream for training only; they have no indexable "
-            "train/val splits: evaluate on shapes, fashion-mnist, folder: or captions:"
-        )
-    raise DataError(f"unknown data spec {spec!r}; valid specs: {SPECS}")

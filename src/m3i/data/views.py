@@ -1,16 +1,12 @@
 """Augmented views that record their geometry (crop box and flip), reproducibly.
 
-Geometry convention (the decoder relies on it): ``box = (top, left, height, width)`` as
-fractions of the source image; the view's normalised point (u, v) in [0, 1]^2 (u horizontal)
-maps to the source point x = left + (1 - u if flipped else u) * width, y = top + v * height.
-
-Each view also records its colour change (:class:`ColourChange`), so that a source can describe
+The geometry convention of a view's box is :mod:`m3i.data.base`'s. Each view also records its
+colour change (:class:`ColourChange`), so that a source can describe
 the view its text target sees (:meth:`ImageSource.describe_view`), not only the whole image.
 """
 
 from __future__ import annotations
 
-import colorsys
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from m3i.data.sources import ImageSource
+from m3i.data.base import ColourChange, ImageSource, ViewInfo
 
 # colour step name -> torchvision op on a float image (ColorJitter's four steps)
 COLOUR_OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -92,68 +88,6 @@ def sample_crop(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-@dataclass(frozen=True)
-class ColourChange:
-    """The colour steps one view went through, replayable on single colours.
-
-    ``steps`` are (name in COLOUR_OPS, factor) in the order applied; ``contrast_grey`` is the mean
-    grey level the contrast step blended toward (the whole view's at that point: the one step
-    that is not per pixel); ``grayscale`` says whether the view ended grey.
-    """
-
-    steps: tuple[tuple[str, float], ...] = ()
-    contrast_grey: float = 0.0
-    grayscale: bool = False
-
-    def apply(self, rgb: Sequence[float]) -> tuple[float, float, float]:
-        """A float RGB colour in [0, 1] -> the colour its pixels have in the view (before
-        normalisation), exact where resampling left them unmixed with their neighbours.
-
-        The formulas of torchvision's ops, on one colour in plain Python: the ops themselves cost
-        about a millisecond per call even on one pixel, as much as making the view.
-        """
-        red, green, blue = rgb
-        for name, factor in self.steps:
-            if name == "hue":
-                hue, saturation, value = colorsys.rgb_to_hsv(red, green, blue)
-                red, green, blue = colorsys.hsv_to_rgb((hue + factor) % 1.0, saturation, value)
-                continue
-            toward = {
-                "brightness": 0.0,
-                "contrast": self.contrast_grey,
-                "saturation": _grey(red, green, blue),
-            }[name]
-            red, green, blue = (
-                min(max(factor * channel + (1 - factor) * toward, 0.0), 1.0)
-                for channel in (red, green, blue)
-            )
-        if self.grayscale:
-            red = green = blue = _grey(red, green, blue)
-        return red, green, blue
-
-
-def _grey(red: float, green: float, blue: float) -> float:
-    """Luma with torchvision's rgb_to_grayscale weights."""
-    return 0.2989 * red + 0.587 * green + 0.114 * blue
-
-
-@dataclass(frozen=True)
-class ViewInfo:
-    """How one view was made: ``box`` = (top, left, height, width) as fractions of the source
-    (the module's geometry convention), the horizontal flip and the colour change."""
-
-    box: tuple[float, float, float, float]
-    flipped: bool
-    colour: ColourChange
-
-    def to_view(self, x: float, y: float) -> tuple[float, float]:
-        """The view point (u, v) of the source point (x, y), all fractions; the point lies in
-        the view when both are in [0, 1)."""
-        top, left, height, width = self.box
-        u = (x - left) / width
-        return (1 - u if self.flipped else u), (y - top) / height
 
 
 def _color_jitter(

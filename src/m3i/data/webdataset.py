@@ -18,8 +18,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from m3i.data.images import rgb_tensor
-from m3i.data.sources import _IMAGE_ERRORS, DataError, ImageSource
+from m3i.data.base import DataError, ImageSource
+from m3i.data.images import IMAGE_ERRORS, rgb_tensor
 from m3i.data.views import ViewConfig, view_item
 from m3i.io import atomic_write, atomic_write_text
 
@@ -80,7 +80,7 @@ def _decode(sample: dict) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return rgb_tensor(image)
-    except _IMAGE_ERRORS as error:
+    except IMAGE_ERRORS as error:
         message = f"{url}: sample {sample['__key__']}: unreadable image ({error}); rewrite it"
         raise DataError(message) from error
 

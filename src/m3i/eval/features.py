@@ -10,10 +10,11 @@ import torch
 from safetensors import SafetensorError
 from timm.models.vision_transformer import VisionTransformer
 
-from m3i.data.sources import DataError, ImageSource, open_source
+from m3i.data.base import DataError, ImageSource
+from m3i.data.specs import open_source
 from m3i.data.views import ViewConfig, eval_transform
 from m3i.models.backbone import load_timm_model
-from m3i.train.batches import intra_op_threads
+from m3i.runtime import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
 log = logging.getLogger("m3i.eval")

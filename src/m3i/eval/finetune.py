@@ -8,12 +8,12 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from m3i.data.sources import ImageSource
+from m3i.data.base import ImageSource
+from m3i.data.stream import batches
 from m3i.data.views import ViewConfig, ViewDataset
 from m3i.eval.features import image_batches
 from m3i.eval.knn import topk_accuracy
 from m3i.eval.settings import FinetuneSettings
-from m3i.train.batches import batches
 
 
 def finetune(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from m3i.data.sources import ImageSource
+from m3i.data.base import ImageSource
 from m3i.eval import TASKS
 from m3i.eval.features import (
     EvalError,
@@ -25,7 +25,7 @@ from m3i.eval.features import (
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
 from m3i.io import append_jsonl
-from m3i.train.loop import pick_device
+from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
 
@@ -35,7 +35,7 @@ class Session:
 
     def __init__(self, checkpoint: str | Path, data: str, settings: EvalSettings) -> None:
         self.checkpoint, self.data, self.settings = checkpoint, data, settings
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.device, "device")
         self.model = load_backbone(checkpoint)
         self.size = settings.image_size or self.model.patch_embed.img_size[0]
         self._splits: dict[str, ImageSource] = {}

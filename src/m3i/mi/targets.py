@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
+from m3i import runtime
 from m3i.data.mixing import gather_tokens
 from m3i.mi.posteriors import (
     Bound,
@@ -37,8 +38,7 @@ from m3i.mi.posteriors import (
 from m3i.models.ema import MomentumTeacher
 from m3i.models.heads import batchnorm_mlp, mlp_head
 from m3i.models.text import TextEncoder, tokenize
-from m3i.train import distributed
-from m3i.train.distributed import gather_with_grad, sum_over_ranks
+from m3i.runtime import gather_with_grad, sum_over_ranks
 
 # What each target's `mi/<name>` figure is (docs/information.md): a lower bound on the mutual
 # information (Boltzmann family) or a Gaussian-channel estimate of it (Gaussian family).
@@ -387,8 +387,8 @@ class ViewContrastTarget(PooledViewTarget):
     def direction(
         self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
     ) -> Bound:
-        positives = distributed.rank() * len(keys) + rows
-        return query_key_infonce(query, distributed.gather(keys), positives, self.temperature)
+        positives = runtime.rank() * len(keys) + rows
+        return query_key_infonce(query, runtime.gather(keys), positives, self.temperature)
 
 
 class ViewRegressTarget(PooledViewTarget):

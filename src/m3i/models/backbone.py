@@ -20,8 +20,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from m3i.config import ModelConfig
 from m3i.io import atomic_save_safetensors
+from m3i.models.config import ModelConfig
 
 
 class Backbone(nn.Module):

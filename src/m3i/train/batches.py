@@ -1,22 +1,19 @@
-"""The data stream of a run: training views in batches, per rank, from any step on."""
+"""The data of a run: its training source and this rank's batch stream from any step on."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from m3i import runtime
 from m3i.config import Config
-from m3i.data.sources import DataError, ImageSource, open_source
+from m3i.data.base import ImageSource
+from m3i.data.specs import open_source
+from m3i.data.stream import batches, stream_batches
 from m3i.data.views import ViewConfig, ViewDataset
 from m3i.data.webdataset import WebDatasetStream
-from m3i.train import distributed
-
-
-class DataStreamError(ValueError):
-    """The data cannot make a batch; the message is one line."""
 
 
 def view_config(cfg: Config) -> ViewConfig:
@@ -29,108 +26,6 @@ def view_config(cfg: Config) -> ViewConfig:
         hue=v.hue,
         grayscale=v.grayscale,
     )
-
-
-@contextlib.contextmanager
-def worker_errors() -> Iterator[None]:
-    """Re-raise a DataError from a DataLoader worker with its own one-line message.
-
-    torch re-raises a worker's exception in the main process as the same type with the worker's
-    whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original
-    Traceback ..."); the original message follows the traceback's last `module.DataError: `.
-    """
-    try:
-        yield
-    except DataError as err:
-        kind, text = type(err), str(err)
-        last = f"{kind.__module__}.{kind.__qualname__}: "
-        if not text.startswith(f"Caught {kind.__name__} in DataLoader worker") or last not in text:
-            raise
-        raise kind(text.rsplit(last, 1)[1].strip()) from None
-
-
-@contextlib.contextmanager
-def intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run the block with `count` intra-op threads (None: unchanged).
-
-    Augmenting one small image is far slower on several threads than on one, so views made
-    in the main process (data.workers=0) are made single-threaded, as DataLoader workers are.
-    """
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def batches(
-    dataset: ViewDataset,
-    batch_size: int,
-    seed: int,
-    workers: int,
-    device: torch.device,
-    start: int = 0,
-) -> Iterator[dict[str, Any]]:
-    """An endless stream of this rank's batches, from batch number `start` on.
-
-    Global batch b is slice b % per_epoch of epoch b // per_epoch's seeded permutation, and
-    rank r takes part r of it: the stream is a function of (seed, b), so a resumed run continues
-    exactly where the checkpoint was taken without reading the batches it skips.
-    """
-    world, rank = distributed.world_size(), distributed.rank()
-    batch_size = min(batch_size, len(dataset) // world)
-    per_epoch = len(dataset) // (batch_size * world)
-    if per_epoch == 0:
-        raise DataStreamError(
-            f"{len(dataset)} training samples make no batch of {batch_size} on {world} ranks; "
-            "lower train.batch_size or use more data"
-        )
-    threads = 1 if workers == 0 else None
-    epoch, skip = divmod(start, per_epoch)
-    while True:
-        dataset.epoch = epoch
-        order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(len(dataset), generator=order)[
-            : per_epoch * batch_size * world
-        ]
-        mine = permutation.view(per_epoch, world, batch_size)[skip:, rank].reshape(-1)
-        loader = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=mine.tolist(),
-                num_workers=workers,
-                generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
-            )
-        )
-        while True:
-            with intra_op_threads(threads), worker_errors():
-                batch = next(loader, None)
-            if batch is None:
-                break
-            yield {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
-        epoch, skip = epoch + 1, 0
-
-
-def stream_batches(
-    stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers))
-    while True:
-        with worker_errors():
-            batch = next(loader, None)
-        if batch is None:
-            return
-        yield {
-            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
 
 
 def training_stream(
@@ -151,7 +46,7 @@ def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
     kind, _, arg = cfg.data.spec.partition(":")
     if kind == "wds":
         return WebDatasetStream(
-            arg, view_config(cfg), cfg.train.seed, distributed.rank(), distributed.world_size()
+            arg, view_config(cfg), cfg.train.seed, runtime.rank(), runtime.world_size()
         )
     return open_source(
         cfg.data.spec,

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from m3i import runtime
 from m3i.config import ConfigError, flat_keys
 from m3i.io import atomic_torch_save, atomic_write
-from m3i.train import distributed
 
 log = logging.getLogger("m3i.train")
 HISTORY = "checkpoints"
@@ -111,7 +111,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
     for path in older:
         state, why = _read(path)
         if state is not None:
-            if distributed.rank() == 0:
+            if runtime.rank() == 0:
                 log.warning("%s; resuming from %s, the newest intact checkpoint", problems[0], path)
             return state
         problems.append(why)

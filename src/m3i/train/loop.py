@@ -8,7 +8,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
+from m3i import runtime
 from m3i.config import Config, dump_yaml, to_dict
-from m3i.data.sources import DataError, ImageSource
+from m3i.data.base import DataError, ImageSource
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
-from m3i.train import distributed, rundir, sharding
+from m3i.train import sharding
 from m3i.train.batches import training_source, training_stream
 from m3i.train.checkpoint import (
     check_resumable,
@@ -35,7 +36,7 @@ from m3i.train.checkpoint import (
 )
 from m3i.train.metrics import MetricsLog
 from m3i.train.monitors import TrainingMonitor
-from m3i.train.optimise import Optimise, any_rank
+from m3i.train.optimise import Optimise
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
@@ -48,14 +49,6 @@ class TrainingError(RuntimeError):
 
 class TrainingStopped(TrainingError):
     """SIGTERM (or SIGINT) arrived: the run saved a checkpoint at the end of its step."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -127,8 +120,8 @@ def save_run(
 ) -> None:
     """backbone.safetensors (timm state dict) and a checkpoint (everything to resume), written
     by rank 0 with every rank's RNG state; every rank calls it (sharded states are gathered)."""
-    rngs = [None] * distributed.world_size()
-    if distributed.is_distributed():
+    rngs = [None] * runtime.world_size()
+    if runtime.is_distributed():
         torch.distributed.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
@@ -138,7 +131,7 @@ def save_run(
     optimizer_state = (
         sharding.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
     )
-    if distributed.rank() != 0:
+    if runtime.rank() != 0:
         return
     backbone = sharding.backbone_state(model_state) if sharded else None
     model.backbone.save(out_dir / "backbone.safetensors", backbone)
@@ -187,76 +180,41 @@ def mean_over_ranks(
 ) -> tuple[float, dict[str, float]]:
     """The logged loss and monitors: means over ranks (each rank's are over its own batch)."""
     values = torch.stack([loss.detach().float(), *(v.detach().float() for v in monitors.values())])
-    if distributed.is_distributed():
+    if runtime.is_distributed():
         torch.distributed.all_reduce(values)
-        values /= distributed.world_size()
+        values /= runtime.world_size()
     loss_value, *rest = values.tolist()
     return loss_value, dict(zip(monitors, rest, strict=True))
 
 
 def should_stop(received: list[int]) -> bool:
     """Whether any rank received a stop signal (all ranks agree, so they stop together)."""
-    return any_rank(bool(received))
-
-
-def pretrain(
-    cfg: Config,
-    out_dir: str | Path,
-    progress: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-    started: Callable[[], None] | None = None,
-) -> Path:
-    """Run a pre-training config into out_dir (continuing its checkpoint when `resume`; a new or
-    empty directory otherwise, or one holding only a run that `overwrite` removes); under
-    torchrun, join the process group for the whole run, stages included. `started` is called on
-    rank 0 once out_dir is accepted, before any work."""
-    out_dir = Path(out_dir)
-    if cfg.stages and resume:
-        raise TrainingError("--resume of a multistage run is not supported; resume its stage")
-    pick_device(cfg.train.device)  # a clear error for cuda without a GPU
-    distributed.setup(cfg.train.device, cfg.train.dist_timeout)
-    created = not out_dir.exists()
-    try:
-        rundir.prepare(out_dir, resume, overwrite)
-        if started is not None and distributed.rank() == 0:
-            started()
-        if cfg.stages:
-            from m3i.train.stages import run_stages
-
-            return run_stages(cfg, out_dir, progress)
-        return train_one(cfg, out_dir, progress, resume)
-    except BaseException:
-        if created and distributed.rank() == 0:
-            rundir.remove_if_empty(out_dir)
-        raise
-    finally:
-        distributed.teardown()
+    return runtime.any_rank(bool(received))
 
 
 def train_one(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> Path:
     """One single-stage run (the process group, if any, stays up for the caller)."""
-    device = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    device = runtime.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         return _train(cfg, out_dir, progress, resume, device)
     except RuntimeError as err:
-        if not distributed.lost_peer(err):
+        if not runtime.lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrainingError(
-            f"rank {distributed.rank()}: a collective failed ({first}): another rank died or did "
+            f"rank {runtime.rank()}: a collective failed ({first}): another rank died or did "
             f"not answer within train.dist_timeout={cfg.train.dist_timeout}s; see its log"
         ) from err
 
 
 def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: torch.device) -> Path:
-    main = distributed.rank() == 0
+    main = runtime.rank() == 0
     state = load_checkpoint(out_dir) if resume else None
     if state is not None:
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     source = training_source(cfg)
-    model = distributed.sync_batch_norm(build_model(cfg, source).to(device), device)
+    model = runtime.sync_batch_norm(build_model(cfg, source).to(device), device)
     if cfg.data.verify and isinstance(source, ImageSource):  # corrupt files: now, not mid-run
         source.verify(progress=progress and main)
     monitor = None
@@ -270,7 +228,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     if sharding.is_sharded(cfg):
         sharding.shard(model)
         full = Backbone(cfg.model).to(device) if monitor is not None else None
-    elif distributed.is_distributed():
+    elif runtime.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = create_optimizer_v2(
@@ -304,16 +262,16 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
             atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
     stream = training_stream(cfg, source, start, device)
-    seed_everything(mask_seed(cfg.train.seed, distributed.rank(), cfg.train.first_batch))
+    seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
     if state is not None:
         scheduler.step_update(start)
         rngs = state["rng"]
-        if len(rngs) == distributed.world_size():
-            set_rng_state(rngs[distributed.rank()])
+        if len(rngs) == runtime.world_size():
+            set_rng_state(rngs[runtime.rank()])
         else:
             log.warning(
                 "resuming on %d ranks from %d: RNG streams restart",
-                distributed.world_size(),
+                runtime.world_size(),
                 len(rngs),
             )
     elif cfg.monitor.every:
@@ -349,7 +307,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                     step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
                 )
                 model.momentum_update(momentum)
-                seen += len(batch["view1"]) * distributed.world_size()
+                seen += len(batch["view1"]) * runtime.world_size()
             if not result.skipped and logged:
                 elapsed = time.perf_counter() - tick
                 loss, monitors = mean_over_ranks(result.loss, result.monitors)
@@ -383,6 +341,6 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
             if step % cfg.train.checkpoint_every == 0 and step != steps:
                 save_run(model, optimise, cfg, step, out_dir, final=False)
         save_run(model, optimise, cfg, steps, out_dir, final=True)
-    if distributed.is_distributed():
+    if runtime.is_distributed():
         torch.distributed.barrier()  # rank 0's files exist before any rank goes on
     return out_dir

@@ -15,19 +15,10 @@ from typing import Any
 
 import torch
 
+from m3i import runtime
 from m3i.config import TrainConfig
-from m3i.train import distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` holds on any rank, so that all ranks take the same decision."""
-    if not distributed.is_distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=distributed.device())
-    torch.distributed.all_reduce(value)
-    return bool(value.item())
 
 
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -84,7 +75,7 @@ class Optimise:
             for key, value in part_monitors.items():
                 monitors[key] = monitors.get(key, 0) + value.detach() / len(parts)
         loss = torch.stack(losses).mean()
-        if any_rank(not torch.isfinite(loss)):
+        if runtime.any_rank(not torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, monitors, f"non-finite loss {loss.item()} (on some rank)")
         self.scaler.unscale_(self.optimizer)

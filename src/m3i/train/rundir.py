@@ -8,8 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
+from m3i import runtime
 from m3i.io import TEMPORARY_NAME, OutDirError, writable_dir
-from m3i.train import distributed
 from m3i.train.checkpoint import HISTORY
 from m3i.train.metrics import heal_metrics
 
@@ -111,7 +111,7 @@ def prepare(out_dir: Path, resume: bool = False, overwrite: bool = False) -> Non
     """Everything about `out_dir` that can fail, before the model is built: rank 0 decides
     (refuses, clears, probes, heals) and every rank raises the same one-line error."""
     error = None
-    if distributed.rank() == 0:
+    if runtime.rank() == 0:
         try:
             if not resume:
                 clear_or_refuse(out_dir, overwrite)
@@ -120,7 +120,7 @@ def prepare(out_dir: Path, resume: bool = False, overwrite: bool = False) -> Non
                 heal(out_dir)
         except (ValueError, OSError) as err:  # OutDirError, MetricsError; a failed removal
             error = err
-    message = distributed.from_rank0(None if error is None else str(error))
+    message = runtime.from_rank0(None if error is None else str(error))
     if error is not None:
         raise error
     if message is not None:

@@ -20,9 +20,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
+from m3i import runtime
 from m3i.config import Config
 from m3i.models.backbone import Backbone
-from m3i.train import distributed
 from m3i.train.step import M3IModel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -62,7 +62,7 @@ def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def is_sharded(cfg: Config) -> bool:
-    return cfg.train.strategy == "fsdp" and distributed.is_distributed()
+    return cfg.train.strategy == "fsdp" and runtime.is_distributed()
 
 
 def monitored_backbone(model: M3IModel, cfg: Config, full: Backbone | None) -> Backbone:

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from m3i import runtime
 from m3i.config import (
     Config,
     ConfigError,
@@ -35,7 +36,7 @@ from m3i.config import (
     to_dict,
 )
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
-from m3i.train import distributed
+from m3i.train.loop import train_one
 
 SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
 STAGE_SECTIONS = ("targets", "mix", "teacher")  # from each stage's preset, plus the run's changes
@@ -98,10 +99,8 @@ def stage_configs(cfg: Config) -> list[Config]:
 
 def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     """Run the stages under out_dir/stages/, then publish the last backbone as the run's."""
-    from m3i.train.loop import train_one
-
     configs = stage_configs(cfg)  # bad overrides fail here, before anything is written
-    main = distributed.rank() == 0  # under torchrun only rank 0 writes
+    main = runtime.rank() == 0  # under torchrun only rank 0 writes
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))

@@ -4,9 +4,9 @@ later batch continues the uninterrupted one."""
 import pytest
 import torch
 
-from m3i.data.sources import open_source
+from m3i.data.specs import open_source
+from m3i.data.stream import batches
 from m3i.data.views import ViewConfig, ViewDataset
-from m3i.train.batches import batches
 
 SAMPLES, BATCH = 8, 4  # 2 batches per epoch
 CPU = torch.device("cpu")

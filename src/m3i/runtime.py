@@ -1,11 +1,14 @@
-"""torch.distributed helpers: joining the process group, rank, world size, all-gather with and
-without gradient, SyncBatchNorm."""
+"""The runtime floor: device choice, the process group (join, leave, rank, world size), the
+collectives (gathers with and without gradient, sums, rank 0's decision), SyncBatchNorm and
+intra-op thread settings. It imports nothing of this package; anything may import it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -13,8 +16,38 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
-log = logging.getLogger("m3i.train")
+log = logging.getLogger("m3i.runtime")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class DeviceError(ValueError):
+    """The asked-for device is not there; the message is one line saying what would work."""
+
+
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """The device called `name` (auto: a GPU when one is visible, else the CPU); `key` is the
+    setting that chose it, named in the error when it asks for a missing GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` intra-op threads (None: unchanged).
+
+    Augmenting one small image is far slower on several threads than on one, so views made
+    in the main process (data.workers=0) are made single-threaded, as DataLoader workers are.
+    """
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def is_distributed() -> bool:
@@ -123,6 +156,15 @@ def from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0, device=device())
     return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank, so that all ranks take the same decision."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device())
+    dist.all_reduce(value)
+    return bool(value.item())
 
 
 def lost_peer(err: BaseException) -> bool:

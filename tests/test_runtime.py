@@ -1,5 +1,6 @@
-"""Contrastive targets use the global batch: 2 gloo processes x B equal 1 process x 2B; and
-BatchNorm under torch.distributed: SyncBatchNorm on GPUs, per rank (with a warning) on CPUs."""
+"""The runtime floor. Contrastive targets use the global batch: 2 gloo processes x B equal
+1 process x 2B; BatchNorm under torch.distributed: SyncBatchNorm on GPUs, per rank (with a
+warning) on CPUs; the device choice and the thread setting."""
 
 import logging
 import math
@@ -17,7 +18,13 @@ from m3i.config import ViewContrastTargetConfig
 from m3i.mi.posteriors import symmetric_infonce
 from m3i.mi.targets import ViewContrastTarget
 from m3i.models.ema import MomentumTeacher
-from m3i.train.distributed import gather_with_grad, sync_batch_norm
+from m3i.runtime import (
+    DeviceError,
+    gather_with_grad,
+    intra_op_threads,
+    pick_device,
+    sync_batch_norm,
+)
 
 
 def free_port() -> int:
@@ -50,7 +57,7 @@ def batch_norm_conversions() -> tuple[list[str], str, list[tuple[str, bool]], bo
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("m3i.train").addHandler(handler)
+    logging.getLogger("m3i.runtime").addHandler(handler)
     on_cpu = sync_batch_norm(projector_and_teacher(), torch.device("cpu"))
     cpu_types = [type(m).__name__ for m in on_cpu.modules() if "Norm" in type(m).__name__]
     model = projector_and_teacher()
@@ -117,3 +124,24 @@ def test_batch_norm_is_synchronised_on_gpus_and_per_rank_with_a_warning_on_cpus(
     # the EMA copy's BatchNorm keeps normalising with (now global) batch statistics
     assert gpu == [("SyncBatchNorm", False), ("SyncBatchNorm", True)]
     assert same_weight  # the optimizer's parameters are the ones the SyncBatchNorm uses
+
+
+def test_pick_device_names_the_setting_that_asked_for_a_missing_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu", "device") == torch.device("cpu")
+    with pytest.raises(DeviceError) as raised:
+        pick_device("cuda", "--device")
+    assert str(raised.value) == "--device=cuda but no CUDA device is visible; use --device=cpu"
+
+
+def test_intra_op_threads_holds_inside_the_block_and_restores_after():
+    before = torch.get_num_threads()
+    with intra_op_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with intra_op_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(KeyError), intra_op_threads(before + 1):
+        raise KeyError("the block fails")
+    assert torch.get_num_threads() == before

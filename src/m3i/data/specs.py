@@ -1,0 +1,43 @@
+"""Data specs: one string names a source (`shapes`, `fashion-mnist[:DIR]`, `folder:PATH`,
+`captions:TRAIN.jsonl[,VAL.jsonl]`); :func:`open_source` opens one of its splits."""
+
+from __future__ import annotations
+
+from m3i.data.base import DataError, ImageSource
+from m3i.data.shapes import ShapesDataset
+from m3i.data.sources import FASHION_MNIST_DIR, FashionMNIST, open_captions, open_folder
+
+SPECS = "shapes, fashion-mnist[:DIR], folder:PATH, captions:TRAIN.jsonl[,VAL.jsonl], wds:PATTERN"
+_SPLITS = ("train", "val")
+
+
+def open_source(
+    spec: str,
+    split: str = "train",
+    *,
+    num_samples: int | None = None,
+    image_size: int = 32,
+    seed: int = 0,
+) -> ImageSource:
+    """Open a source from its spec; ``image_size`` and ``seed`` shape the procedural set.
+
+    num_samples takes the first n samples in file order, except for ``folder:`` (whose order is
+    grouped by class) where it takes a random subset drawn with ``seed``.
+    """
+    if split not in _SPLITS:
+        raise DataError(f"{spec}: unknown split {split!r}; use 'train' or 'val'")
+    kind, _, arg = spec.partition(":")
+    if kind == "shapes" and not arg:
+        return ShapesDataset(split, num_samples, image_size, seed)
+    if kind == "fashion-mnist":
+        return FashionMNIST(arg or FASHION_MNIST_DIR, split, num_samples, spec)
+    if kind == "folder" and arg:
+        return open_folder(arg, split, num_samples, seed, spec)
+    if kind == "captions" and arg:
+        return open_captions(arg, split, num_samples, spec)
+    if kind == "wds":
+        raise DataError(
+            f"{spec}: WebDataset shards stream for training only; they have no indexable "
+            "train/val splits: evaluate on shapes, fashion-mnist, folder: or captions:"
+        )
+    raise DataError(f"unknown data spec {spec!r}; valid specs: {SPECS}")

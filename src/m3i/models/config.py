@@ -1,0 +1,14 @@
+"""The backbone's section of the config (`model.*`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    img_size: int = 32
+    patch_size: int = 4
+    depth: int | None = 6  # override the timm model's depth (null: the model's own)
+    drop_path: float = 0.0
