@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.features import open_split
+from m3i.models import minilm
 from m3i.models.text import train_bpe
 from m3i.train import loop
 from tests.tiny import TINY_M3I
@@ -162,6 +163,13 @@ def test_minilm_tower_refuses_another_tokenizer(tmp_path, capsys):
     tokenizer.write_text(train_bpe(["a red circle"], 30).to_str())
     overrides = ["targets.text.tower=minilm", f"targets.text.tokenizer={tokenizer}"]
     refused(capsys, pretrain_argv(tmp_path / "run", *overrides), "reads its own WordPiece")
+    assert not (tmp_path / "run").exists()
+
+
+def test_minilm_tower_without_its_extra_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(minilm, "transformers", None)
+    overrides = ["targets.text.weight=1", "targets.text.tower=minilm"]
+    refused(capsys, pretrain_argv(tmp_path / "run", *overrides), 'pip install -e ".[minilm]"')
     assert not (tmp_path / "run").exists()
 
 
