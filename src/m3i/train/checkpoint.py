@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from m3i import runtime
-from m3i.config import ConfigError, flat_keys
+from m3i.config import Config, ConfigError, flat_keys, to_dict
 from m3i.io import atomic_torch_save, atomic_write
 
 log = logging.getLogger("m3i.train")
@@ -126,8 +126,9 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], new: dict[str, Any]) -> None:
-    """Refuse to resume under a config that changed anything but the step budget and logging."""
-    old, now = flat_keys(saved), flat_keys(new)
+    """Refuse to resume under a config that changed anything but the step budget and logging.
+    A key added to the schema since the checkpoint was written counts as its default there."""
+    old, now = flat_keys(to_dict(Config())) | flat_keys(saved), flat_keys(new)
     changed = sorted(
         key
         for key in old.keys() | now.keys()

@@ -22,6 +22,7 @@ from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.base import DataError, ImageSource
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
+from m3i.models import minilm
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.models.text import load_tokenizer, train_bpe
@@ -64,8 +65,11 @@ def mask_seed(seed: int, rank: int, first_batch: int) -> int:
 
 
 def build_tokenizer(cfg: Config, source: ImageSource):
-    """The text tokenizer: BPE trained on the run's captions, or a given tokenizer.json."""
+    """The text tokenizer: the minilm tower's own, BPE trained on the run's captions, or a given
+    tokenizer.json."""
     text = cfg.targets.text
+    if text.tower == "minilm":
+        return minilm.load_tokenizer(text.context_length)
     if text.tokenizer != "bpe":
         return load_tokenizer(text.tokenizer)
     captions = source.captions()

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from m3i import runtime
 from m3i.config import Config
 from m3i.models.backbone import Backbone
+from m3i.models.minilm import LockedMiniLM
 from m3i.train.step import M3IModel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -30,12 +31,14 @@ BACKBONE = "backbone.vit."
 
 
 def shard(model: M3IModel) -> None:
-    """Apply fully_shard to each transformer block, then to the whole model."""
+    """Apply fully_shard to each transformer block, then to the whole model; a locked text tower
+    is left whole on every rank (it never trains, so it needs no gathering of gradients)."""
     backbones = [model.backbone] + ([model.teacher.module] if model.teacher is not None else [])
     for backbone in backbones:
         for block in backbone.vit.blocks:
             fully_shard(block)
-    fully_shard(model)
+    locked = {p for m in model.modules() if isinstance(m, LockedMiniLM) for p in m.parameters()}
+    fully_shard(model, ignored_params=locked)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
