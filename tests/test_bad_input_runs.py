@@ -43,11 +43,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # `m3i` with its linear probe stalled (it says so on stderr), so that a signal lands mid-task
 STALLED_LINEAR = """
 import sys, time
+from dataclasses import replace
 from m3i.eval import tasks
 def stalled(session):
     print("test: linear started", file=sys.stderr, flush=True)
     time.sleep(600)
-tasks.RUNNERS["linear"] = stalled
+tasks.TASKS["linear"] = replace(tasks.TASKS["linear"], run=stalled)
 from m3i.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from m3i.config import ConfigError, load_config, preset_names, preset_values
-from m3i.eval import TASKS
+from m3i.eval.tasks import TASKS
 
 
 class Interrupted(Exception):
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets, one line each")
     ev = sub.add_parser("eval", help="evaluate a backbone: " + ", ".join(TASKS))
-    ev.add_argument("task", help=" | ".join(TASKS))
+    ev.add_argument(
+        "task", help="; ".join(f"{name} (needs {task.describe()})" for name, task in TASKS.items())
+    )
     ev.add_argument(
         "--checkpoint", required=True, help="a run directory or its backbone.safetensors"
     )
