@@ -61,19 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_overrides(ev, "override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    speed = bench.add_parser("speed", help="step speed against peers and the matmul peak")
-    speed.add_argument("--model", default="vit_tiny_patch16_224", help="a timm ViT name")
-    speed.add_argument("--img-size", type=int, default=32)
-    speed.add_argument("--patch-size", type=int, default=4)
-    speed.add_argument("--depth", type=int, default=6, help="blocks (0: the model's own)")
-    speed.add_argument("--batch", type=int, default=64)
+    speed = bench.add_parser(
+        "speed",
+        help="step speed against peers and the matmul peak",
+        description="Times the m3i preset's step against the single-objective presets' steps "
+        "and the peers' MAE and CLIP, all on one backbone and batch: the presets' own, changed "
+        "for every compared preset alike with --set.",
+    )
     speed.add_argument("--steps", type=int, default=3, help="timed steps per kind and round")
     speed.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     speed.add_argument("--no-peers", action="store_true", help="skip lightly and open_clip")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
     speed.add_argument("--json", action="store_true", help="print one JSON object last")
     add_overrides(
-        speed, "a config override for this package's steps, e.g. mix.isolate=false (repeatable)"
+        speed,
+        "a config override applied to every compared preset, e.g. model.name=vit_small_patch16_224"
+        ", model.img_size=64, model.depth=null (the timm model's own), train.batch_size=32, "
+        "mix.isolate=false (repeatable)",
     )
     abl = bench.add_parser(
         "ablation",
@@ -254,14 +258,9 @@ def _bench(args: argparse.Namespace) -> int:
     from m3i.bench.speed import BenchSettings, format_table, run_speed
     from m3i.runtime import pick_device
 
-    if min(args.batch, args.steps, args.repeats, args.img_size, args.patch_size) < 1:
-        raise ConfigError("--batch, --steps, --repeats, --img-size and --patch-size must be >= 1")
+    if min(args.steps, args.repeats) < 1:
+        raise ConfigError("--steps and --repeats must be >= 1")
     settings = BenchSettings(
-        model=args.model,
-        img_size=args.img_size,
-        patch_size=args.patch_size,
-        depth=args.depth or None,
-        batch=args.batch,
         steps=args.steps,
         repeats=args.repeats,
         peers=not args.no_peers,
