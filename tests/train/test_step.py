@@ -14,7 +14,6 @@ from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.mi.targets import INFORMATION
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
 from m3i.train.loop import TrainingError, build_model
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -29,7 +28,7 @@ def source():
 
 
 def make_batch(source, cfg, n):
-    views = ViewDataset(source, view_config(cfg), seed=0)
+    views = ViewDataset(source, cfg.views, cfg.model.img_size, seed=0)
     return default_collate([views[i] for i in range(n)])
 
 

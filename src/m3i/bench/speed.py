@@ -26,7 +26,6 @@ from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
 from m3i.models.text import tokenize, train_bpe
-from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
 
 OURS = ("m3i", "supervised", "clip", "data2vec", "siameseim", "mae")
@@ -163,7 +162,7 @@ def loader_batches(cfg: Config, workers: int):
     """The training loop's own batch stream over `shapes` at the bench's sizes."""
     size, batch_size = cfg.model.img_size, cfg.train.batch_size
     source = ShapesDataset("train", None, size, cfg.data.seed)
-    dataset = ViewDataset(source, view_config(cfg), seed=0)
+    dataset = ViewDataset(source, cfg.views, size, seed=0)
     return batches(dataset, batch_size, 0, workers, torch.device("cpu"))
 
 

@@ -95,7 +95,13 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, spec_arg: str, cfg: ViewConfig, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        spec_arg: str,
+        cfg: ViewConfig,
+        size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}; need 0 <= rank < world_size")
@@ -115,6 +121,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             self.classes = [line for line in classes_file.read_text().splitlines() if line]
         self.name = f"wds:{spec_arg}"
         self.cfg = cfg
+        self.size = size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -160,4 +167,4 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             label = int(sample["cls"]) if "cls" in sample else -1
             caption = sample.get("txt", b"").decode("utf-8")
             index = (counter * num_workers + worker) * self.world_size + self.rank
-            yield view_item(_decode(sample), label, caption, index, self.cfg, generator)
+            yield view_item(_decode(sample), label, caption, index, self.cfg, self.size, generator)

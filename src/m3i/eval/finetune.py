@@ -29,8 +29,8 @@ def finetune(
     torch.manual_seed(seed)
     model.to(device).train()
     size = model.patch_embed.img_size[0]
-    views = ViewConfig(size=size, scale=(settings.scale_min, 1.0), color_jitter=0.0, hue=0.0)
-    dataset = ViewDataset(train, views, seed=seed, num_views=1)
+    views = ViewConfig(scale_min=settings.scale_min, color_jitter=0.0, hue=0.0)
+    dataset = ViewDataset(train, views, size, seed=seed, num_views=1)
     batch_size = min(settings.batch_size, len(dataset))
     per_epoch = max(len(dataset) // batch_size, 1)
     steps = settings.epochs * per_epoch
