@@ -35,6 +35,7 @@ from m3i.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from m3i.train.input_rate import watch_input_rate
 from m3i.train.metrics import MetricsLog
 from m3i.train.monitors import TrainingMonitor
 from m3i.train.optimise import Optimise
@@ -266,6 +267,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
             atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
     stream = training_stream(cfg, source, start, device)
+    if main:  # one warning line if the input cannot keep up with the step
+        stream = watch_input_rate(stream, cfg.train.batch_size, cfg.data.workers)
     seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
     if state is not None:
         scheduler.step_update(start)
