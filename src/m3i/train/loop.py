@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
@@ -38,7 +37,7 @@ from m3i.train.checkpoint import (
 from m3i.train.input_rate import watch_input_rate
 from m3i.train.metrics import MetricsLog
 from m3i.train.monitors import TrainingMonitor
-from m3i.train.optimise import Optimise
+from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
@@ -236,9 +235,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     elif runtime.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = create_optimizer_v2(
-        model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = build_optimizer(model, cfg.train, device)
     if cfg.train.compile:
         forward = torch.compile(forward)
     optimise = Optimise(model, forward, optimizer, cfg.train, device)
