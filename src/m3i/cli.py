@@ -79,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
         ", model.img_size=64, model.depth=null (the timm model's own), train.batch_size=32, "
         "mix.isolate=false (repeatable)",
     )
+    data = bench.add_parser("data", help="images/s of each data source against the workers")
+    data.add_argument(
+        "--data",
+        action="append",
+        help="a data spec, or folder / wds: JPEGs written from shapes (repeatable; default "
+        "shapes, folder and wds)",
+    )
+    data.add_argument("--img-size", type=int, help="view (and shapes) size; default the preset's")
+    data.add_argument("--batch", type=int, default=64)
+    data.add_argument("--workers", default="0,1,2,4,8,16", help="counts up to the usable cores")
+    data.add_argument("--batches", type=int, default=10, help="per timing (at least)")
+    data.add_argument("--repeats", type=int, default=3, help="timings per source and workers")
+    data.add_argument("--samples", type=int, default=256, help="images of generated data")
+    data.add_argument("--preset", default="m3i", help="whose views.* (and image size) to use")
+    data.add_argument("--device", default="cpu", help="where batches go: cpu | cuda | auto")
+    data.add_argument("--json", action="store_true", help="print one JSON object last")
+    add_overrides(data, "a config override, e.g. views.color_jitter=0 (repeatable)")
     abl = bench.add_parser(
         "ablation",
         help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
@@ -252,9 +269,38 @@ def _ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    from m3i.bench.data import DataBenchSettings, format_table, run_data_bench
+    from m3i.runtime import pick_device
+
+    try:
+        workers = tuple(int(count) for count in args.workers.split(","))
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r}: give counts, e.g. 0,1,2,4") from None
+    settings = DataBenchSettings(
+        specs=tuple(args.data or DataBenchSettings.specs),
+        img_size=args.img_size,
+        batch=args.batch,
+        workers=workers,
+        batches=args.batches,
+        repeats=args.repeats,
+        samples=args.samples,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+    device = pick_device(args.device, "--device")
+    report = run_data_bench(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
+    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "ablation":
         return _ablation(args)
+    if args.bench == "data":
+        return _bench_data(args)
     from m3i.bench.speed import BenchSettings, format_table, run_speed
     from m3i.runtime import pick_device
 

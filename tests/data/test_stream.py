@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m3i.data.specs import open_source
-from m3i.data.stream import batches
+from m3i.data.stream import batches, stream_batches
 from m3i.data.views import ViewConfig, ViewDataset
 
 SAMPLES, BATCH = 8, 4  # 2 batches per epoch
@@ -48,3 +48,22 @@ def test_a_stream_started_at_a_later_batch_continues_the_whole_stream(dataset):
     for index, item in whole.items():
         for key, value in item.items():
             assert torch.equal(resumed[index][key], value), (index, key)
+
+
+class ThreadCounts(torch.utils.data.IterableDataset):
+    """An endless stream of the intra-op thread count it was read with."""
+
+    def __iter__(self):
+        while True:
+            yield {"threads": torch.get_num_threads()}
+
+
+def test_a_shard_stream_makes_main_process_views_on_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stream = stream_batches(ThreadCounts(), batch_size=2, workers=0, device=CPU)
+        assert next(stream)["threads"].tolist() == [1, 1]  # as in `batches`
+        assert torch.get_num_threads() == 2  # the step keeps its threads
+    finally:
+        torch.set_num_threads(before)

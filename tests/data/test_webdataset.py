@@ -177,3 +177,20 @@ def test_bad_specs_are_one_line_errors(shards: list[Path], tmp_path: Path) -> No
     with pytest.raises(DataError, match=r"text\.tar: sample a has no png or jpg") as error:
         take(WebDatasetStream(str(tmp_path / "text.tar"), IDENTITY, 32, seed=0), 1)
     assert "\n" not in str(error.value)
+
+
+def test_jpeg_shards_hold_quality_90_jpegs(shapes: ShapesDataset, tmp_path: Path) -> None:
+    paths = write_shards(shapes, str(tmp_path / "j-%02d.tar"), 16, image_format="jpg")
+    with tarfile.open(paths[0]) as tar:
+        assert tar.getnames()[:3] == [f"{0:09d}.{ext}" for ext in ("cls", "jpg", "txt")]
+    samples = list(wds.WebDataset([str(path) for path in paths], shardshuffle=False))
+    assert len(samples) == len(shapes) and all("png" not in sample for sample in samples)
+    for sample in samples[:4]:
+        image = shapes[int(sample["__key__"])].image
+        expected = io.BytesIO()  # PIL's own JPEG of the image at quality 90
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(expected, "JPEG", quality=90)
+        assert sample["jpg"] == expected.getvalue()
+    stream = WebDatasetStream(f"{tmp_path}/j-{{00..01}}.tar", IDENTITY, seed=0)
+    assert take(stream, 1)[0]["view1"].shape == (3, 32, 32)  # the stream decodes them
+    with pytest.raises(ValueError, match="image_format='gif'; use 'png' or 'jpg'"):
+        write_shards(shapes, str(tmp_path / "g-%02d.tar"), 16, image_format="gif")

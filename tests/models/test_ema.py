@@ -212,3 +212,24 @@ def test_m3i_teacher_is_the_students_timm_model_in_eval_mode():
     with torch.no_grad():
         reference = vit.forward_features(x)[:, vit.num_prefix_tokens :]
         torch.testing.assert_close(model.teacher(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_update_is_one_multi_tensor_op_for_parameters_and_one_for_buffers(monkeypatch):
+    online = student()
+    teacher = MomentumTeacher(online)
+    calls = []
+    for name in ("_foreach_lerp_", "_foreach_copy_"):
+        op = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, op=op, name=name, **k: (calls.append(name), op(*a, **k))
+        )
+    teacher.update(online, 0.9)
+    assert calls == ["_foreach_lerp_", "_foreach_copy_"]  # no per-tensor Python loop
+
+
+def test_update_from_a_different_student_is_a_clear_error():
+    teacher = MomentumTeacher(student())
+    other = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))  # the student without BatchNorm
+    message = "the teacher holds 6 parameters and 3 buffers, the student 4 and 0"
+    with pytest.raises(ValueError, match=message):
+        teacher.update(other, 0.9)

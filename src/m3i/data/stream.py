@@ -92,10 +92,12 @@ def batches(
 def stream_batches(
     stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
-    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
+    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run
+    (views made in the main process are made single-threaded, as in `batches`)."""
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers))
+    threads = 1 if workers == 0 else None
     while True:
-        with worker_errors():
+        with runtime.intra_op_threads(threads), worker_errors():
             batch = next(loader, None)
         if batch is None:
             return

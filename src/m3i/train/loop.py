@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
@@ -35,9 +34,10 @@ from m3i.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from m3i.train.input_rate import watch_input_rate
 from m3i.train.metrics import MetricsLog
 from m3i.train.monitors import TrainingMonitor
-from m3i.train.optimise import Optimise
+from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
@@ -235,9 +235,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     elif runtime.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = create_optimizer_v2(
-        model, opt="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = build_optimizer(model, cfg.train, device)
     if cfg.train.compile:
         forward = torch.compile(forward)
     optimise = Optimise(model, forward, optimizer, cfg.train, device)
@@ -266,6 +264,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
             atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
     stream = training_stream(cfg, source, start, device)
+    if main:  # one warning line if the input cannot keep up with the step
+        stream = watch_input_rate(stream, cfg.train.batch_size, cfg.data.workers)
     seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
     if state is not None:
         scheduler.step_update(start)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.optim import create_optimizer_v2
 
 from m3i import runtime
 from m3i.config import TrainConfig
@@ -28,6 +29,18 @@ def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
         {key: value[i * size : (i + 1) * size] for key, value in batch.items()}
         for i in range(parts)
     ]
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """timm's AdamW (no weight decay on biases, norms and what `model.no_weight_decay()` names)
+    with the multi-tensor kernel the device runs best: fused on CUDA (one kernel launch for all
+    parameters), foreach (one call per group of tensors, not a Python loop) elsewhere."""
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return create_optimizer_v2(
+        model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel
+    )
 
 
 @dataclass

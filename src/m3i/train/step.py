@@ -172,15 +172,20 @@ class M3IModel(nn.Module):
             )
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached; nats,
-        a lower bound or an estimate as `m3i.mi.targets.INFORMATION` says)."""
+        """The weighted loss and the monitors `loss/<target>` (still attached: detach them) and
+        `mi/<target>` (detached; nats, a lower bound or an estimate as
+        `m3i.mi.targets.INFORMATION` says).
+
+        A target's loss is not detached here because under torch.compile (inductor) a detached
+        copy of a lone weight-1 target's loss, which is the total itself, took the total's
+        gradient with it (pytorch/pytorch#195357): the data2vec and mae steps had no gradient."""
         ctx = self.encode(batch)
         total = torch.zeros((), device=batch["view1"].device)
         monitors = {}
         for name, target in self.targets.items():
             bound = target(ctx)
             total = total + target.weight * bound.loss
-            monitors[f"loss/{name}"] = bound.loss.detach()
+            monitors[f"loss/{name}"] = bound.loss
             monitors[f"mi/{name}"] = bound.mi.detach()
         return total, monitors
 
