@@ -190,7 +190,7 @@ def test_jpeg_shards_hold_quality_90_jpegs(shapes: ShapesDataset, tmp_path: Path
         expected = io.BytesIO()  # PIL's own JPEG of the image at quality 90
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(expected, "JPEG", quality=90)
         assert sample["jpg"] == expected.getvalue()
-    stream = WebDatasetStream(f"{tmp_path}/j-{{00..01}}.tar", IDENTITY, seed=0)
+    stream = WebDatasetStream(f"{tmp_path}/j-{{00..01}}.tar", IDENTITY, 32, seed=0)
     assert take(stream, 1)[0]["view1"].shape == (3, 32, 32)  # the stream decodes them
     with pytest.raises(ValueError, match="image_format='gif'; use 'png' or 'jpg'"):
         write_shards(shapes, str(tmp_path / "g-%02d.tar"), 16, image_format="gif")

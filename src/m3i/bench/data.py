@@ -31,7 +31,6 @@ from m3i.data.specs import SPECS, open_source
 from m3i.data.stream import batches, stream_batches
 from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream, encode_image, write_shards
-from m3i.train.batches import view_config
 from m3i.train.input_rate import usable_cores
 
 WORKERS = (0, 1, 2, 4, 8, 16)
@@ -112,10 +111,12 @@ def open_stream(
     """The training loop's batch stream over `spec` with `workers` DataLoader workers, at
     least `length` images long."""
     if spec.startswith("wds:"):
-        stream = WebDatasetStream(spec[4:], view_config(cfg), cfg.train.seed)
+        stream = WebDatasetStream(spec[4:], cfg.views, cfg.model.img_size, cfg.train.seed)
         return stream_batches(stream, cfg.train.batch_size, workers, device)
     source = open_source(spec, "train", image_size=cfg.data.image_size, seed=cfg.data.seed)
-    dataset = ViewDataset(Cycled(source, length), view_config(cfg), seed=cfg.train.seed)
+    dataset = ViewDataset(
+        Cycled(source, length), cfg.views, cfg.model.img_size, seed=cfg.train.seed
+    )
     return batches(dataset, cfg.train.batch_size, cfg.train.seed, workers, device)
 
 
