@@ -24,8 +24,9 @@ def by_epoch(stream, epochs: int) -> list[dict[int, dict[str, torch.Tensor]]]:
     seen = [{} for _ in range(epochs)]
     for number in range(epochs * per_epoch):
         batch = next(stream)
-        for row, index in enumerate(batch["index"].tolist()):
-            item = {key: batch[key][row] for key in ("view1", "box1", "flip1")}
+        view1 = batch.views[0]
+        for row, index in enumerate(batch.indices.tolist()):
+            item = {"view1": view1.image[row], "box1": view1.box[row], "flip1": view1.flip[row]}
             assert index not in seen[number // per_epoch], "a sample twice in one epoch"
             seen[number // per_epoch][index] = item
     return seen

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from m3i.config import DenseTargetConfig
+from m3i.data.batch import Batch
 from m3i.mi.targets import (
     InterViewTarget,
     IntraViewTarget,
@@ -96,7 +97,9 @@ def inter_view_ctx(n: int, grid: int, seed: int) -> StepContext:
     g = torch.Generator().manual_seed(seed)
     teacher = {"view2": F.layer_norm(torch.randn(n, grid, ENC_DIM, generator=g), (ENC_DIM,))}
     decoded = {"other_view": torch.randn(n, grid, DEC_DIM, generator=g)}
-    return StepContext({}, make_streams(n, grid, seed), 4, decoded=decoded, teacher_dense=teacher)
+    return StepContext(
+        Batch([]), make_streams(n, grid, seed), 4, decoded=decoded, teacher_dense=teacher
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -188,7 +191,7 @@ def test_intra_view_with_instance_norm_reads_the_top_k_teacher_layers(n):
     masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
     layers = [torch.randn(n, grid, ENC_DIM, generator=g) * 3 + 1 for _ in range(depth)]
     ctx = StepContext(
-        {},
+        Batch([]),
         streams,
         4,
         masked_positions=masked,

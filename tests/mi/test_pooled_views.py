@@ -17,6 +17,7 @@ from lightly.models.modules.heads import (
 from torch import nn
 
 from m3i.config import ViewContrastTargetConfig, ViewRegressTargetConfig
+from m3i.data.batch import Batch
 from m3i.mi.posteriors import gaussian
 from m3i.mi.targets import StepContext, Stream, ViewContrastTarget, ViewRegressTarget
 
@@ -102,7 +103,7 @@ def context(x: dict[str, torch.Tensor]) -> StepContext:
     n = len(x["s1"])
     stream = Stream(x["s1"][:, None], torch.zeros(n, 1, dtype=torch.long), torch.arange(n))
     return StepContext(
-        {},
+        Batch([]),
         {"a": stream},
         4,
         teacher_pooled={"view1": x["t1"], "view2": x["t2"]},

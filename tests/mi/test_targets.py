@@ -15,6 +15,7 @@ from m3i.config import (
     TargetsConfig,
     TextTargetConfig,
 )
+from m3i.data.batch import Batch, View
 from m3i.mi.targets import (
     INFORMATION,
     CategoryTarget,
@@ -35,6 +36,12 @@ CAPTIONS = [
     "a large red square",
     "a yellow triangle above a green circle",
 ]
+
+
+def image_batch(view1: torch.Tensor) -> Batch:
+    """A batch of one view (its boxes and flips unread by the targets here)."""
+    n = len(view1)
+    return Batch([View(view1, torch.zeros(n, 4), torch.zeros(n, dtype=torch.bool))])
 
 
 def make_streams(n: int, grid: int, seed: int, both: bool = True) -> dict[str, Stream]:
@@ -74,7 +81,7 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
     streams = make_streams(n, 16, seed=n)
     # sample 1 is unlabelled (when there is one)
     labels = torch.tensor([(3 * i + 1) % classes if i != 1 else -1 for i in range(n)])
-    ctx = StepContext({"label": labels}, streams, 4)
+    ctx = StepContext(Batch([], labels), streams, 4)
     bound = target(ctx)
     # brute force: one cross-entropy term per (stream, row) whose image is labelled
     terms = []
@@ -106,7 +113,7 @@ def test_category_logits_by_hand():
     streams = {
         "a": Stream(pooled[:, None, :], torch.zeros(3, 1, dtype=torch.long), torch.arange(3))
     }
-    bound = target(StepContext({"label": labels}, streams, 4))
+    bound = target(StepContext(Batch([], labels), streams, 4))
     rows = expected.tolist()
     by_hand = (
         sum(
@@ -124,7 +131,7 @@ def test_category_without_labels_is_finite_zero_and_backpropagates(n):
     streams = make_streams(n, 16, seed=n)
     for s in streams.values():
         s.tokens.requires_grad_(True)
-    ctx = StepContext({"label": torch.full((n,), -1)}, streams, 4)
+    ctx = StepContext(Batch([], torch.full((n,), -1)), streams, 4)
     bound = target(ctx)
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
     assert bound.mi.item() == 0.0
@@ -154,14 +161,14 @@ def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
     assert target.label_entropy == pytest.approx(IMBALANCED_ENTROPY, rel=1e-6)
     optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
     for step in range(60):
-        ctx = StepContext({"label": imbalanced_labels(100)}, make_streams(100, 4, seed=step), 4)
+        ctx = StepContext(Batch([], imbalanced_labels(100)), make_streams(100, 4, seed=step), 4)
         bound = target(ctx)
         optimizer.zero_grad()
         bound.loss.backward()
         optimizer.step()
         assert bound.mi.item() <= IMBALANCED_ENTROPY
     with torch.no_grad():
-        ctx = StepContext({"label": imbalanced_labels(2000)}, make_streams(2000, 4, seed=99), 4)
+        ctx = StepContext(Batch([], imbalanced_labels(2000)), make_streams(2000, 4, seed=99), 4)
         bound = target(ctx)
     torch.testing.assert_close(bound.mi, IMBALANCED_ENTROPY - bound.loss)
     assert -0.1 < bound.mi.item() < 0.05
@@ -170,7 +177,7 @@ def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
 def test_category_predicting_the_prior_gets_zero():
     target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, IMBALANCED)
     target.logits = lambda pooled: IMBALANCED.log().expand(len(pooled), 10)
-    bound = target(StepContext({"label": imbalanced_labels(200)}, make_streams(200, 4, seed=1), 4))
+    bound = target(StepContext(Batch([], imbalanced_labels(200)), make_streams(200, 4, seed=1), 4))
     assert bound.loss.item() == pytest.approx(IMBALANCED_ENTROPY, rel=1e-5)
     assert bound.mi.item() == pytest.approx(0.0, abs=1e-5)
 
@@ -219,7 +226,7 @@ def test_text_logit_scale_gradient_is_open_clips_below_and_above_the_cap(log_sca
     with torch.no_grad():
         target.logit_scale.fill_(log_scale)
     streams = make_streams(3, 16, seed=7, both=False)
-    bound = target(StepContext({"caption": CAPTIONS[:3]}, streams, 4))
+    bound = target(StepContext(Batch([], captions=CAPTIONS[:3]), streams, 4))
     bound.loss.backward()
     image = target.encode_image(streams["a"].tokens.mean(dim=1)).detach()
     text = target.encode_text(CAPTIONS[:3]).detach()
@@ -245,7 +252,7 @@ def test_text_one_stream_equals_open_clip(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     image = target.encode_image(streams["a"].tokens.mean(dim=1))
     text = target.encode_text(captions)
     reference = ClipLoss()(image, text, target.logit_scale.exp())
@@ -258,7 +265,7 @@ def test_text_excludes_captionless_samples(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] if i != 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     keep = [i for i in range(n) if captions[i]]
     image = target.encode_image(streams["a"].tokens.mean(dim=1))[keep]
     text = target.encode_text([captions[i] for i in keep])  # encoded without the empty ones
@@ -271,7 +278,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=10 + n)
     captions = [CAPTIONS[i] if i != 0 or n == 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     losses = []
     for stream in streams.values():
         image = target.encode_image(stream.tokens.mean(dim=1))
@@ -284,7 +291,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
 @pytest.mark.parametrize("n", [1, 2])
 def test_text_without_captions_is_finite_zero(n, tokenizer):
     target = text_target(tokenizer)
-    bound = target(StepContext({"caption": [""] * n}, make_streams(n, 16, seed=n), 4))
+    bound = target(StepContext(Batch([], captions=[""] * n), make_streams(n, 16, seed=n), 4))
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
 
 
@@ -320,7 +327,7 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
     masked = torch.stack([torch.randperm(grid, generator=g)[:4] for _ in range(n)])
     decoded = torch.randn(n, 4, DEC_DIM, generator=g)
     ctx = StepContext(
-        {"view1": view1},
+        image_batch(view1),
         streams,
         masked_positions=masked,
         decoded={"masked": decoded},
@@ -421,7 +428,12 @@ def test_intra_view_figure_is_zero_for_a_position_only_predictor():
     streams = make_streams(n, grid, seed=0)
     streams["a"].samples = torch.arange(n - 1, -1, -1)
     ctx = StepContext(
-        {}, streams, 4, masked, {"masked": means[masked]}, {"view1": teacher, "view2": teacher}
+        Batch([]),
+        streams,
+        4,
+        masked,
+        {"masked": means[masked]},
+        {"view1": teacher, "view2": teacher},
     )
     assert abs(target(ctx).mi.item()) < 0.1
 
@@ -432,7 +444,9 @@ def test_inter_view_figure_is_zero_for_a_position_only_predictor():
     identity_head(target)
     means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=2)
     decoded = {"other_view": means.expand(n, grid, ENC_DIM)}
-    ctx = StepContext({}, make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher})
+    ctx = StepContext(
+        Batch([]), make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher}
+    )
     assert abs(target(ctx).mi.item()) < 0.1
 
 
@@ -447,5 +461,5 @@ def test_pixel_figure_is_zero_for_a_position_only_predictor():
     patch_means = torch.tensor(brute_force_patches(mean_image, p))  # (grid, 48)
     masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
     decoded = {"masked": patch_means[masked]}
-    ctx = StepContext({"view1": images}, make_streams(n, grid, seed=3), p, masked, decoded)
+    ctx = StepContext(image_batch(images), make_streams(n, grid, seed=3), p, masked, decoded)
     assert abs(target(ctx).mi.item()) < 0.1

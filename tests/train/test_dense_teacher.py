@@ -69,10 +69,12 @@ def test_data2vec_target_equals_the_teachers_blocks_run_by_hand(k):
     assert len(ctx.teacher_layers["view1"]) == min(k, DEPTH)
     target = model.targets["intra_view"].target_tokens(ctx)
     teacher, student = model.teacher.module.vit, model.backbone.vit
-    expected = at_masked_positions(data2vec_by_hand(teacher, batch["view1"], min(k, DEPTH)), ctx)
+    expected = at_masked_positions(
+        data2vec_by_hand(teacher, batch.views[0].image, min(k, DEPTH)), ctx
+    )
     torch.testing.assert_close(target, expected, atol=1e-4, rtol=1e-4)
     # the student's blocks give another target: the test tells the teacher from the student
-    other = at_masked_positions(data2vec_by_hand(student, batch["view1"], min(k, DEPTH)), ctx)
+    other = at_masked_positions(data2vec_by_hand(student, batch.views[0].image, min(k, DEPTH)), ctx)
     assert (other - expected).abs().max() > 1e-2
     assert not target.requires_grad
 
@@ -89,7 +91,8 @@ def test_m3i_dense_targets_are_layer_normed_last_layer_tokens_of_the_teacher():
     with torch.no_grad():
         views = {
             v: F.layer_norm(
-                vit.forward_features(batch[v])[:, vit.num_prefix_tokens :], (vit.embed_dim,)
+                vit.forward_features(batch.view(v).image)[:, vit.num_prefix_tokens :],
+                (vit.embed_dim,),
             )
             for v in ("view1", "view2")
         }

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import default_collate
 
 from m3i.bench.measure import synthetic_batch
 from m3i.config import ConfigError, load_config, preset_names
 from m3i.data.base import ImageSource
+from m3i.data.batch import collate
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
@@ -30,7 +30,7 @@ def source():
 
 def make_batch(source, cfg, n):
     views = ViewDataset(source, view_config(cfg), seed=0)
-    return default_collate([views[i] for i in range(n)])
+    return collate([views[i] for i in range(n)])
 
 
 @pytest.mark.parametrize("preset", PRESETS)

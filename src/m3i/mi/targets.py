@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from m3i import runtime
+from m3i.data.batch import Batch
 from m3i.data.mixing import gather_tokens
 from m3i.mi.posteriors import (
     Bound,
@@ -69,7 +70,7 @@ class Stream:
 
 @dataclass
 class StepContext:
-    batch: dict[str, Any]
+    batch: Batch
     streams: dict[str, Stream]
     patch_size: int
     masked_positions: torch.Tensor | None = None  # (N, Q) view-1 positions image A did not see
@@ -143,7 +144,7 @@ class CategoryTarget(Target):
 
     def forward(self, ctx: StepContext) -> Bound:
         logits = torch.cat([self.logits(s.pooled) for s in ctx.streams.values()])
-        labels = torch.cat([ctx.batch["label"][s.samples] for s in ctx.streams.values()])
+        labels = torch.cat([ctx.batch.labels[s.samples] for s in ctx.streams.values()])
         labelled = labels >= 0
         if not labelled.any():
             return zero_bound(logits)
@@ -191,7 +192,7 @@ class TextTarget(Target):
         self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
     def forward(self, ctx: StepContext) -> Bound:
-        captions = list(ctx.batch["caption"])
+        captions = list(ctx.batch.captions)
         has_caption = torch.tensor([bool(c) for c in captions], device=self.logit_scale.device)
         text = self.encode_text(captions)
         scale = self.logit_scale.exp()
@@ -319,7 +320,7 @@ class PixelTarget(Target):
         self.head = nn.Linear(decoder_dim, patch_size * patch_size * 3)
 
     def forward(self, ctx: StepContext) -> Bound:
-        images = ctx.batch["view1"][ctx.streams["a"].samples]
+        images = ctx.batch.views[0].image[ctx.streams["a"].samples]
         patches = patchify(images, ctx.patch_size)
         target = gather_tokens(patches, ctx.masked_positions)
         if self.norm_pix:

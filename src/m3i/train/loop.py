@@ -311,7 +311,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
                     step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
                 )
                 model.momentum_update(momentum)
-                seen += len(batch["view1"]) * runtime.world_size()
+                seen += len(batch) * runtime.world_size()
             if not result.skipped and logged:
                 elapsed = time.perf_counter() - tick
                 loss, monitors = mean_over_ranks(result.loss, result.monitors)

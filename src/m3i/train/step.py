@@ -8,14 +8,13 @@ pieces that the active targets read.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.config import Config
+from m3i.data.batch import Batch
 from m3i.data.mixing import count_a, gather_tokens, pair_partners, split_positions
 from m3i.mi.targets import StepContext, Stream, Target, build_targets
 from m3i.models.backbone import Backbone
@@ -77,9 +76,9 @@ class M3IModel(nn.Module):
         )
         return use_a, use_b
 
-    def encode(self, batch: dict[str, Any]) -> StepContext:
+    def encode(self, batch: Batch) -> StepContext:
         """Everything the active targets read, computed once."""
-        view1 = batch["view1"]
+        view1 = batch.views[0].image
         n, device = view1.shape[0], view1.device
         backbone = self.backbone
         partners = pair_partners(n, device)
@@ -110,7 +109,9 @@ class M3IModel(nn.Module):
             measure=self.measure_information,
         )
         for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
-            ctx.student_pooled[view] = backbone(batch[view]).mean(dim=1)  # the whole view
+            ctx.student_pooled[view] = backbone(batch.view(view).image).mean(
+                dim=1
+            )  # the whole view
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -123,7 +124,7 @@ class M3IModel(nn.Module):
         )
         if self.teacher is None or not views:
             return
-        images = [ctx.batch[v] for v in views]
+        images = [ctx.batch.view(v).image for v in views]
         if images[0].is_cuda:  # one call on all views: a GPU is launch-bound at small batches,
             tokens, layers = self._teach(torch.cat(images))
             outputs = [
@@ -151,7 +152,7 @@ class M3IModel(nn.Module):
         if self.decoder is None:
             return
         grid = self.backbone.grid
-        coords = grid_coords(grid, ctx.batch["view1"].device)
+        coords = grid_coords(grid, ctx.batch.views[0].image.device)
         kinds = {t.queries for t in self.targets.values() if t.queries}
         if "masked" in kinds:
             a = ctx.streams["a"]
@@ -159,23 +160,23 @@ class M3IModel(nn.Module):
                 a.tokens, coords[a.positions], coords[ctx.masked_positions]
             )
         if "other_view" in kinds:
-            b, batch = ctx.streams["b"], ctx.batch
+            b, (view1, view2) = ctx.streams["b"], ctx.batch.views[:2]
             query_coords, geometry = view_to_view(
                 grid,
-                batch["box2"][b.samples],
-                batch["flip2"][b.samples],
-                batch["box1"][b.samples],
-                batch["flip1"][b.samples],
+                view2.box[b.samples],
+                view2.flip[b.samples],
+                view1.box[b.samples],
+                view1.flip[b.samples],
             )
             ctx.decoded["other_view"] = self.decoder(
                 b.tokens, coords[b.positions], query_coords, geometry
             )
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached; nats,
         a lower bound or an estimate as `m3i.mi.targets.INFORMATION` says)."""
         ctx = self.encode(batch)
-        total = torch.zeros((), device=batch["view1"].device)
+        total = torch.zeros((), device=batch.views[0].image.device)
         monitors = {}
         for name, target in self.targets.items():
             bound = target(ctx)
