@@ -97,7 +97,7 @@ def test_nested_overrides_are_typed():
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.hidden_dim=0"],
-            "targets.view_contrast.hidden_dim and embed_dim must be >= 1",
+            "targets.view_contrast.hidden_dim must be >= 1, got 0",
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.temperature=0"],

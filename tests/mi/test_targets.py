@@ -8,24 +8,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from m3i.config import (
-    CategoryTargetConfig,
-    DenseTargetConfig,
-    PixelTargetConfig,
-    TargetsConfig,
-    TextTargetConfig,
-)
+from m3i.config import Config
 from m3i.data.batch import Batch, View
-from m3i.mi.targets import (
-    INFORMATION,
-    CategoryTarget,
-    InterViewTarget,
-    IntraViewTarget,
-    PixelTarget,
-    StepContext,
-    Stream,
-    TextTarget,
-)
+from m3i.mi.targets import RunContext, StepContext, Stream, information
+from m3i.mi.targets.category import CategoryTarget, CategoryTargetConfig
+from m3i.mi.targets.dense import DenseTargetConfig, InterViewTarget, IntraViewTarget
+from m3i.mi.targets.pixels import PixelTarget, PixelTargetConfig
+from m3i.mi.targets.text import TextTarget, TextTargetConfig
 from m3i.models.text import train_bpe
 
 ENC_DIM, DEC_DIM = 12, 10
@@ -71,7 +60,7 @@ def make_streams(n: int, grid: int, seed: int, both: bool = True) -> dict[str, S
 def category_target(classes: int) -> CategoryTarget:
     torch.manual_seed(0)
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
-    return CategoryTarget("category", cfg, ENC_DIM, classes)
+    return CategoryTarget(cfg, RunContext(ENC_DIM, num_classes=classes))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -99,7 +88,7 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
 def test_category_logits_by_hand():
     """A linear head W p + b, then the dot product with each class embedding, by hand."""
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=0, embed_dim=2)  # hidden_dim 0: linear
-    target = CategoryTarget("category", cfg, encoder_dim=3, num_classes=3)
+    target = CategoryTarget(cfg, RunContext(encoder_dim=3, num_classes=3))
     with torch.no_grad():
         target.head.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]))
         target.head.bias.copy_(torch.tensor([0.5, -1.0]))
@@ -157,7 +146,7 @@ def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
     the figure is near 0 and never above H(Y) = 0.50 (log C - CE said 2.07 here)."""
     torch.manual_seed(0)
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
-    target = CategoryTarget("category", cfg, ENC_DIM, 10, IMBALANCED)
+    target = CategoryTarget(cfg, RunContext(ENC_DIM, num_classes=10, label_prior=IMBALANCED))
     assert target.label_entropy == pytest.approx(IMBALANCED_ENTROPY, rel=1e-6)
     optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
     for step in range(60):
@@ -175,7 +164,8 @@ def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
 
 
 def test_category_predicting_the_prior_gets_zero():
-    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, IMBALANCED)
+    run = RunContext(ENC_DIM, num_classes=10, label_prior=IMBALANCED)
+    target = CategoryTarget(CategoryTargetConfig(weight=1.0), run)
     target.logits = lambda pooled: IMBALANCED.log().expand(len(pooled), 10)
     bound = target(StepContext(Batch([], imbalanced_labels(200)), make_streams(200, 4, seed=1), 4))
     assert bound.loss.item() == pytest.approx(IMBALANCED_ENTROPY, rel=1e-5)
@@ -183,18 +173,19 @@ def test_category_predicting_the_prior_gets_zero():
 
 
 def test_category_without_a_prior_counts_classes_as_balanced():
-    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 7)
+    target = CategoryTarget(CategoryTargetConfig(weight=1.0), RunContext(ENC_DIM, num_classes=7))
     assert target.label_entropy == pytest.approx(math.log(7))
 
 
 def test_category_prior_must_match_the_classes():
     with pytest.raises(ValueError, match="label_prior must hold 10 .* shape \\(4,\\)"):
-        CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, torch.ones(4) / 4)
+        run = RunContext(ENC_DIM, num_classes=10, label_prior=torch.ones(4) / 4)
+        CategoryTarget(CategoryTargetConfig(weight=1.0), run)
 
 
 def test_every_target_says_whether_its_figure_is_a_bound_or_an_estimate():
-    assert set(INFORMATION) == {f.name for f in fields(TargetsConfig)}
-    assert set(INFORMATION.values()) == {"lower bound", "estimate"}
+    assert set(information()) == {f.name for f in fields(Config().targets)}
+    assert set(information().values()) == {"lower bound", "estimate"}
 
 
 # ---------------------------------------------------------------- text
@@ -210,7 +201,7 @@ def text_target(tokenizer) -> TextTarget:
     cfg = TextTargetConfig(
         weight=1.0, embed_dim=8, hidden_dim=16, width=16, depth=1, heads=2, context_length=12
     )
-    return TextTarget("text", cfg, ENC_DIM, tokenizer).eval()
+    return TextTarget(cfg, RunContext(ENC_DIM, tokenizer=tokenizer)).eval()
 
 
 def test_text_init_temperature(tokenizer):
@@ -319,7 +310,8 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
     p, size = 4, 12  # a 3x3 grid of 4x4 patches
     grid = (size // p) ** 2
     torch.manual_seed(0)
-    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=norm_pix), DEC_DIM, p)
+    run = RunContext(decoder_dim=DEC_DIM, patch_size=p)
+    target = PixelTarget(PixelTargetConfig(weight=1.0, norm_pix=norm_pix), run)
     g = torch.Generator().manual_seed(n)
     view1 = torch.rand(n, 3, size, size, generator=g) * 2 + torch.arange(n)[:, None, None, None]
     streams = make_streams(n, grid, seed=n)
@@ -358,7 +350,7 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
 def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
     grid, q = 16, 8
     torch.manual_seed(0)
-    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     g = torch.Generator().manual_seed(n)
     streams = make_streams(n, grid, seed=n)
     streams["a"].samples = torch.arange(n - 1, -1, -1)
@@ -384,7 +376,7 @@ def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
 def test_inter_view_regresses_partner_teacher_view2_densely(n):
     grid = 16
     torch.manual_seed(0)
-    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     g = torch.Generator().manual_seed(n)
     streams = make_streams(n, grid, seed=n)
     teacher = {
@@ -420,7 +412,7 @@ def test_intra_view_figure_is_zero_for_a_position_only_predictor():
     """The queries' positions reach the estimate: predicting each masked position's mean tells
     nothing (without the positions the figure would be far above 0)."""
     n, grid, q = 64, 16, 8
-    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
     identity_head(target)
     means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -440,7 +432,7 @@ def test_intra_view_figure_is_zero_for_a_position_only_predictor():
 
 def test_inter_view_figure_is_zero_for_a_position_only_predictor():
     n, grid = 64, 16
-    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
     identity_head(target)
     means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=2)
     decoded = {"other_view": means.expand(n, grid, ENC_DIM)}
@@ -453,7 +445,8 @@ def test_inter_view_figure_is_zero_for_a_position_only_predictor():
 def test_pixel_figure_is_zero_for_a_position_only_predictor():
     n, p, size, q = 64, 4, 16, 8
     grid = (size // p) ** 2
-    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=False), 3 * p * p, p)
+    run = RunContext(decoder_dim=3 * p * p, patch_size=p)
+    target = PixelTarget(PixelTargetConfig(weight=1.0, norm_pix=False), run)
     identity_head(target)
     g = torch.Generator().manual_seed(3)
     mean_image = 3 * torch.randn(3, size, size, generator=g)

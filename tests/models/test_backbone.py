@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from m3i.config import load_config
 from m3i.data.batch import Batch, View
 from m3i.data.mixing import gather_tokens, split_positions
+from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone, load_timm_model, read_backbone_metadata
 from m3i.models.config import ModelConfig
 from m3i.models.text import train_bpe
@@ -174,7 +175,9 @@ def m3i_model(isolate: bool) -> M3IModel:
         ],
     )
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)).eval()
+    return M3IModel(
+        cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    ).eval()
 
 
 def batch(n: int, seed: int = 0) -> Batch:

@@ -9,6 +9,7 @@ from torch import nn
 
 from m3i.config import load_config
 from m3i.data.batch import Batch, View
+from m3i.mi.targets import RunContext
 from m3i.models.ema import MomentumTeacher, momentum_at
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
@@ -143,7 +144,7 @@ def m3i_model() -> M3IModel:
         ],
     )
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    return M3IModel(cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)))
 
 
 def batch(n: int) -> Batch:
@@ -190,7 +191,9 @@ def test_m3i_teacher_is_the_students_timm_model_in_eval_mode():
     overrides = [*TINY_M3I, "model.img_size=16", "model.patch_size=4", "model.drop_path=0.5"]
     cfg = load_config("m3i", overrides=overrides)
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)).train()
+    model = M3IModel(
+        cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    ).train()
     vit = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,

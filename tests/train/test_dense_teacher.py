@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from m3i.bench.measure import synthetic_batch
-from m3i.config import DenseTargetConfig, load_config
+from m3i.config import load_config
+from m3i.mi.targets import RunContext
+from m3i.mi.targets.dense import DenseTargetConfig
 from m3i.train.step import M3IModel
 from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
@@ -19,7 +21,9 @@ EPS = 1e-5  # torch's default for instance_norm and layer_norm, as data2vec 2.0 
 def model_with_own_teacher(preset: str, overrides: list[str] = ()) -> M3IModel:
     """A model whose EMA teacher's weights differ from the student's (as after some steps)."""
     torch.manual_seed(0)
-    model = M3IModel(load_config(preset, overrides=SMALL + list(overrides)), num_classes=10)
+    model = M3IModel(
+        load_config(preset, overrides=SMALL + list(overrides)), RunContext(num_classes=10)
+    )
     with torch.no_grad():
         for param in model.teacher.module.parameters():
             param.add_(0.05 * torch.randn_like(param))

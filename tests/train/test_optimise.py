@@ -9,6 +9,7 @@ from m3i.config import load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models import backbone as backbone_module
 from m3i.models.text import train_bpe
 from m3i.train.batches import view_config
@@ -36,7 +37,7 @@ def config(preset: str, *overrides: str):
 
 def make_model(cfg, source, tokenizer) -> M3IModel:
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=len(source.classes), tokenizer=tokenizer)
+    return M3IModel(cfg, RunContext(num_classes=len(source.classes), tokenizer=tokenizer))
 
 
 def make_batch(source, cfg, n: int = 4, start: int = 0):

@@ -15,6 +15,7 @@ from m3i.config import load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
 from m3i.train.batches import view_config
@@ -125,7 +126,7 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
     cfg = load_config("m3i", overrides=weighted(WEIGHTS))
     assert set(cfg.active_targets()) == set(WEIGHTS)
     torch.manual_seed(0)
-    full = M3IModel(cfg, num_classes=len(shapes.classes), tokenizer=tokenizer)
+    full = M3IModel(cfg, RunContext(num_classes=len(shapes.classes), tokenizer=tokenizer))
     batch = collate([ViewDataset(shapes, view_config(cfg), seed=0)[i] for i in range(4)])
     with torch.no_grad():
         torch.manual_seed(5)  # the masks
@@ -134,7 +135,7 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
         alone = {}
         for name in WEIGHTS:
             one = load_config("m3i", overrides=weighted({name: 1.0}))
-            model = M3IModel(one, num_classes=len(shapes.classes), tokenizer=tokenizer)
+            model = M3IModel(one, RunContext(num_classes=len(shapes.classes), tokenizer=tokenizer))
             missing = model.state_dict().keys() - state.keys()
             assert not missing, missing
             model.load_state_dict({k: state[k] for k in model.state_dict()})
@@ -161,7 +162,9 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
 
     cfg = load_config("m3i", overrides=TINY)
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(shapes.captions(), 200)).eval()
+    model = M3IModel(
+        cfg, RunContext(num_classes=10, tokenizer=train_bpe(shapes.captions(), 200))
+    ).eval()
     items = [ViewDataset(shapes, view_config(cfg), seed=3)[i] for i in range(4)]
     batch = collate(items)
     view1, view2 = batch.views

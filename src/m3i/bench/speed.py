@@ -25,6 +25,7 @@ from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models.text import tokenize, train_bpe
 from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
@@ -82,7 +83,7 @@ def training_step(
 def our_step(preset: str, settings: BenchSettings, batch: Batch, tokenizer, device):
     cfg = load_config(preset, overrides=model_overrides(settings))
     text = tokenizer if cfg.targets.text.weight else None
-    model = M3IModel(cfg, num_classes=len(CLASSES), tokenizer=text).to(device).train()
+    model = M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=text)).to(device).train()
     ema = (lambda: model.momentum_update(0.996)) if model.teacher is not None else None
     return training_step(model, lambda: model(batch)[0], ema)
 

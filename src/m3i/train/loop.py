@@ -22,10 +22,9 @@ from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.base import DataError, ImageSource
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
-from m3i.models import minilm
+from m3i.mi.targets import TARGETS, DataInfo, RunContext
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
-from m3i.models.text import load_tokenizer, train_bpe
 from m3i.train import sharding
 from m3i.train.batches import training_source, training_stream
 from m3i.train.checkpoint import (
@@ -64,53 +63,22 @@ def mask_seed(seed: int, rank: int, first_batch: int) -> int:
     return seed + rank + MASK_SEED_STRIDE * first_batch
 
 
-def build_tokenizer(cfg: Config, source: ImageSource):
-    """The text tokenizer: the minilm tower's own, BPE trained on the run's captions, or a given
-    tokenizer.json."""
-    text = cfg.targets.text
-    if text.tower == "minilm":
-        return minilm.load_tokenizer(text.context_length)
-    if text.tokenizer != "bpe":
-        return load_tokenizer(text.tokenizer)
-    captions = source.captions()
-    if not captions:
-        raise TrainingError(
-            f"targets.text needs captions, and data {cfg.data.spec!r} has none; "
-            "set targets.text.weight=0 or use data with captions (shapes, captions:FILE)"
-        )
-    return train_bpe(captions, text.vocab_size)
-
-
-def label_prior(cfg: Config, source: ImageSource | WebDatasetStream) -> torch.Tensor:
-    """The class frequencies of the training source's labelled samples (-1: unlabelled)."""
-    labels = torch.tensor(source.labels(), dtype=torch.long)
-    counts = torch.bincount(labels[labels >= 0], minlength=len(source.classes or []))
-    if counts.sum() == 0:
-        raise TrainingError(
-            f"targets.category needs labels, and no sample of data {cfg.data.spec!r} has one; "
-            "set targets.category.weight=0 or use labelled data"
-        )
-    return counts.double() / counts.sum()
+def target_run_context(cfg: Config, source: ImageSource | WebDatasetStream) -> RunContext:
+    """What the active targets take from the training data (each spec's `prepare`), after
+    each has checked that the data has what it needs."""
+    data = DataInfo(cfg.data.spec, source)
+    given = {"num_classes": len(data.classes)}
+    for name, section in cfg.active_targets().items():
+        spec = TARGETS[name]
+        problem = spec.check_data(section, data)
+        if problem:
+            raise TrainingError(problem)
+        given.update(spec.prepare(section, data))
+    return RunContext(**given)
 
 
 def build_model(cfg: Config, source: ImageSource | WebDatasetStream) -> M3IModel:
-    num_classes = len(source.classes) if source.classes else 0
-    prior = None
-    if cfg.targets.category.weight != 0:
-        if num_classes == 0:
-            raise TrainingError(
-                f"targets.category needs labels, and data {cfg.data.spec!r} has none; "
-                "set targets.category.weight=0 or use labelled data"
-            )
-        if num_classes == 1:
-            log.warning(
-                "data %r has one class: targets.category can learn nothing (its loss is always "
-                "0); set targets.category.weight=0 or use data with two classes or more",
-                cfg.data.spec,
-            )
-        prior = label_prior(cfg, source)
-    tokenizer = build_tokenizer(cfg, source) if cfg.targets.text.weight != 0 else None
-    model = M3IModel(cfg, num_classes=num_classes, tokenizer=tokenizer, label_prior=prior)
+    model = M3IModel(cfg, target_run_context(cfg, source))
     if cfg.init:
         model.backbone.load(cfg.init)
         if model.teacher is not None:
@@ -262,8 +230,9 @@ def _train(cfg: Config, out_dir: Path, progress: bool, resume: bool, device: tor
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-        if "text" in model.targets:
-            atomic_write_text(out_dir / "tokenizer.json", model.targets["text"].tokenizer.to_str())
+        for name, target in model.targets.items():
+            if TARGETS[name].save is not None:
+                TARGETS[name].save(target, out_dir)
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
     stream = training_stream(cfg, source, start, device)
     seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))

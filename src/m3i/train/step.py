@@ -8,15 +8,16 @@ pieces that the active targets read.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.config import Config
 from m3i.data.batch import Batch
 from m3i.data.mixing import count_a, gather_tokens, pair_partners, split_positions
-from m3i.mi.targets import StepContext, Stream, Target, build_targets
+from m3i.mi.targets import RunContext, StepContext, Stream, Target, build_targets
 from m3i.models.backbone import Backbone
 from m3i.models.decoder import Decoder, grid_coords, view_to_view
 from m3i.models.ema import MomentumTeacher
@@ -25,33 +26,24 @@ from m3i.models.ema import MomentumTeacher
 class M3IModel(nn.Module):
     """Backbone, decoder, targets and EMA teacher of one pre-training run.
 
-    `label_prior` (num_classes,) holds the training set's class frequencies, from which the
-    category target's figure H(Y) - CE takes H(Y); without it the classes count as balanced.
+    `run` holds what the targets need from the data (classes, label prior, tokenizer: their
+    specs' `prepare`); the model adds its own sizes before building them.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        num_classes: int = 0,
-        tokenizer: Tokenizer | None = None,
-        label_prior: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, run: RunContext | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         # the Gaussian information estimates cost a D x D eigendecomposition each: the training
         # loop turns them on only for the steps it logs (their `mi/...` are NaN otherwise)
         self.measure_information = True
         self.backbone = Backbone(cfg.model)
-        self.targets = nn.ModuleDict(
-            build_targets(
-                cfg,
-                self.backbone.embed_dim,
-                cfg.model.patch_size,
-                num_classes,
-                tokenizer,
-                label_prior,
-            )
+        run = dataclasses.replace(
+            run or RunContext(),
+            encoder_dim=self.backbone.embed_dim,
+            decoder_dim=cfg.decoder.dim,
+            patch_size=cfg.model.patch_size,
         )
+        self.targets = nn.ModuleDict(build_targets(cfg.active_targets(), run))
         targets = list(self.targets.values())
         self.decoder = None
         if any(t.queries for t in targets):
@@ -174,7 +166,7 @@ class M3IModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached; nats,
-        a lower bound or an estimate as `m3i.mi.targets.INFORMATION` says)."""
+        a lower bound or an estimate as `m3i.mi.targets.information()` says)."""
         ctx = self.encode(batch)
         total = torch.zeros((), device=batch.views[0].image.device)
         monitors = {}
