@@ -55,8 +55,10 @@ from torch.profiler import ProfilerActivity, profile
 from m3i.bench.data import DataBenchSettings, run_data_bench
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
+from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.io import atomic_write_text
+from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel
@@ -160,16 +162,16 @@ def profile_table(step, device: torch.device, steps: int) -> list[dict[str, Any]
     ]
 
 
-def model_flops(model: M3IModel, batch: dict, device: torch.device) -> tuple[float, int]:
+def model_flops(model: M3IModel, batch: Batch, device: torch.device) -> tuple[float, int]:
     """(matmul FLOPs of an eager forward and backward under bf16 autocast, with no
     recomputation; the batch size they were counted at). When the whole batch runs out of
     memory they are counted on its first half (quarter, ...) and scaled up: linear in the
     batch but for the contrastive N x N logits, far below 0.1% of the step."""
-    n = len(batch["view1"])
+    n = len(batch.views[0].image)
     checkpointing, model.backbone.grad_checkpointing = model.backbone.grad_checkpointing, False
     try:
         for part in (n, n // 2, n // 4):
-            sub = {key: value[:part] for key, value in batch.items()}
+            sub = batch.rows(slice(part))
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     flops = count_flops(lambda sub=sub: model(sub)[0].backward())
@@ -187,7 +189,9 @@ def run_step(cfg, compiled: bool, sizes: Sizes, device: torch.device, peak: floa
     torch.manual_seed(0)
     captions = ShapesDataset("train", num_samples=300).captions()
     tokenizer = train_bpe(captions, cfg.targets.text.vocab_size)
-    model = M3IModel(cfg, num_classes=len(CLASSES), tokenizer=tokenizer).to(device).train()
+    model = (
+        M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=tokenizer)).to(device).train()
+    )
     model.measure_information = False  # as on every step the training loop does not log
     batch = synthetic_batch(cfg.train.batch_size, cfg.model.img_size, captions, device)
     flops, counted_at = model_flops(model, batch, device)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from m3i.cli import main
 from m3i.config import load_config, preset_names, preset_values
 from m3i.mi.posteriors import Bound
-from m3i.mi.targets import CategoryTarget
+from m3i.mi.targets.category import CategoryTarget
 from m3i.train.loop import TrainingError
 from m3i.train.pretrain import pretrain
 

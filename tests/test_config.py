@@ -113,7 +113,7 @@ def test_nested_overrides_are_typed():
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.hidden_dim=0"],
-            "targets.view_contrast.hidden_dim and embed_dim must be >= 1",
+            "targets.view_contrast.hidden_dim must be >= 1, got 0",
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.temperature=0"],
@@ -156,5 +156,6 @@ def test_views_section_is_the_data_view_config():
     cfg = load_config("m3i", overrides=overrides)
     assert type(cfg.views) is ViewConfig and cfg.views.flip == 1.0
     batch = next(training_stream(cfg, training_source(cfg), 0, torch.device("cpu")))
-    assert batch["view1"].shape == batch["view2"].shape == (4, 3, 16, 16)
-    assert batch["flip1"].all() and batch["flip2"].all()
+    view1, view2 = batch.views
+    assert view1.image.shape == view2.image.shape == (4, 3, 16, 16)
+    assert view1.flip.all() and view2.flip.all()

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 import torchvision.transforms as legacy
-from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.base import ColourChange, ImageSource, Sample, ViewInfo
+from m3i.data.batch import collate
 from m3i.data.shapes import ShapesDataset
 from m3i.data.views import (
     ViewConfig,
@@ -196,11 +196,11 @@ def test_view_dataset_is_reproducible_and_collates() -> None:
     assert torch.equal(views[3]["view1"], first["view1"])
     assert first["label"].item() == source[3].label and first["caption"] == again["caption"]
 
-    batch = default_collate([views[i] for i in range(4)])
-    assert batch["view1"].shape == (4, 3, 24, 24) and batch["box2"].shape == (4, 4)
-    assert batch["flip1"].dtype == torch.bool and batch["flip1"].shape == (4,)
-    assert batch["label"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]
-    assert batch["caption"] == [views[i]["caption"] for i in range(4)]
+    batch = collate([views[i] for i in range(4)])
+    assert batch.views[0].image.shape == (4, 3, 24, 24) and batch.views[1].box.shape == (4, 4)
+    assert batch.views[0].flip.dtype == torch.bool and batch.views[0].flip.shape == (4,)
+    assert batch.labels.dtype == torch.int64 and batch.indices.tolist() == [0, 1, 2, 3]
+    assert batch.captions == [views[i]["caption"] for i in range(4)]
 
 
 def test_eval_transform_resizes_whole_image() -> None:

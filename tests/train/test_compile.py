@@ -13,6 +13,7 @@ import torch._inductor.config
 from m3i.bench.measure import synthetic_batch
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel
@@ -47,7 +48,8 @@ def test_compiled_step_matches_eager(preset, steps):
     cfg = load_config(preset, overrides=[*TINY_M3I, "model.img_size=16", "model.patch_size=4"])
     captions = ShapesDataset("train", num_samples=50).captions()
     torch.manual_seed(0)
-    eager = M3IModel(cfg, len(CLASSES), train_bpe(captions, cfg.targets.text.vocab_size)).train()
+    tokenizer = train_bpe(captions, cfg.targets.text.vocab_size)
+    eager = M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=tokenizer)).train()
     eager.measure_information = False  # as on the steps the loop does not log
     compiled = copy.deepcopy(eager)
     batch = synthetic_batch(8, 16, captions, CPU)

@@ -26,6 +26,7 @@ import torch
 
 from m3i.config import Config, ConfigError, load_config
 from m3i.data.base import ImageSource, Sample, ViewInfo
+from m3i.data.batch import Batch
 from m3i.data.shapes import ShapesDataset
 from m3i.data.specs import SPECS, open_source
 from m3i.data.stream import batches, stream_batches
@@ -107,7 +108,7 @@ def write_generated(root: Path, img_size: int, samples: int) -> dict[str, str]:
 
 def open_stream(
     spec: str, cfg: Config, workers: int, length: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """The training loop's batch stream over `spec` with `workers` DataLoader workers, at
     least `length` images long."""
     if spec.startswith("wds:"):

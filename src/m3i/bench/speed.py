@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import Config, ConfigError, load_config
+from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models.text import tokenize, train_bpe
 from m3i.train.step import M3IModel
 
@@ -77,9 +79,9 @@ def training_step(
     return step, backward
 
 
-def our_step(cfg: Config, batch: dict, tokenizer, device):
+def our_step(cfg: Config, batch: Batch, tokenizer, device):
     text = tokenizer if cfg.targets.text.weight else None
-    model = M3IModel(cfg, num_classes=len(CLASSES), tokenizer=text).to(device).train()
+    model = M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=text)).to(device).train()
     ema = (lambda: model.momentum_update(0.996)) if model.teacher is not None else None
     return training_step(model, lambda: model(batch)[0], ema)
 
@@ -94,7 +96,7 @@ def timm_vit(cfg: Config, **kwargs: Any) -> torch.nn.Module:
     )  # fmt: skip
 
 
-def lightly_mae_step(cfg: Config, batch: dict, device):
+def lightly_mae_step(cfg: Config, batch: Batch, device):
     """lightly's MAE: MaskedVisionTransformerTIMM + MAEDecoderTIMM, 75% masked, MSE on
     per-patch normalised pixels, the same timm ViT and decoder size as ours (`cfg`: mae's)."""
     from lightly.models import utils
@@ -112,7 +114,7 @@ def lightly_mae_step(cfg: Config, batch: dict, device):
             num_prefix_tokens=vit.num_prefix_tokens,
         )  # fmt: skip
     model = torch.nn.ModuleDict({"encoder": encoder, "decoder": decoder}).to(device).train()
-    images, n = batch["view1"], batch["view1"].shape[0]
+    images, n = batch.views[0].image, len(batch)
     length = vit.patch_embed.num_patches + vit.num_prefix_tokens
 
     def loss() -> torch.Tensor:
@@ -129,7 +131,7 @@ def lightly_mae_step(cfg: Config, batch: dict, device):
     return training_step(model, loss, None)
 
 
-def open_clip_step(clip: Config, batch: dict, tokenizer, device):
+def open_clip_step(clip: Config, batch: Batch, tokenizer, device):
     """open_clip's CLIP: its TextTransformer and ClipLoss, our timm ViT with the same MLP
     projection as our clip preset, the same text width, depth, context and vocabulary."""
     from open_clip import ClipLoss
@@ -148,11 +150,11 @@ def open_clip_step(clip: Config, batch: dict, tokenizer, device):
     scale = torch.nn.Parameter(torch.tensor(1 / cfg.temperature).log())
     model = torch.nn.ModuleDict({"vit": vit, "head": head, "text": text}).to(device).train()
     model.register_parameter("logit_scale", scale)
-    ids, _ = tokenize(tokenizer, list(batch["caption"]), cfg.context_length)
+    ids, _ = tokenize(tokenizer, batch.captions, cfg.context_length)
     ids, clip_loss = ids.to(device), ClipLoss()
 
     def loss() -> torch.Tensor:
-        image = F.normalize(head(vit(batch["view1"])), dim=-1)
+        image = F.normalize(head(vit(batch.views[0].image)), dim=-1)
         return clip_loss(image, F.normalize(text(ids), dim=-1), model.logit_scale.exp())
 
     return training_step(model, loss, None)

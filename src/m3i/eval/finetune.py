@@ -53,7 +53,7 @@ def finetune(
     stream = batches(dataset, batch_size, seed, 0, torch.device(device))
     for step in range(steps):
         batch = next(stream)
-        loss = loss_fn(model(batch["view1"]), batch["label"])
+        loss = loss_fn(model(batch.views[0].image), batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

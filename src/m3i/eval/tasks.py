@@ -30,7 +30,7 @@ from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
 from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
 from m3i.io import append_jsonl
-from m3i.mi.targets import TextTarget
+from m3i.mi.targets.text import TextTarget
 from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
