@@ -20,6 +20,7 @@ from m3i.data.mixing import count_a
 from m3i.data.views import ViewConfig
 from m3i.mi.targets import TARGETS
 from m3i.models.config import ModelConfig
+from m3i.plugins import IMPORTED, PluginError, import_plugin, is_path
 from m3i.ranges import config_value_problem
 
 
@@ -120,6 +121,9 @@ class Config:
     stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
     stage_steps: list[int] = field(default_factory=list)  # steps per stage ([]: equal split)
     init: str = ""  # backbone.safetensors to start from
+    # .py files (relative to the config file naming them) or modules imported before the config
+    # is read: each may register targets (docs/architecture.md); only a config file names them
+    plugins: list[str] = field(default_factory=list)
 
     def active_targets(self) -> dict[str, Any]:
         """The target configs whose weight is not zero, by name."""
@@ -261,18 +265,22 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     data: str | None = None,
 ) -> Config:
-    """Resolve a config: defaults < preset (or file) < --data < key=value overrides."""
-    cfg = Config()
+    """Resolve a config: defaults < preset (or file) < --data < key=value overrides. The
+    plug-ins a config file names are imported first, so that their sections exist."""
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         values = _read_yaml(path.read_text(), str(path))
+        if "plugins" in values:
+            values["plugins"] = _import_plugins(values["plugins"], path.parent)
+        cfg = Config()
         base = values.pop("base", None)
         if base is not None:
             _apply(cfg, preset_values(base))
         _apply(cfg, values)
     else:
+        cfg = Config()
         _apply(cfg, preset_values(preset or "m3i"))
     if data is not None:
         cfg.data.spec = data
@@ -281,9 +289,25 @@ def load_config(
     return cfg
 
 
+def _import_plugins(names: Any, base: Path) -> list[str]:
+    """Import a config's `plugins` (files relative to `base`); their names as saved in a run's
+    config.yaml (files as absolute paths, so the run reloads from anywhere)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"plugins must be a list of .py files or module names, got {names!r}")
+    resolved = [str((base / n).resolve()) if is_path(n) else n for n in names]
+    try:
+        for name in resolved:
+            import_plugin(name)
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
+    return resolved
+
+
 def config_from_dict(values: dict[str, Any], check: bool = True) -> Config:
     """Rebuild a resolved config (e.g. a run's config.yaml); `check=False` skips `validate`
-    (to read a finished run whose `init` file has moved)."""
+    (to read a finished run whose `init` file has moved). Its plug-ins are imported first."""
+    if "plugins" in values:
+        values = {**values, "plugins": _import_plugins(values["plugins"], Path.cwd())}
     cfg = Config()
     _apply(cfg, values)
     if check:
@@ -297,6 +321,11 @@ def validate(cfg: Config) -> None:
     if problem:
         raise ConfigError(problem)
     checks = [
+        (
+            set(cfg.plugins) <= IMPORTED,
+            f"plugins {cfg.plugins} must be named in a config file (--config), which imports "
+            "them before the config is read; not by --set",
+        ),
         (
             not cfg.init or Path(cfg.init).is_file(),
             f"init {cfg.init!r} does not exist; give a backbone.safetensors written by m3i",

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from m3i.config import ConfigError, load_config
+from m3i.cli import main
+from m3i.config import ConfigError, config_from_dict, load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
@@ -87,3 +89,51 @@ def test_pretrain_trains_and_logs_the_new_target(colour, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss/colour" in r]
     assert len(logged) == 2 and all(r["loss/colour"] > 0 for r in logged)
+
+
+@pytest.fixture
+def fresh_registry():
+    """The registry without the plug-in, and afterwards as it was: the plug-in module imported
+    from its file by the config loader is forgotten too."""
+    before = dict(TARGETS)
+    yield
+    TARGETS.clear()
+    TARGETS.update(before)
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == PLUGIN:
+            del sys.modules[name]
+
+
+def test_the_preset_names_its_plugin_and_the_command_line_trains_it(fresh_registry, tmp_path):
+    run = [*TINY, "data.num_train=16", "train.batch_size=8", "train.steps=2", "train.log_every=1"]
+    run += ["monitor.every=0", "monitor.final_eval=[]", "monitor.tensorboard=false"]
+    args = ["pretrain", "--config", str(PRESET), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args + [arg for override in run for arg in ("--set", override)]) == 0
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum("loss/colour" in json.loads(line) for line in records) == 2
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["plugins"] == [str(PLUGIN)]  # absolute: the run reloads from anywhere
+    TARGETS.pop("colour")  # a new process: the saved config imports the plug-in again
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == PLUGIN:
+            del sys.modules[name]
+    assert config_from_dict(saved).targets.colour.weight == 0.5
+
+
+def test_a_plugin_is_named_in_a_config_file_only_and_a_missing_one_is_one_line(
+    fresh_registry, tmp_path
+):
+    with pytest.raises(ConfigError, match=r"must be named in a config file \(--config\)"):
+        load_config("m3i", overrides=["plugins=[elsewhere.py]"])
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("base: m3i\nplugins: [nowhere.py]\n")
+    with pytest.raises(ConfigError, match=r"^plugin '.*nowhere\.py': no such file; give a \.py"):
+        load_config(config_file=missing)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('needs a GPU')\n")
+    missing.write_text("base: m3i\nplugins: [broken.py, no_such_module_m3i]\n")
+    with pytest.raises(ConfigError, match=r"failed to import: RuntimeError: needs a GPU$"):
+        load_config(config_file=missing)
+    missing.write_text("base: m3i\nplugins: [no_such_module_m3i]\n")
+    with pytest.raises(ConfigError, match="plugin 'no_such_module_m3i': no such module"):
+        load_config(config_file=missing)
