@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 from m3i.config import load_config
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
-from m3i.models import backbone as backbone_module
+from m3i.models import vit as backbone_module
 from m3i.models.text import train_bpe
 from m3i.train.batches import view_config
 from m3i.train.optimise import Optimise

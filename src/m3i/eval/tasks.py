@@ -25,6 +25,7 @@ from m3i.eval.features import (
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
 from m3i.io import append_jsonl
+from m3i.models.backbone import input_size
 from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
@@ -37,7 +38,7 @@ class Session:
         self.checkpoint, self.data, self.settings = checkpoint, data, settings
         self.device = pick_device(settings.device, "device")
         self.model = load_backbone(checkpoint)
-        self.size = settings.image_size or self.model.patch_embed.img_size[0]
+        self.size = settings.image_size or input_size(self.model)
         self._splits: dict[str, ImageSource] = {}
         self._features: dict[tuple[str, bool], Features] = {}
         self._annotations: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -171,7 +172,7 @@ def run_detect(session: Session) -> dict[str, float]:
 def run_zeroshot(session: Session) -> dict[str, float]:
     from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
 
-    target = load_text_target(session.checkpoint, session.model.embed_dim)
+    target = load_text_target(session.checkpoint, session.model.num_features)
     classes = session.classes(("val",))
     val = session.features("val")
     prompts = class_embeddings(target, classes, session.settings.zeroshot.templates)
