@@ -69,7 +69,10 @@ def test_dense_tokens_equal_timm_features_with_head_norm(name):
     torch.testing.assert_close(model.pooled(x), reference.mean(dim=1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "stride"), [(NAMES[0], 16), (NAMES[1], 16), (NAMES[1], 8)])
+@pytest.mark.parametrize(
+    ("name", "stride"),
+    [(NAMES[0], 16), (NAMES[1], 16), (NAMES[1], 8), ("convnext_atto_ols", 16)],  # ols: 3x3 stem
+)
 def test_each_image_is_encoded_as_timm_encodes_its_own_cells_alone(name, stride):
     """A on the left half of the grid, B on the right: the masked pass must equal timm run on
     the cropped half (zero padding where the partner's cells were), which no zeroing skipped

@@ -4,12 +4,13 @@ The mix is laid out on the grid of the coarsest stride (`model.patch_size`, timm
 `output_stride`: 8, 16 or 32; below 32 the last stages are dilated, as timm does for dense
 prediction) and upsampled to pixels. Each image is isolated as ConvNeXt V2's FCMAE isolates
 the visible part of a masked image: its input holds its own cells only (the others are zero),
-and the other cells are set to zero again after the stem, after every downsampling and after
-every block, while each GlobalResponseNorm (V2) sees zeros there. A dense convolution on a map
-that is zero outside the visible cells, masked again afterwards, is the sparse convolution
-FCMAE runs, and every normalisation is per position (LayerNorm) or sees only visible cells
-(GRN): so image A's tokens depend on A's pixels in A's cells only. The two images run as one
-batch of 2N, each with its own mask; the tokens of the zeroed cells are discarded.
+and the other cells are set to zero again after every layer of the stem and of each
+downsampling and after every block, while each GlobalResponseNorm (V2) sees zeros there. A
+dense convolution on a map that is zero outside the visible cells, masked again afterwards, is
+the sparse convolution FCMAE runs, and every normalisation is per position (LayerNorm) or sees
+only visible cells (GRN): so image A's tokens depend on A's pixels in A's cells only. The two
+images run as one batch of 2N, each with its own mask; the tokens of the zeroed cells are
+discarded.
 
 Dense tokens are the last stage's map with timm's head LayerNorm applied at every position
 (the ConvNeXt counterpart of a ViT's final norm), one per grid cell; pooled features are their
@@ -147,10 +148,10 @@ class ConvNetBackbone(Backbone):
         if cells is None:
             x = convnet.stages(self.embed(images))
             return convnet.head.norm(convnet.norm_pre(x)).flatten(2).transpose(1, 2)
-        x = self.embed(images * keep(images))
-        x = x * keep(x)
+        x = images * keep(images)
         for stage in convnet.stages:
-            for layer in _layers(stage.downsample):  # a norm, then a (strided) convolution
+            stem = _layers(convnet.stem) if stage is convnet.stages[0] else []
+            for layer in stem + _layers(stage.downsample):  # convolutions and norms
                 x = layer(x)
                 x = x * keep(x)
             mask = keep(x)
