@@ -233,3 +233,30 @@ def test_the_m3i_step_on_a_convnet_isolates_the_two_images():
     assert torch.equal(a.tokens[0], a_changed.tokens[0])
     assert not torch.allclose(a.tokens[1], a_changed.tokens[1], atol=1e-4)
     assert contexts[0].decoded["masked"].shape[:2] == (2, 8)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_grad_checkpointing_gives_the_same_tokens_and_gradients(isolate):
+    """Each masked block recomputed in backward (its GRN hooks included) gives what the plain
+    pass gives."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Backbone(ModelConfig(name=NAMES[1], img_size=SIZE, patch_size=STRIDE, depth=1))
+        with torch.no_grad():  # GRN and layer scale away from their identity-like init
+            for param in model.parameters():
+                if param.abs().max() < 1e-3:
+                    param.normal_(std=0.1)
+        model.grad_checkpointing = checkpointing
+        pos_a, pos_b = halves(4, 2)
+        tokens_a, tokens_b = model.encode_mix(
+            images(2), torch.tensor([1, 0]), pos_a, pos_b, isolate
+        )
+        (tokens_a.square().sum() + tokens_b.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((tokens_a.detach(), grads))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    torch.testing.assert_close(recomputed, plain, atol=1e-5, rtol=1e-5)
+    assert recomputed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)

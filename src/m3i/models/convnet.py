@@ -70,7 +70,10 @@ def _layers(module: nn.Module) -> list[nn.Module]:
     return list(module) if isinstance(module, nn.Sequential) else [module]
 
 
-def _masked_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One block; with a mask, zero outside it inside every GRN and after the block."""
+    if mask is None:
+        return block(x)
     with _grn_sees_visible_cells(block, mask):
         return block(x) * mask
 
@@ -142,18 +145,19 @@ class ConvNetBackbone(Backbone):
         zeroed at the input and after every layer that mixes positions; None: full views."""
         convnet = self.convnet
 
-        def keep(x: torch.Tensor) -> torch.Tensor:  # the cell mask at x's resolution
-            return F.interpolate(cells, size=x.shape[-2:], mode="nearest")
+        def keep(x: torch.Tensor) -> torch.Tensor | None:  # the mask at x's size and dtype
+            if cells is None:
+                return None
+            return F.interpolate(cells, size=x.shape[-2:], mode="nearest").to(x.dtype)
 
-        if cells is None:
-            x = convnet.stages(self.embed(images))
-            return convnet.head.norm(convnet.norm_pre(x)).flatten(2).transpose(1, 2)
-        x = images * keep(images)
+        def zero_hidden(x: torch.Tensor) -> torch.Tensor:
+            return x if cells is None else x * keep(x)
+
+        x = zero_hidden(images)
         for stage in convnet.stages:
             stem = _layers(convnet.stem) if stage is convnet.stages[0] else []
             for layer in stem + _layers(stage.downsample):  # convolutions and norms
-                x = layer(x)
-                x = x * keep(x)
+                x = zero_hidden(layer(x))
             mask = keep(x)
             for block in stage.blocks:
                 if self.grad_checkpointing and torch.is_grad_enabled():
