@@ -37,6 +37,7 @@ import torch
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
 
@@ -64,7 +65,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     captions = ShapesDataset("train", num_samples=300).captions()
     text = cfg.targets.text
     tokenizer = train_bpe(captions, text.vocab_size) if text.weight else None
-    model = M3IModel(cfg, num_classes=len(CLASSES), tokenizer=tokenizer).to(device).train()
+    model = (
+        M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=tokenizer)).to(device).train()
+    )
     run = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = synthetic_batch(args.batch_size, args.img_size, captions, device)

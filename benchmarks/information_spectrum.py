@@ -22,7 +22,7 @@ from m3i.config import config_from_dict
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
 from m3i.mi.posteriors import gaussian_information
-from m3i.train.batches import training_source, view_config
+from m3i.train.batches import training_source
 from m3i.train.checkpoint import load_checkpoint
 from m3i.train.loop import build_model
 
@@ -62,7 +62,7 @@ def main() -> None:
     source = training_source(cfg)
     model = build_model(cfg, source)
     model.load_state_dict(state["model"])
-    dataset = ViewDataset(source, view_config(cfg), seed=1)
+    dataset = ViewDataset(source, cfg.views, cfg.model.img_size, seed=1)
     stream = batches(dataset, cfg.train.batch_size, 1, 0, torch.device("cpu"), 0)
     torch.manual_seed(1)
     with torch.no_grad():

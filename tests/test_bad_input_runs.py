@@ -24,7 +24,7 @@ from m3i.config import load_config
 from m3i.data.base import DataError
 from m3i.data.stream import batches
 from m3i.io import OutDirError
-from m3i.train import loop
+from m3i.train import trainer
 from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports
@@ -43,11 +43,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # `m3i` with its linear probe stalled (it says so on stderr), so that a signal lands mid-task
 STALLED_LINEAR = """
 import sys, time
+from dataclasses import replace
 from m3i.eval import tasks
 def stalled(session):
     print("test: linear started", file=sys.stderr, flush=True)
     time.sleep(600)
-tasks.RUNNERS["linear"] = stalled
+tasks.TASKS["linear"] = replace(tasks.TASKS["linear"], run=stalled)
 from m3i.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -119,7 +120,7 @@ def no_model(monkeypatch):
     def built(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(loop, "build_model", built)
+    monkeypatch.setattr(trainer, "build_model", built)  # where setup looks it up
 
 
 @pytest.mark.parametrize("preset", ["m3i", "multistage"])

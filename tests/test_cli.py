@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from m3i.cli import main
 from m3i.config import load_config, preset_names, preset_values
 from m3i.mi.posteriors import Bound
-from m3i.mi.targets import CategoryTarget
+from m3i.mi.targets.category import CategoryTarget
 from m3i.train.loop import TrainingError
 from m3i.train.pretrain import pretrain
 
@@ -184,3 +184,26 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped(tmp_path, monkeypatc
         True
     ] * 3
     assert not (tmp_path / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", [["pretrain"], ["eval"], ["bench", "speed"]])
+def test_every_configured_command_takes_set(capsys, command):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--set KEY=VALUE" in help_text
+    if command == ["bench", "speed"]:  # the model and batch are config keys, not flags
+        for flag in ("--model", "--img-size", "--patch-size", "--depth", "--batch", "--preset"):
+            assert flag not in help_text, flag
+
+
+def test_eval_help_lists_each_registered_task_and_its_needs(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for line in (
+        "knn (needs labels)",
+        "segment (needs labels, masks and boxes)",
+        "zeroshot (needs a text tower, val labels)",
+    ):
+        assert line in help_text

@@ -1,8 +1,18 @@
 """Config: presets, overrides and the errors for bad keys and values."""
 
 import pytest
+import torch
 
-from m3i.config import ConfigError, load_config, parse_override, preset_names, preset_values
+from m3i.config import (
+    ConfigError,
+    load_config,
+    parse_override,
+    preset_names,
+    preset_values,
+    to_dict,
+)
+from m3i.data.views import ViewConfig
+from m3i.train.batches import training_source, training_stream
 
 PRESETS = [
     "m3i",
@@ -61,6 +71,12 @@ def test_nested_overrides_are_typed():
     ("overrides", "message"),
     [
         (["train.stpes=3"], "unknown config key 'train.stpes'; did you mean 'train.steps'"),
+        (
+            ["views.scale_mn=0.5"],
+            "unknown config key 'views.scale_mn'; did you mean 'views.scale_min'",
+        ),
+        (["views.size=64"], "unknown config key 'views.size'"),  # the model's img_size
+        (["views.mean=[0, 0, 0]"], "unknown config key 'views.mean'"),
         (["targets.txt.weight=0"], "unknown config key 'targets.txt'; did you mean 'targets.text'"),
         (["train.steps=many"], "config key 'train.steps' expects int"),
         (["train=3"], "config key 'train' is a section"),
@@ -97,7 +113,7 @@ def test_nested_overrides_are_typed():
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.hidden_dim=0"],
-            "targets.view_contrast.hidden_dim and embed_dim must be >= 1",
+            "targets.view_contrast.hidden_dim must be >= 1, got 0",
         ),
         (
             ["targets.view_contrast.weight=1", "targets.view_contrast.temperature=0"],
@@ -127,3 +143,19 @@ def test_config_file_with_base_preset(tmp_path):
         load_config(config_file=path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_views_section_is_the_data_view_config():
+    """Same keys and defaults as the config's views section always had (written in config.yaml,
+    compared on resume), and the views of the training stream follow it at the model's size."""
+    assert to_dict(load_config("m3i"))["views"] == {
+        "scale_min": 0.35, "scale_max": 1.0, "flip": 0.5, "color_jitter": 0.4, "hue": 0.1,
+        "grayscale": 0.1,
+    }  # fmt: skip
+    overrides = ["views.flip=1", "model.img_size=16", "data.num_train=8", "train.batch_size=4"]
+    cfg = load_config("m3i", overrides=overrides)
+    assert type(cfg.views) is ViewConfig and cfg.views.flip == 1.0
+    batch = next(training_stream(cfg, training_source(cfg), 0, torch.device("cpu")))
+    view1, view2 = batch.views
+    assert view1.image.shape == view2.image.shape == (4, 3, 16, 16)
+    assert view1.flip.all() and view2.flip.all()

@@ -7,7 +7,15 @@ import pytest
 
 from m3i.config import Config
 from m3i.eval.settings import EVAL_RANGES, EvalSettings
-from m3i.ranges import CONFIG_RANGES, Range, numbers, out_of_range, range_of
+from m3i.ranges import (
+    CONFIG_RANGES,
+    Range,
+    declared_ranges,
+    numbers,
+    out_of_range,
+    range_of,
+    ranged,
+)
 
 
 @pytest.mark.parametrize(
@@ -16,6 +24,7 @@ from m3i.ranges import CONFIG_RANGES, Range, numbers, out_of_range, range_of
 def test_every_number_has_a_range_and_the_defaults_are_in_it(schema, ranges):
     keys = [key for key, _ in numbers(schema())]
     assert "train.lr" in keys or "knn.k" in keys
+    ranges = {**declared_ranges(schema()), **ranges}  # a field's own range, else the table's
     assert [key for key in keys if range_of(key, ranges) is None] == []
     assert out_of_range(schema(), ranges) is None
 
@@ -45,9 +54,12 @@ def test_range_bounds_and_wording(valid, inside, outside, text):
     assert valid.describe() == text
 
 
-def test_a_new_targets_fields_get_their_namesakes_rules():
-    assert range_of("targets.some_new_target.weight", CONFIG_RANGES) == Range(0, note="0: off")
-    assert range_of("targets.some_new_target.temperature", CONFIG_RANGES).describe() == "> 0"
+def test_a_targets_fields_declare_their_ranges_where_its_config_is():
+    declared = declared_ranges(Config())
+    assert declared["targets.category.weight"] == Range(0, note="0: off")  # TargetConfig's
+    assert declared["targets.view_contrast.temperature"].describe() == "> 0"
+    assert declared["targets.text.depth"] == Range(0, note="0: the mean of the token embeddings")
+    assert not any(key.startswith("targets.") for key in CONFIG_RANGES)  # none in the table
     assert range_of("train.some_new_number", CONFIG_RANGES) is None
 
 
@@ -55,6 +67,16 @@ def test_a_new_targets_fields_get_their_namesakes_rules():
 class Unranged:
     ratio: float = 0.5
     count: int = -3
+
+
+@dataclass
+class Declared:
+    share: float = ranged(0.5, Range(0, 1))
+
+
+def test_a_declared_range_is_checked_and_a_table_entry_overrides_it():
+    assert out_of_range(Declared(share=2.0), {}) == "share must be in [0, 1], got 2.0"
+    assert out_of_range(Declared(share=2.0), {"share": Range(0, 3)}) is None
 
 
 def test_a_number_without_a_range_must_still_be_finite():

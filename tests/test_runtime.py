@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from m3i.config import ViewContrastTargetConfig
 from m3i.mi.posteriors import symmetric_infonce
-from m3i.mi.targets import ViewContrastTarget
+from m3i.mi.targets import RunContext
+from m3i.mi.targets.view_contrast import ViewContrastTarget, ViewContrastTargetConfig
 from m3i.models.ema import MomentumTeacher
 from m3i.runtime import (
     DeviceError,
@@ -42,7 +42,7 @@ def features(seed: int = 0):
 
 def moco() -> ViewContrastTarget:
     cfg = ViewContrastTargetConfig(weight=1.0, embed_dim=8, hidden_dim=8, temperature=0.2)
-    return ViewContrastTarget("view_contrast", cfg, 8)
+    return ViewContrastTarget(cfg, RunContext(8))
 
 
 def projector_and_teacher() -> nn.ModuleDict:

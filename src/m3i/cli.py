@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from m3i.config import ConfigError, load_config, preset_names, preset_values
-from m3i.eval import TASKS
+from m3i.eval.tasks import TASKS
 
 
 class Interrupted(Exception):
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets, one line each")
     ev = sub.add_parser("eval", help="evaluate a backbone: " + ", ".join(TASKS))
-    ev.add_argument("task", help=" | ".join(TASKS))
+    ev.add_argument(
+        "task", help="; ".join(f"{name} (needs {task.describe()})" for name, task in TASKS.items())
+    )
     ev.add_argument(
         "--checkpoint", required=True, help="a run directory or its backbone.safetensors"
     )
@@ -59,20 +61,41 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_overrides(ev, "override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    speed = bench.add_parser("speed", help="step speed against peers and the matmul peak")
-    speed.add_argument("--model", default="vit_tiny_patch16_224", help="a timm ViT name")
-    speed.add_argument("--img-size", type=int, default=32)
-    speed.add_argument("--patch-size", type=int, default=4)
-    speed.add_argument("--depth", type=int, default=6, help="blocks (0: the model's own)")
-    speed.add_argument("--batch", type=int, default=64)
+    speed = bench.add_parser(
+        "speed",
+        help="step speed against peers and the matmul peak",
+        description="Times the m3i preset's step against the single-objective presets' steps "
+        "and the peers' MAE and CLIP, all on one backbone and batch: the presets' own, changed "
+        "for every compared preset alike with --set.",
+    )
     speed.add_argument("--steps", type=int, default=3, help="timed steps per kind and round")
     speed.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     speed.add_argument("--no-peers", action="store_true", help="skip lightly and open_clip")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda")
     speed.add_argument("--json", action="store_true", help="print one JSON object last")
     add_overrides(
-        speed, "a config override for this package's steps, e.g. mix.isolate=false (repeatable)"
+        speed,
+        "a config override applied to every compared preset, e.g. model.name=vit_small_patch16_224"
+        ", model.img_size=64, model.depth=null (the timm model's own), train.batch_size=32, "
+        "mix.isolate=false (repeatable)",
     )
+    data = bench.add_parser("data", help="images/s of each data source against the workers")
+    data.add_argument(
+        "--data",
+        action="append",
+        help="a data spec, or folder / wds: JPEGs written from shapes (repeatable; default "
+        "shapes, folder and wds)",
+    )
+    data.add_argument("--img-size", type=int, help="view (and shapes) size; default the preset's")
+    data.add_argument("--batch", type=int, default=64)
+    data.add_argument("--workers", default="0,1,2,4,8,16", help="counts up to the usable cores")
+    data.add_argument("--batches", type=int, default=10, help="per timing (at least)")
+    data.add_argument("--repeats", type=int, default=3, help="timings per source and workers")
+    data.add_argument("--samples", type=int, default=256, help="images of generated data")
+    data.add_argument("--preset", default="m3i", help="whose views.* (and image size) to use")
+    data.add_argument("--device", default="cpu", help="where batches go: cpu | cuda | auto")
+    data.add_argument("--json", action="store_true", help="print one JSON object last")
+    add_overrides(data, "a config override, e.g. views.color_jitter=0 (repeatable)")
     abl = bench.add_parser(
         "ablation",
         help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
@@ -253,20 +276,44 @@ def _ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    from m3i.bench.data import DataBenchSettings, format_table, run_data_bench
+    from m3i.runtime import pick_device
+
+    try:
+        workers = tuple(int(count) for count in args.workers.split(","))
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r}: give counts, e.g. 0,1,2,4") from None
+    settings = DataBenchSettings(
+        specs=tuple(args.data or DataBenchSettings.specs),
+        img_size=args.img_size,
+        batch=args.batch,
+        workers=workers,
+        batches=args.batches,
+        repeats=args.repeats,
+        samples=args.samples,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+    )
+    device = pick_device(args.device, "--device")
+    report = run_data_bench(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
+    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "ablation":
         return _ablation(args)
+    if args.bench == "data":
+        return _bench_data(args)
     from m3i.bench.speed import BenchSettings, format_table, run_speed
     from m3i.runtime import pick_device
 
-    if min(args.batch, args.steps, args.repeats, args.img_size, args.patch_size) < 1:
-        raise ConfigError("--batch, --steps, --repeats, --img-size and --patch-size must be >= 1")
+    if min(args.steps, args.repeats) < 1:
+        raise ConfigError("--steps and --repeats must be >= 1")
     settings = BenchSettings(
-        model=args.model,
-        img_size=args.img_size,
-        patch_size=args.patch_size,
-        depth=args.depth or None,
-        batch=args.batch,
         steps=args.steps,
         repeats=args.repeats,
         peers=not args.no_peers,

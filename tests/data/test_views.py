@@ -5,9 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 import torchvision.transforms as legacy
-from torch.utils.data import default_collate
+from torchvision.transforms.v2 import functional as F
 
 from m3i.data.base import ColourChange, ImageSource, Sample, ViewInfo
+from m3i.data.batch import collate
 from m3i.data.shapes import ShapesDataset
 from m3i.data.views import (
     ViewConfig,
@@ -18,9 +19,14 @@ from m3i.data.views import (
     view_item,
 )
 
-GEOMETRY_ONLY = ViewConfig(
-    size=32, color_jitter=0.0, hue=0.0, grayscale=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
-)
+GEOMETRY_ONLY = ViewConfig(color_jitter=0.0, hue=0.0, grayscale=0.0)
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # timm's, by hand
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def pixels(view: torch.Tensor) -> torch.Tensor:
+    """A view's pixels in [0, 1]: its ImageNet normalisation undone."""
+    return view * IMAGENET_STD + IMAGENET_MEAN
 
 
 def gen(seed: int) -> torch.Generator:
@@ -76,14 +82,14 @@ def test_recorded_box_and_flip_are_true(height: int, width: int) -> None:
     slope = 255 / min(height, width)  # value change per source pixel along the steeper ramp
     flips = set()
     for seed in range(40):
-        view, info = make_view(image, GEOMETRY_ONLY, gen(seed))
+        view, info = make_view(image, GEOMETRY_ONLY, 32, gen(seed))
         box, flipped = torch.tensor(info.box), info.flipped
         flips.add(flipped)
         assert view.shape == (3, 32, 32) and view.dtype == torch.float32
         top, left, box_height, box_width = box.tolist()
         assert min(top, left) >= 0 and max(top + box_height, left + box_width) <= 1 + 1e-6
         assert 0.3 < box_height * box_width <= 1.0
-        error = (view * 255 - expected_view(exact, box, flipped, 32)).abs()
+        error = (pixels(view) * 255 - expected_view(exact, box, flipped, 32)).abs()
         assert error[:, 2:-2, 2:-2].max() < 2.0  # a quarter-pixel slip would exceed this
         assert error.max() < 0.5 * slope + 1.0  # borders: resampling clamps at the crop edge
     assert flips == {True, False}
@@ -94,7 +100,7 @@ def test_flip_probability_extremes() -> None:
     for probability, expected in ((1.0, True), (0.0, False)):
         cfg = replace(GEOMETRY_ONLY, flip=probability)
         for seed in range(5):
-            view, info = make_view(image, cfg, gen(seed))
+            view, info = make_view(image, cfg, 32, gen(seed))
             assert info.flipped is expected
             left_minus_right = view[0, :, 0] - view[0, :, -1]
             assert bool((left_minus_right > 0).all()) is expected  # x ramp decreases if flipped
@@ -102,19 +108,22 @@ def test_flip_probability_extremes() -> None:
 
 def test_normalisation_and_colour_ops() -> None:
     image = ShapesDataset()[0].image
-    view, _ = make_view(image, ViewConfig(color_jitter=0, hue=0, grayscale=0), gen(3))
-    plain, _ = make_view(image, GEOMETRY_ONLY, gen(3))
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    torch.testing.assert_close(view * std + mean, plain)
-    grey, grey_info = make_view(image, replace(GEOMETRY_ONLY, grayscale=1.0), gen(3))
-    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+    plain, info = make_view(image, GEOMETRY_ONLY, 32, gen(3))
+    top, left, height, width = (round(v * 32) for v in info.box)  # shapes are 32 px
+    crop = F.resized_crop(image, top, left, height, width, [32, 32], antialias=True) / 255
+    torch.testing.assert_close(pixels(plain), crop.flip(-1) if info.flipped else crop)
+    grey, grey_info = make_view(image, replace(GEOMETRY_ONLY, grayscale=1.0), 32, gen(3))
+    grey = pixels(grey)
+    torch.testing.assert_close(grey[0], grey[1])
+    torch.testing.assert_close(grey[1], grey[2])
     assert grey_info.colour == ColourChange(grayscale=True)
-    jittered, info = make_view(image, ViewConfig(mean=(0, 0, 0), std=(1, 1, 1)), gen(3))
-    assert not torch.allclose(jittered, plain) and 0 <= jittered.min() and jittered.max() <= 1
-    assert info.box == make_view(image, GEOMETRY_ONLY, gen(3))[1].box
+    jittered, info = make_view(image, ViewConfig(), 32, gen(3))
+    jittered = pixels(jittered)
+    assert not torch.allclose(jittered, pixels(plain))
+    assert -1e-6 <= jittered.min() and jittered.max() <= 1 + 1e-6
+    assert info.box == make_view(image, GEOMETRY_ONLY, 32, gen(3))[1].box
     with pytest.raises(ValueError, match="scale"):
-        ViewConfig(scale=(0.5, 0.2))
+        ViewConfig(scale_min=0.5, scale_max=0.2)
 
 
 def test_colour_change_replays_the_view_pixels() -> None:
@@ -125,11 +134,12 @@ def test_colour_change_replays_the_view_pixels() -> None:
     for k, colour in enumerate(colours):
         row, column = divmod(k, 2)
         image[:, 16 * row : 16 * row + 16, 16 * column : 16 * column + 16] = colour[:, None, None]
-    cfg = replace(GEOMETRY_ONLY, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
+    cfg = replace(GEOMETRY_ONLY, scale_min=1.0, flip=0.0)  # the whole (square) image
     cfg = replace(cfg, color_jitter=0.6, hue=0.3, grayscale=0.3)
     kinds = set()
     for seed in range(40):
-        view, info = make_view(image, cfg, gen(seed))
+        view, info = make_view(image, cfg, 32, gen(seed))
+        view = pixels(view)
         kinds.add((len(info.colour.steps), info.colour.grayscale))
         for k, colour in enumerate(colours):
             row, column = divmod(k, 2)
@@ -159,24 +169,24 @@ def test_caption_describes_view_one() -> None:
         seen.append(info)
         return f"view at {info.box}"
 
-    item = view_item(image, 1, "whole", 0, ViewConfig(), gen(5), describe=describe)
-    first, _ = make_view(image, ViewConfig(), gen(5))
+    item = view_item(image, 1, "whole", 0, ViewConfig(), 32, gen(5), describe=describe)
+    first, _ = make_view(image, ViewConfig(), 32, gen(5))
     assert len(seen) == 1 and torch.equal(item["view1"], first)
     assert item["caption"] == f"view at {seen[0].box}"
     assert torch.equal(item["box1"], torch.tensor(seen[0].box, dtype=torch.float32))
     assert item["flip1"].item() == seen[0].flipped
-    assert view_item(image, 1, "whole", 0, ViewConfig(), gen(5))["caption"] == "whole"
-    views = ViewDataset(Captioned(), ViewConfig(size=8))
+    assert view_item(image, 1, "whole", 0, ViewConfig(), 32, gen(5))["caption"] == "whole"
+    views = ViewDataset(Captioned(), ViewConfig(), 8)
     assert [views[i]["caption"] for i in range(2)] == ["image 0", "image 1"]
 
 
 def test_view_dataset_is_reproducible_and_collates() -> None:
     source = ShapesDataset(num_samples=8)
-    views = ViewDataset(source, ViewConfig(size=24), seed=1)
+    views = ViewDataset(source, ViewConfig(), 24, seed=1)
     torch.manual_seed(0)
     first = views[3]
     torch.manual_seed(123)  # the global RNG plays no part
-    again = ViewDataset(source, ViewConfig(size=24), seed=1)[3]
+    again = ViewDataset(source, ViewConfig(), 24, seed=1)[3]
     for key in ("view1", "view2", "box1", "box2", "flip1", "flip2"):
         assert torch.equal(first[key], again[key])
     assert not torch.equal(first["view1"], first["view2"])
@@ -186,11 +196,11 @@ def test_view_dataset_is_reproducible_and_collates() -> None:
     assert torch.equal(views[3]["view1"], first["view1"])
     assert first["label"].item() == source[3].label and first["caption"] == again["caption"]
 
-    batch = default_collate([views[i] for i in range(4)])
-    assert batch["view1"].shape == (4, 3, 24, 24) and batch["box2"].shape == (4, 4)
-    assert batch["flip1"].dtype == torch.bool and batch["flip1"].shape == (4,)
-    assert batch["label"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]
-    assert batch["caption"] == [views[i]["caption"] for i in range(4)]
+    batch = collate([views[i] for i in range(4)])
+    assert batch.views[0].image.shape == (4, 3, 24, 24) and batch.views[1].box.shape == (4, 4)
+    assert batch.views[0].flip.dtype == torch.bool and batch.views[0].flip.shape == (4,)
+    assert batch.labels.dtype == torch.int64 and batch.indices.tolist() == [0, 1, 2, 3]
+    assert batch.captions == [views[i]["caption"] for i in range(4)]
 
 
 def test_eval_transform_resizes_whole_image() -> None:

@@ -16,10 +16,8 @@ from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.views import ViewConfig, ViewDataset
 from m3i.data.webdataset import WebDatasetStream, write_shards
 
-IDENTITY = ViewConfig(
-    size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, color_jitter=0.0, hue=0.0,
-    grayscale=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-)  # fmt: skip
+IDENTITY = ViewConfig(scale_min=1.0, flip=0.0, color_jitter=0.0, hue=0.0, grayscale=0.0)
+MEAN, STD = (torch.tensor(v)[:, None, None] for v in (ViewConfig.mean, ViewConfig.std))
 
 
 class Unlabelled(ImageSource):
@@ -80,8 +78,9 @@ def test_decoded_samples_are_the_source_samples(shapes: ShapesDataset, shards: l
         assert sample["txt"] == source.caption
         assert sample["cls"] == source.label
     images = [shapes[index].image.float() / 255 for index in range(len(shapes))]
-    for item in take(WebDatasetStream(spec(shards), IDENTITY, seed=0), 30):
-        index = next(k for k, image in enumerate(images) if torch.allclose(item["view1"], image))
+    for item in take(WebDatasetStream(spec(shards), IDENTITY, 32, seed=0), 30):
+        view = item["view1"] * STD + MEAN  # the whole image, resized to its own size
+        index = next(k for k, image in enumerate(images) if torch.allclose(view, image, atol=1e-6))
         assert (item["caption"], item["label"].item()) == (
             shapes[index].caption,
             shapes[index].label,
@@ -89,9 +88,9 @@ def test_decoded_samples_are_the_source_samples(shapes: ShapesDataset, shards: l
 
 
 def test_items_match_view_dataset(shapes: ShapesDataset, shards: list[Path]) -> None:
-    cfg = ViewConfig(size=16)
-    expected = ViewDataset(shapes, cfg, seed=0)[0]
-    item = take(WebDatasetStream(spec(shards), cfg, seed=0), 1)[0]
+    cfg = ViewConfig()
+    expected = ViewDataset(shapes, cfg, 16, seed=0)[0]
+    item = take(WebDatasetStream(spec(shards), cfg, 16, seed=0), 1)[0]
     assert list(item) == list(expected)
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):
@@ -99,7 +98,7 @@ def test_items_match_view_dataset(shapes: ShapesDataset, shards: list[Path]) -> 
         else:
             assert isinstance(item[key], str) and item[key], key
     for num_workers in (0, 2):
-        stream = WebDatasetStream(spec(shards), cfg, seed=0)
+        stream = WebDatasetStream(spec(shards), cfg, 16, seed=0)
         batches = list(islice(DataLoader(stream, batch_size=4, num_workers=num_workers), 4))
         for batch in batches:
             assert batch["view1"].shape == batch["view2"].shape == (4, 3, 16, 16)
@@ -111,7 +110,7 @@ def test_items_match_view_dataset(shapes: ShapesDataset, shards: list[Path]) -> 
 
 def test_stream_depends_on_seed_rank_and_start(shards: list[Path]) -> None:
     def sequence(rank: int, start: int = 0, seed: int = 0) -> list[tuple]:
-        stream = WebDatasetStream(spec(shards), ViewConfig(size=8), seed, rank, world_size=2)
+        stream = WebDatasetStream(spec(shards), ViewConfig(), 8, seed, rank, world_size=2)
         stream.set_start(start)
         return [(item["caption"], item["box1"].tolist()) for item in take(stream, 16)]
 
@@ -120,21 +119,21 @@ def test_stream_depends_on_seed_rank_and_start(shards: list[Path]) -> None:
     captions = [caption for caption, _ in first]
     for other in (sequence(rank=1), sequence(rank=0, start=100), sequence(rank=0, seed=1)):
         assert [caption for caption, _ in other] != captions
-    stream = WebDatasetStream(spec(shards), ViewConfig(size=8), seed=0, rank=1, world_size=2)
+    stream = WebDatasetStream(spec(shards), ViewConfig(), 8, seed=0, rank=1, world_size=2)
     assert [item["index"].item() for item in take(stream, 3)] == [1, 3, 5]
 
 
 def test_captions_and_classes(shapes: ShapesDataset, shards: list[Path], tmp_path: Path) -> None:
-    stream = WebDatasetStream(spec(shards), IDENTITY, seed=0)
+    stream = WebDatasetStream(spec(shards), IDENTITY, 32, seed=0)
     assert stream.classes == CLASSES
     assert stream.captions(10) == shapes.captions(10)
     assert stream.captions() == shapes.captions()
     paths = write_shards(Unlabelled(), str(tmp_path / "u-%02d.tar"), 2)
-    unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, seed=0)
+    unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, 32, seed=0)
     assert len(paths) == 2 and unlabelled.classes is None
     assert unlabelled.captions() == ["caption 0", "caption 2"]
     for item in take(unlabelled, 6):
-        level = round(item["view1"][0, 0, 0].item() * 255 / 40)
+        level = round((item["view1"] * STD + MEAN)[0, 0, 0].item() * 255 / 40)
         assert item["label"].item() == -1
         assert item["caption"] == ("" if level == 1 else f"caption {level}")
 
@@ -142,9 +141,9 @@ def test_captions_and_classes(shapes: ShapesDataset, shards: list[Path], tmp_pat
 def test_labels_in_shard_order_without_decoding(
     shapes: ShapesDataset, shards: list[Path], tmp_path: Path
 ) -> None:
-    assert WebDatasetStream(spec(shards), IDENTITY, seed=0).labels() == shapes.labels()
+    assert WebDatasetStream(spec(shards), IDENTITY, 32, seed=0).labels() == shapes.labels()
     write_shards(Unlabelled(), str(tmp_path / "u-%02d.tar"), 2)
-    unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, seed=0)
+    unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, 32, seed=0)
     assert unlabelled.labels() == [-1, -1, -1]
 
 
@@ -153,9 +152,10 @@ def test_grayscale_jpeg_becomes_rgb(tmp_path: Path) -> None:
     Image.new("L", (32, 32), 128).save(buffer, format="JPEG")
     with wds.TarWriter(str(tmp_path / "g.tar")) as writer:
         writer.write({"__key__": "a", "jpg": buffer.getvalue()})
-    item = take(WebDatasetStream(str(tmp_path / "g.tar"), IDENTITY, seed=0), 1)[0]
+    item = take(WebDatasetStream(str(tmp_path / "g.tar"), IDENTITY, 32, seed=0), 1)[0]
     assert item["view1"].shape == (3, 32, 32)
-    assert torch.equal(item["view1"][0], item["view1"][2])
+    view = item["view1"] * STD + MEAN  # the views' normalisation undone
+    torch.testing.assert_close(view[0], view[2], atol=1e-6, rtol=0)
     assert (item["label"].item(), item["caption"]) == (-1, "")
 
 
@@ -168,12 +168,29 @@ def test_bad_specs_are_one_line_errors(shards: list[Path], tmp_path: Path) -> No
     }
     for spec_arg, named in cases.items():
         with pytest.raises(DataError) as error:
-            WebDatasetStream(spec_arg, IDENTITY, seed=0)
+            WebDatasetStream(spec_arg, IDENTITY, 32, seed=0)
         message = str(error.value)
         assert "\n" not in message and named in message, message
         assert "wds:/path/shard-{000000..000099}.tar" in message
     with wds.TarWriter(str(tmp_path / "text.tar")) as writer:
         writer.write({"__key__": "a", "txt": "no image"})
     with pytest.raises(DataError, match=r"text\.tar: sample a has no png or jpg") as error:
-        take(WebDatasetStream(str(tmp_path / "text.tar"), IDENTITY, seed=0), 1)
+        take(WebDatasetStream(str(tmp_path / "text.tar"), IDENTITY, 32, seed=0), 1)
     assert "\n" not in str(error.value)
+
+
+def test_jpeg_shards_hold_quality_90_jpegs(shapes: ShapesDataset, tmp_path: Path) -> None:
+    paths = write_shards(shapes, str(tmp_path / "j-%02d.tar"), 16, image_format="jpg")
+    with tarfile.open(paths[0]) as tar:
+        assert tar.getnames()[:3] == [f"{0:09d}.{ext}" for ext in ("cls", "jpg", "txt")]
+    samples = list(wds.WebDataset([str(path) for path in paths], shardshuffle=False))
+    assert len(samples) == len(shapes) and all("png" not in sample for sample in samples)
+    for sample in samples[:4]:
+        image = shapes[int(sample["__key__"])].image
+        expected = io.BytesIO()  # PIL's own JPEG of the image at quality 90
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(expected, "JPEG", quality=90)
+        assert sample["jpg"] == expected.getvalue()
+    stream = WebDatasetStream(f"{tmp_path}/j-{{00..01}}.tar", IDENTITY, 32, seed=0)
+    assert take(stream, 1)[0]["view1"].shape == (3, 32, 32)  # the stream decodes them
+    with pytest.raises(ValueError, match="image_format='gif'; use 'png' or 'jpg'"):
+        write_shards(shapes, str(tmp_path / "g-%02d.tar"), 16, image_format="gif")

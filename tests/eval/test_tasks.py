@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from m3i.cli import main
-from m3i.config import load_config
-from m3i.eval.tasks import TASKS
+from m3i.cli import check_final_eval, main
+from m3i.config import ConfigError, load_config
+from m3i.eval import tasks
+from m3i.eval.tasks import TASKS, Need, Task
 from m3i.train import pretrain as pretraining
 from tests.tiny import TINY_M3I
 
@@ -245,3 +246,53 @@ def test_eval_never_unpickles(run, capsys, monkeypatch):
     for task in ("zeroshot", "knn"):
         assert main(eval_cli(task, run, "--json")) == 0
     assert [Path(c).name for c in calls] == ["checkpoint.pt"]  # zeroshot only
+
+
+def test_a_new_task_is_one_registry_line(run, capsys, monkeypatch):
+    """A task added to the registry alone: `m3i eval` runs it, final_eval may name it."""
+
+    def val_count(session) -> dict[str, float]:
+        return {"images": float(len(session.split("val")))}
+
+    with pytest.raises(ConfigError, match="may only list"):
+        check_final_eval(["val_count"])
+    monkeypatch.setitem(TASKS, "val_count", Task(val_count, frozenset()))
+    check_final_eval(["knn", "val_count"])
+    assert main(eval_cli("val_count", run, "--json")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "val_count" and result["metrics"] == {"images": 64.0}  # num_val=64
+
+
+@pytest.mark.parametrize(
+    ("needs", "data", "fragment"),
+    [
+        ({Need.TEXT_TOWER}, "shapes", "tokenizer.json"),
+        ({Need.ANNOTATIONS}, "fashion-mnist", "no masks or boxes"),
+    ],
+)
+def test_needs_are_checked_before_the_runner(
+    supervised_run, capsys, monkeypatch, needs, data, fragment
+):
+    """The registry's needs, not the runner, refuse data or a run that lacks them: the runner
+    and the feature extraction never start."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before the needs were checked")
+
+    monkeypatch.setitem(TASKS, "needy", Task(never, frozenset(needs)))
+    monkeypatch.setattr(tasks, "extract", never)
+    expect_one_line_error(capsys, eval_cli("needy", supervised_run, data=data), fragment)
+
+
+def test_every_task_declares_what_its_protocol_reads():
+    """By hand: the classification tasks read labels, the dense ones masks and boxes too,
+    zeroshot the text tower and the val labels only (it trains nothing)."""
+    needs = {name: task.needs for name, task in TASKS.items()}
+    assert needs == {
+        "knn": {Need.LABELS},
+        "linear": {Need.LABELS},
+        "finetune": {Need.LABELS},
+        "segment": {Need.LABELS, Need.ANNOTATIONS},
+        "detect": {Need.LABELS, Need.ANNOTATIONS},
+        "zeroshot": {Need.TEXT_TOWER, Need.VAL_LABELS},
+    }

@@ -11,12 +11,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from m3i.config import DenseTargetConfig
-from m3i.mi.targets import (
+from m3i.data.batch import Batch
+from m3i.mi.targets import RunContext, StepContext, Stream
+from m3i.mi.targets.dense import (
+    DenseTargetConfig,
     InterViewTarget,
     IntraViewTarget,
-    StepContext,
-    Stream,
     data2vec_target,
     decorrelation_term,
 )
@@ -96,20 +96,22 @@ def inter_view_ctx(n: int, grid: int, seed: int) -> StepContext:
     g = torch.Generator().manual_seed(seed)
     teacher = {"view2": F.layer_norm(torch.randn(n, grid, ENC_DIM, generator=g), (ENC_DIM,))}
     decoded = {"other_view": torch.randn(n, grid, DEC_DIM, generator=g)}
-    return StepContext({}, make_streams(n, grid, seed), 4, decoded=decoded, teacher_dense=teacher)
+    return StepContext(
+        Batch([]), make_streams(n, grid, seed), 4, decoded=decoded, teacher_dense=teacher
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_siameseim_loss_is_positive_plus_weighted_decorrelation_over_d(n):
     torch.manual_seed(0)
     cfg = DenseTargetConfig(weight=1.0, decorrelation=0.02)
-    target = InterViewTarget("inter_view", cfg, DEC_DIM, ENC_DIM)
+    target = InterViewTarget(cfg, RunContext(ENC_DIM, DEC_DIM))
     ctx = inter_view_ctx(n, 16, seed=n)
     bound = target(ctx)
     prediction = target.head(ctx.decoded["other_view"])
     tokens = ctx.teacher_dense["view2"][ctx.streams["b"].samples]
     torch.testing.assert_close(bound.loss, siameseim_reference(prediction, tokens, 0.02))
-    plain = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    plain = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     plain.load_state_dict(target.state_dict())
     # the information estimate ignores the decorrelation term (NaN at n = 1: 16 tokens on 16
     # positions leave no degree of freedom for the covariance)
@@ -180,7 +182,7 @@ def test_intra_view_with_instance_norm_reads_the_top_k_teacher_layers(n):
     grid, q, depth = 16, 6, 4
     torch.manual_seed(0)
     cfg = DenseTargetConfig(weight=1.0, norm="instance", layers=2)
-    target = IntraViewTarget("intra_view", cfg, DEC_DIM, ENC_DIM)
+    target = IntraViewTarget(cfg, RunContext(ENC_DIM, DEC_DIM))
     assert target.teacher_layers == 2
     g = torch.Generator().manual_seed(n)
     streams = make_streams(n, grid, seed=n)
@@ -188,7 +190,7 @@ def test_intra_view_with_instance_norm_reads_the_top_k_teacher_layers(n):
     masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
     layers = [torch.randn(n, grid, ENC_DIM, generator=g) * 3 + 1 for _ in range(depth)]
     ctx = StepContext(
-        {},
+        Batch([]),
         streams,
         4,
         masked_positions=masked,

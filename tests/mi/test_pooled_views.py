@@ -16,9 +16,11 @@ from lightly.models.modules.heads import (
 )
 from torch import nn
 
-from m3i.config import ViewContrastTargetConfig, ViewRegressTargetConfig
+from m3i.data.batch import Batch
 from m3i.mi.posteriors import gaussian
-from m3i.mi.targets import StepContext, Stream, ViewContrastTarget, ViewRegressTarget
+from m3i.mi.targets import RunContext, StepContext, Stream
+from m3i.mi.targets.view_contrast import ViewContrastTarget, ViewContrastTargetConfig
+from m3i.mi.targets.view_regress import ViewRegressTarget, ViewRegressTargetConfig
 
 ENC, HIDDEN, OUT, TAU = 12, 16, 8, 0.2
 
@@ -26,13 +28,13 @@ ENC, HIDDEN, OUT, TAU = 12, 16, 8, 0.2
 def moco_target() -> ViewContrastTarget:
     torch.manual_seed(0)
     cfg = ViewContrastTargetConfig(weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN, temperature=TAU)
-    return perturbed(ViewContrastTarget("view_contrast", cfg, ENC))
+    return perturbed(ViewContrastTarget(cfg, RunContext(ENC)))
 
 
 def byol_target() -> ViewRegressTarget:
     torch.manual_seed(0)
     cfg = ViewRegressTargetConfig(weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN)
-    return perturbed(ViewRegressTarget("view_regress", cfg, ENC))
+    return perturbed(ViewRegressTarget(cfg, RunContext(ENC)))
 
 
 def perturbed(target):
@@ -102,7 +104,7 @@ def context(x: dict[str, torch.Tensor]) -> StepContext:
     n = len(x["s1"])
     stream = Stream(x["s1"][:, None], torch.zeros(n, 1, dtype=torch.long), torch.arange(n))
     return StepContext(
-        {},
+        Batch([]),
         {"a": stream},
         4,
         teacher_pooled={"view1": x["t1"], "view2": x["t2"]},

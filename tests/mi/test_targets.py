@@ -8,23 +8,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from m3i.config import (
-    CategoryTargetConfig,
-    DenseTargetConfig,
-    PixelTargetConfig,
-    TargetsConfig,
-    TextTargetConfig,
-)
-from m3i.mi.targets import (
-    INFORMATION,
-    CategoryTarget,
-    InterViewTarget,
-    IntraViewTarget,
-    PixelTarget,
-    StepContext,
-    Stream,
-    TextTarget,
-)
+from m3i.config import Config
+from m3i.data.batch import Batch, View
+from m3i.mi.targets import RunContext, StepContext, Stream, information
+from m3i.mi.targets.category import CategoryTarget, CategoryTargetConfig
+from m3i.mi.targets.dense import DenseTargetConfig, InterViewTarget, IntraViewTarget
+from m3i.mi.targets.pixels import PixelTarget, PixelTargetConfig
+from m3i.mi.targets.text import TextTarget, TextTargetConfig
 from m3i.models.text import train_bpe
 
 ENC_DIM, DEC_DIM = 12, 10
@@ -35,6 +25,12 @@ CAPTIONS = [
     "a large red square",
     "a yellow triangle above a green circle",
 ]
+
+
+def image_batch(view1: torch.Tensor) -> Batch:
+    """A batch of one view (its boxes and flips unread by the targets here)."""
+    n = len(view1)
+    return Batch([View(view1, torch.zeros(n, 4), torch.zeros(n, dtype=torch.bool))])
 
 
 def make_streams(n: int, grid: int, seed: int, both: bool = True) -> dict[str, Stream]:
@@ -64,7 +60,7 @@ def make_streams(n: int, grid: int, seed: int, both: bool = True) -> dict[str, S
 def category_target(classes: int) -> CategoryTarget:
     torch.manual_seed(0)
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
-    return CategoryTarget("category", cfg, ENC_DIM, classes)
+    return CategoryTarget(cfg, RunContext(ENC_DIM, num_classes=classes))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -74,7 +70,7 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
     streams = make_streams(n, 16, seed=n)
     # sample 1 is unlabelled (when there is one)
     labels = torch.tensor([(3 * i + 1) % classes if i != 1 else -1 for i in range(n)])
-    ctx = StepContext({"label": labels}, streams, 4)
+    ctx = StepContext(Batch([], labels), streams, 4)
     bound = target(ctx)
     # brute force: one cross-entropy term per (stream, row) whose image is labelled
     terms = []
@@ -92,7 +88,7 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
 def test_category_logits_by_hand():
     """A linear head W p + b, then the dot product with each class embedding, by hand."""
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=0, embed_dim=2)  # hidden_dim 0: linear
-    target = CategoryTarget("category", cfg, encoder_dim=3, num_classes=3)
+    target = CategoryTarget(cfg, RunContext(encoder_dim=3, num_classes=3))
     with torch.no_grad():
         target.head.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]))
         target.head.bias.copy_(torch.tensor([0.5, -1.0]))
@@ -106,7 +102,7 @@ def test_category_logits_by_hand():
     streams = {
         "a": Stream(pooled[:, None, :], torch.zeros(3, 1, dtype=torch.long), torch.arange(3))
     }
-    bound = target(StepContext({"label": labels}, streams, 4))
+    bound = target(StepContext(Batch([], labels), streams, 4))
     rows = expected.tolist()
     by_hand = (
         sum(
@@ -124,7 +120,7 @@ def test_category_without_labels_is_finite_zero_and_backpropagates(n):
     streams = make_streams(n, 16, seed=n)
     for s in streams.values():
         s.tokens.requires_grad_(True)
-    ctx = StepContext({"label": torch.full((n,), -1)}, streams, 4)
+    ctx = StepContext(Batch([], torch.full((n,), -1)), streams, 4)
     bound = target(ctx)
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
     assert bound.mi.item() == 0.0
@@ -150,44 +146,46 @@ def test_category_on_noise_with_an_imbalanced_prior_stays_below_its_entropy():
     the figure is near 0 and never above H(Y) = 0.50 (log C - CE said 2.07 here)."""
     torch.manual_seed(0)
     cfg = CategoryTargetConfig(weight=1.0, hidden_dim=16, embed_dim=8)
-    target = CategoryTarget("category", cfg, ENC_DIM, 10, IMBALANCED)
+    target = CategoryTarget(cfg, RunContext(ENC_DIM, num_classes=10, label_prior=IMBALANCED))
     assert target.label_entropy == pytest.approx(IMBALANCED_ENTROPY, rel=1e-6)
     optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
     for step in range(60):
-        ctx = StepContext({"label": imbalanced_labels(100)}, make_streams(100, 4, seed=step), 4)
+        ctx = StepContext(Batch([], imbalanced_labels(100)), make_streams(100, 4, seed=step), 4)
         bound = target(ctx)
         optimizer.zero_grad()
         bound.loss.backward()
         optimizer.step()
         assert bound.mi.item() <= IMBALANCED_ENTROPY
     with torch.no_grad():
-        ctx = StepContext({"label": imbalanced_labels(2000)}, make_streams(2000, 4, seed=99), 4)
+        ctx = StepContext(Batch([], imbalanced_labels(2000)), make_streams(2000, 4, seed=99), 4)
         bound = target(ctx)
     torch.testing.assert_close(bound.mi, IMBALANCED_ENTROPY - bound.loss)
     assert -0.1 < bound.mi.item() < 0.05
 
 
 def test_category_predicting_the_prior_gets_zero():
-    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, IMBALANCED)
+    run = RunContext(ENC_DIM, num_classes=10, label_prior=IMBALANCED)
+    target = CategoryTarget(CategoryTargetConfig(weight=1.0), run)
     target.logits = lambda pooled: IMBALANCED.log().expand(len(pooled), 10)
-    bound = target(StepContext({"label": imbalanced_labels(200)}, make_streams(200, 4, seed=1), 4))
+    bound = target(StepContext(Batch([], imbalanced_labels(200)), make_streams(200, 4, seed=1), 4))
     assert bound.loss.item() == pytest.approx(IMBALANCED_ENTROPY, rel=1e-5)
     assert bound.mi.item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_category_without_a_prior_counts_classes_as_balanced():
-    target = CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 7)
+    target = CategoryTarget(CategoryTargetConfig(weight=1.0), RunContext(ENC_DIM, num_classes=7))
     assert target.label_entropy == pytest.approx(math.log(7))
 
 
 def test_category_prior_must_match_the_classes():
     with pytest.raises(ValueError, match="label_prior must hold 10 .* shape \\(4,\\)"):
-        CategoryTarget("category", CategoryTargetConfig(weight=1.0), ENC_DIM, 10, torch.ones(4) / 4)
+        run = RunContext(ENC_DIM, num_classes=10, label_prior=torch.ones(4) / 4)
+        CategoryTarget(CategoryTargetConfig(weight=1.0), run)
 
 
 def test_every_target_says_whether_its_figure_is_a_bound_or_an_estimate():
-    assert set(INFORMATION) == {f.name for f in fields(TargetsConfig)}
-    assert set(INFORMATION.values()) == {"lower bound", "estimate"}
+    assert set(information()) == {f.name for f in fields(Config().targets)}
+    assert set(information().values()) == {"lower bound", "estimate"}
 
 
 # ---------------------------------------------------------------- text
@@ -203,7 +201,7 @@ def text_target(tokenizer) -> TextTarget:
     cfg = TextTargetConfig(
         weight=1.0, embed_dim=8, hidden_dim=16, width=16, depth=1, heads=2, context_length=12
     )
-    return TextTarget("text", cfg, ENC_DIM, tokenizer).eval()
+    return TextTarget(cfg, RunContext(ENC_DIM, tokenizer=tokenizer)).eval()
 
 
 def test_text_init_temperature(tokenizer):
@@ -219,7 +217,7 @@ def test_text_logit_scale_gradient_is_open_clips_below_and_above_the_cap(log_sca
     with torch.no_grad():
         target.logit_scale.fill_(log_scale)
     streams = make_streams(3, 16, seed=7, both=False)
-    bound = target(StepContext({"caption": CAPTIONS[:3]}, streams, 4))
+    bound = target(StepContext(Batch([], captions=CAPTIONS[:3]), streams, 4))
     bound.loss.backward()
     image = target.encode_image(streams["a"].tokens.mean(dim=1)).detach()
     text = target.encode_text(CAPTIONS[:3]).detach()
@@ -245,7 +243,7 @@ def test_text_one_stream_equals_open_clip(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     image = target.encode_image(streams["a"].tokens.mean(dim=1))
     text = target.encode_text(captions)
     reference = ClipLoss()(image, text, target.logit_scale.exp())
@@ -258,7 +256,7 @@ def test_text_excludes_captionless_samples(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=n, both=False)
     captions = [CAPTIONS[i] if i != 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     keep = [i for i in range(n) if captions[i]]
     image = target.encode_image(streams["a"].tokens.mean(dim=1))[keep]
     text = target.encode_text([captions[i] for i in keep])  # encoded without the empty ones
@@ -271,7 +269,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
     target = text_target(tokenizer)
     streams = make_streams(n, 16, seed=10 + n)
     captions = [CAPTIONS[i] if i != 0 or n == 1 else "" for i in range(n)]
-    bound = target(StepContext({"caption": captions}, streams, 4))
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
     losses = []
     for stream in streams.values():
         image = target.encode_image(stream.tokens.mean(dim=1))
@@ -284,7 +282,7 @@ def test_text_two_streams_average_their_clip_losses(n, tokenizer):
 @pytest.mark.parametrize("n", [1, 2])
 def test_text_without_captions_is_finite_zero(n, tokenizer):
     target = text_target(tokenizer)
-    bound = target(StepContext({"caption": [""] * n}, make_streams(n, 16, seed=n), 4))
+    bound = target(StepContext(Batch([], captions=[""] * n), make_streams(n, 16, seed=n), 4))
     assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
 
 
@@ -312,7 +310,8 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
     p, size = 4, 12  # a 3x3 grid of 4x4 patches
     grid = (size // p) ** 2
     torch.manual_seed(0)
-    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=norm_pix), DEC_DIM, p)
+    run = RunContext(decoder_dim=DEC_DIM, patch_size=p)
+    target = PixelTarget(PixelTargetConfig(weight=1.0, norm_pix=norm_pix), run)
     g = torch.Generator().manual_seed(n)
     view1 = torch.rand(n, 3, size, size, generator=g) * 2 + torch.arange(n)[:, None, None, None]
     streams = make_streams(n, grid, seed=n)
@@ -320,7 +319,7 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
     masked = torch.stack([torch.randperm(grid, generator=g)[:4] for _ in range(n)])
     decoded = torch.randn(n, 4, DEC_DIM, generator=g)
     ctx = StepContext(
-        {"view1": view1},
+        image_batch(view1),
         streams,
         masked_positions=masked,
         decoded={"masked": decoded},
@@ -351,7 +350,7 @@ def test_pixel_target_equals_brute_force(n, norm_pix):
 def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
     grid, q = 16, 8
     torch.manual_seed(0)
-    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     g = torch.Generator().manual_seed(n)
     streams = make_streams(n, grid, seed=n)
     streams["a"].samples = torch.arange(n - 1, -1, -1)
@@ -377,7 +376,7 @@ def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
 def test_inter_view_regresses_partner_teacher_view2_densely(n):
     grid = 16
     torch.manual_seed(0)
-    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), DEC_DIM, ENC_DIM)
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     g = torch.Generator().manual_seed(n)
     streams = make_streams(n, grid, seed=n)
     teacher = {
@@ -413,7 +412,7 @@ def test_intra_view_figure_is_zero_for_a_position_only_predictor():
     """The queries' positions reach the estimate: predicting each masked position's mean tells
     nothing (without the positions the figure would be far above 0)."""
     n, grid, q = 64, 16, 8
-    target = IntraViewTarget("intra_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
     identity_head(target)
     means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -421,25 +420,33 @@ def test_intra_view_figure_is_zero_for_a_position_only_predictor():
     streams = make_streams(n, grid, seed=0)
     streams["a"].samples = torch.arange(n - 1, -1, -1)
     ctx = StepContext(
-        {}, streams, 4, masked, {"masked": means[masked]}, {"view1": teacher, "view2": teacher}
+        Batch([]),
+        streams,
+        4,
+        masked,
+        {"masked": means[masked]},
+        {"view1": teacher, "view2": teacher},
     )
     assert abs(target(ctx).mi.item()) < 0.1
 
 
 def test_inter_view_figure_is_zero_for_a_position_only_predictor():
     n, grid = 64, 16
-    target = InterViewTarget("inter_view", DenseTargetConfig(weight=1.0), ENC_DIM, ENC_DIM)
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
     identity_head(target)
     means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=2)
     decoded = {"other_view": means.expand(n, grid, ENC_DIM)}
-    ctx = StepContext({}, make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher})
+    ctx = StepContext(
+        Batch([]), make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher}
+    )
     assert abs(target(ctx).mi.item()) < 0.1
 
 
 def test_pixel_figure_is_zero_for_a_position_only_predictor():
     n, p, size, q = 64, 4, 16, 8
     grid = (size // p) ** 2
-    target = PixelTarget("pixels", PixelTargetConfig(weight=1.0, norm_pix=False), 3 * p * p, p)
+    run = RunContext(decoder_dim=3 * p * p, patch_size=p)
+    target = PixelTarget(PixelTargetConfig(weight=1.0, norm_pix=False), run)
     identity_head(target)
     g = torch.Generator().manual_seed(3)
     mean_image = 3 * torch.randn(3, size, size, generator=g)
@@ -447,5 +454,5 @@ def test_pixel_figure_is_zero_for_a_position_only_predictor():
     patch_means = torch.tensor(brute_force_patches(mean_image, p))  # (grid, 48)
     masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
     decoded = {"masked": patch_means[masked]}
-    ctx = StepContext({"view1": images}, make_streams(n, grid, seed=3), p, masked, decoded)
+    ctx = StepContext(image_batch(images), make_streams(n, grid, seed=3), p, masked, decoded)
     assert abs(target(ctx).mi.item()) < 0.1

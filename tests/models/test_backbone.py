@@ -1,5 +1,6 @@
 """The backbone against timm, its export, and the isolation of the two images of a mix."""
 
+import copy
 import functools
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from m3i.config import load_config
+from m3i.data.batch import Batch, View
 from m3i.data.mixing import gather_tokens, split_positions
+from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone, load_timm_model, read_backbone_metadata
 from m3i.models.config import ModelConfig
 from m3i.models.text import train_bpe
@@ -172,24 +175,21 @@ def m3i_model(isolate: bool) -> M3IModel:
         ],
     )
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)).eval()
+    return M3IModel(
+        cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    ).eval()
 
 
-def batch(n: int, seed: int = 0) -> dict:
+def batch(n: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "view1": torch.randn(n, 3, SIZE, SIZE, generator=g),
-        "view2": torch.randn(n, 3, SIZE, SIZE, generator=g),
-        "box1": torch.tensor([[0.1, 0.1, 0.5, 0.5]] * n),
-        "box2": torch.tensor([[0.2, 0.0, 0.6, 0.7]] * n),
-        "flip1": torch.zeros(n, dtype=torch.bool),
-        "flip2": torch.ones(n, dtype=torch.bool),
-        "label": torch.arange(n) % 3,
-        "caption": CAPTIONS[:n],
-    }
+    image1 = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    image2 = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    view1 = View(image1, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * n), torch.zeros(n, dtype=torch.bool))
+    view2 = View(image2, torch.tensor([[0.2, 0.0, 0.6, 0.7]] * n), torch.ones(n, dtype=torch.bool))
+    return Batch([view1, view2], torch.arange(n) % 3, CAPTIONS[:n])
 
 
-def encode(model: M3IModel, data: dict):
+def encode(model: M3IModel, data: Batch):
     torch.manual_seed(123)  # the same mix positions for every call
     with torch.no_grad():
         return model.encode(data)
@@ -199,8 +199,10 @@ def encode(model: M3IModel, data: dict):
 def test_mix_isolates_images(isolate):
     model = m3i_model(isolate)
     data = batch(2)
-    changed = dict(data, view1=data["view1"].clone())
-    changed["view1"][1] = torch.randn(3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    changed = copy.deepcopy(data)
+    changed.views[0].image[1] = torch.randn(
+        3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)
+    )
     ctx, ctx_changed = encode(model, data), encode(model, changed)
     a, a_changed = ctx.streams["a"], ctx_changed.streams["a"]
     assert torch.equal(a.positions, a_changed.positions)
@@ -219,7 +221,7 @@ def test_mix_streams_equal_each_image_encoded_alone(n):
     model = m3i_model(isolate=True)
     data = batch(n, seed=n)
     ctx = encode(model, data)
-    patches = model.backbone.embed_patches(data["view1"])
+    patches = model.backbone.embed_patches(data.views[0].image)
     for name, stream in ctx.streams.items():
         for row in range(n):
             own = patches[int(stream.samples[row])][stream.positions[row]][None]

@@ -2,6 +2,7 @@
 a mix (against timm run on each image's own half, cropped: a sparse convolution), block
 outputs, and its export."""
 
+import copy
 import functools
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from m3i.config import load_config
+from m3i.data.batch import Batch, View
+from m3i.mi.targets import RunContext
 from m3i.models.backbone import (
     Backbone,
     frozen_features,
@@ -211,18 +214,14 @@ def test_the_m3i_step_on_a_convnet_isolates_the_two_images():
     convnet = [f"model.name={NAMES[1]}", f"model.img_size={SIZE}", f"model.patch_size={STRIDE}"]
     cfg = load_config("m3i", overrides=[*TINY_M3I, *convnet, "model.depth=1"])
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=3, tokenizer=train_bpe(captions, vocab_size=60)).eval()
-    data = {
-        "view1": images(2, seed=7),
-        "view2": images(2, seed=8),
-        "box1": torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2),
-        "box2": torch.tensor([[0.2, 0.0, 0.6, 0.7]] * 2),
-        "flip1": torch.zeros(2, dtype=torch.bool),
-        "flip2": torch.ones(2, dtype=torch.bool),
-        "label": torch.tensor([0, 1]),
-        "caption": captions,
-    }
-    changed = dict(data, view1=torch.stack([data["view1"][0], images(1, seed=9)[0]]))
+    run = RunContext(num_classes=3, tokenizer=train_bpe(captions, vocab_size=60))
+    model = M3IModel(cfg, run).eval()
+    flags = torch.zeros(2, dtype=torch.bool)
+    view2 = View(images(2, seed=8), torch.tensor([[0.2, 0.0, 0.6, 0.7]] * 2), ~flags)
+    box1 = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2)
+    data = Batch([View(images(2, seed=7), box1, flags), view2], torch.tensor([0, 1]), captions)
+    changed = copy.deepcopy(data)
+    changed.views[0].image[1] = images(1, seed=9)[0]
     contexts = []
     for batch in (data, changed):
         torch.manual_seed(123)  # the same mix positions

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from m3i.config import load_config
+from m3i.data.batch import Batch, View
+from m3i.mi.targets import RunContext
 from m3i.models.ema import MomentumTeacher, momentum_at
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
@@ -142,21 +144,18 @@ def m3i_model() -> M3IModel:
         ],
     )
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    return M3IModel(cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)))
 
 
-def batch(n: int) -> dict:
+def batch(n: int) -> Batch:
     g = torch.Generator().manual_seed(n)
-    return {
-        "view1": torch.randn(n, 3, 16, 16, generator=g),
-        "view2": torch.randn(n, 3, 16, 16, generator=g),
-        "box1": torch.tensor([[0.0, 0.1, 0.8, 0.8]] * n),
-        "box2": torch.tensor([[0.2, 0.0, 0.6, 0.7]] * n),
-        "flip1": torch.zeros(n, dtype=torch.bool),
-        "flip2": torch.tensor([True, False, True][:n]),
-        "label": torch.arange(n) % 3,
-        "caption": CAPTIONS[:n],
-    }
+    image1 = torch.randn(n, 3, 16, 16, generator=g)
+    image2 = torch.randn(n, 3, 16, 16, generator=g)
+    view1 = View(image1, torch.tensor([[0.0, 0.1, 0.8, 0.8]] * n), torch.zeros(n, dtype=torch.bool))
+    view2 = View(
+        image2, torch.tensor([[0.2, 0.0, 0.6, 0.7]] * n), torch.tensor([True, False, True][:n])
+    )
+    return Batch([view1, view2], torch.arange(n) % 3, CAPTIONS[:n])
 
 
 @pytest.mark.parametrize("n", [2])
@@ -192,7 +191,9 @@ def test_m3i_teacher_is_the_students_timm_model_in_eval_mode():
     overrides = [*TINY_M3I, "model.img_size=16", "model.patch_size=4", "model.drop_path=0.5"]
     cfg = load_config("m3i", overrides=overrides)
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60)).train()
+    model = M3IModel(
+        cfg, RunContext(num_classes=3, tokenizer=train_bpe(CAPTIONS, vocab_size=60))
+    ).train()
     vit = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -208,7 +209,28 @@ def test_m3i_teacher_is_the_students_timm_model_in_eval_mode():
     vit.load_state_dict(
         {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     )
-    x = batch(2)["view1"]
+    x = batch(2).views[0].image
     with torch.no_grad():
         reference = vit.forward_features(x)[:, vit.num_prefix_tokens :]
         torch.testing.assert_close(model.teacher(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_update_is_one_multi_tensor_op_for_parameters_and_one_for_buffers(monkeypatch):
+    online = student()
+    teacher = MomentumTeacher(online)
+    calls = []
+    for name in ("_foreach_lerp_", "_foreach_copy_"):
+        op = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, op=op, name=name, **k: (calls.append(name), op(*a, **k))
+        )
+    teacher.update(online, 0.9)
+    assert calls == ["_foreach_lerp_", "_foreach_copy_"]  # no per-tensor Python loop
+
+
+def test_update_from_a_different_student_is_a_clear_error():
+    teacher = MomentumTeacher(student())
+    other = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))  # the student without BatchNorm
+    message = "the teacher holds 6 parameters and 3 buffers, the student 4 and 0"
+    with pytest.raises(ValueError, match=message):
+        teacher.update(other, 0.9)

@@ -20,6 +20,7 @@ from m3i.config import load_config
 from m3i.data.shapes import ShapesDataset
 from m3i.eval.features import EvalError
 from m3i.eval.zeroshot import load_text_target
+from m3i.mi.targets import RunContext
 from m3i.models import minilm
 from m3i.models.text import tokenize
 from m3i.train import sharding
@@ -79,7 +80,7 @@ def test_tower_embeds_as_the_wheels_sentence_transformer(wheel_encoder, context_
 def test_training_moves_the_projection_and_leaves_the_tower_bit_identical():
     cfg = load_config("clip", overrides=TINY_CLIP)
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=10, tokenizer=minilm.load_tokenizer(CONTEXT))
+    model = M3IModel(cfg, RunContext(num_classes=10, tokenizer=minilm.load_tokenizer(CONTEXT)))
     encoder = model.targets["text"].encoder
     projection = encoder.projection.weight.detach().clone()
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-2, weight_decay=0.05)
@@ -114,7 +115,8 @@ def test_fsdp_leaves_the_tower_whole_and_out_of_the_gathered_state():
     try:
         torch.manual_seed(0)
         model = M3IModel(
-            load_config("clip", overrides=TINY_CLIP), tokenizer=minilm.load_tokenizer(CONTEXT)
+            load_config("clip", overrides=TINY_CLIP),
+            RunContext(tokenizer=minilm.load_tokenizer(CONTEXT)),
         )
         sharding.shard(model)
         encoder = model.targets["text"].encoder

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from m3i.bench.measure import synthetic_batch
-from m3i.config import DenseTargetConfig, load_config
+from m3i.config import load_config
+from m3i.mi.targets import RunContext
+from m3i.mi.targets.dense import DenseTargetConfig
 from m3i.train.step import M3IModel
 from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
@@ -19,7 +21,9 @@ EPS = 1e-5  # torch's default for instance_norm and layer_norm, as data2vec 2.0 
 def model_with_own_teacher(preset: str, overrides: list[str] = ()) -> M3IModel:
     """A model whose EMA teacher's weights differ from the student's (as after some steps)."""
     torch.manual_seed(0)
-    model = M3IModel(load_config(preset, overrides=SMALL + list(overrides)), num_classes=10)
+    model = M3IModel(
+        load_config(preset, overrides=SMALL + list(overrides)), RunContext(num_classes=10)
+    )
     with torch.no_grad():
         for param in model.teacher.module.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -69,10 +73,12 @@ def test_data2vec_target_equals_the_teachers_blocks_run_by_hand(k):
     assert len(ctx.teacher_layers["view1"]) == min(k, DEPTH)
     target = model.targets["intra_view"].target_tokens(ctx)
     teacher, student = model.teacher.module.vit, model.backbone.vit
-    expected = at_masked_positions(data2vec_by_hand(teacher, batch["view1"], min(k, DEPTH)), ctx)
+    expected = at_masked_positions(
+        data2vec_by_hand(teacher, batch.views[0].image, min(k, DEPTH)), ctx
+    )
     torch.testing.assert_close(target, expected, atol=1e-4, rtol=1e-4)
     # the student's blocks give another target: the test tells the teacher from the student
-    other = at_masked_positions(data2vec_by_hand(student, batch["view1"], min(k, DEPTH)), ctx)
+    other = at_masked_positions(data2vec_by_hand(student, batch.views[0].image, min(k, DEPTH)), ctx)
     assert (other - expected).abs().max() > 1e-2
     assert not target.requires_grad
 
@@ -89,7 +95,8 @@ def test_m3i_dense_targets_are_layer_normed_last_layer_tokens_of_the_teacher():
     with torch.no_grad():
         views = {
             v: F.layer_norm(
-                vit.forward_features(batch[v])[:, vit.num_prefix_tokens :], (vit.embed_dim,)
+                vit.forward_features(batch.view(v).image)[:, vit.num_prefix_tokens :],
+                (vit.embed_dim,),
             )
             for v in ("view1", "view2")
         }

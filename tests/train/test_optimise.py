@@ -3,16 +3,17 @@
 import copy
 
 import pytest
+import timm.optim
 import torch
-from torch.utils.data import default_collate
 
 from m3i.config import load_config
+from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models import vit as backbone_module
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
-from m3i.train.optimise import Optimise
+from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
@@ -36,12 +37,12 @@ def config(preset: str, *overrides: str):
 
 def make_model(cfg, source, tokenizer) -> M3IModel:
     torch.manual_seed(0)
-    return M3IModel(cfg, num_classes=len(source.classes), tokenizer=tokenizer)
+    return M3IModel(cfg, RunContext(num_classes=len(source.classes), tokenizer=tokenizer))
 
 
-def make_batch(source, cfg, n: int = 4):
-    views = ViewDataset(source, view_config(cfg), seed=0)
-    return default_collate([views[i] for i in range(n)])
+def make_batch(source, cfg, n: int = 4, start: int = 0):
+    views = ViewDataset(source, cfg.views, cfg.model.img_size, seed=0)
+    return collate([views[i] for i in range(start, start + n)])
 
 
 def parameters(model) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def test_accumulation_steps_on_the_mean_of_the_micro_batch_gradients(source, tok
     model = make_model(cfg, source, tokenizer)
     reference = copy.deepcopy(model)
     batch = make_batch(source, cfg)
-    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    halves = [make_batch(source, cfg, 2), make_batch(source, cfg, 2, start=2)]
     losses, monitors, grads = [], [], []
     for half in halves:
         reference.zero_grad(set_to_none=True)
@@ -193,7 +194,7 @@ def test_a_non_finite_loss_is_skipped_and_changes_nothing(source, tokenizer):
     calls = []
 
     def nan_second(batch):
-        calls.append(len(batch["view1"]))
+        calls.append(len(batch))
         loss, monitors = model(batch)
         return (loss * float("nan") if len(calls) == 2 else loss), monitors
 
@@ -261,3 +262,27 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(source, tokenizer,
     assert any(name.startswith("backbone.vit.blocks.") for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
+
+
+@pytest.mark.parametrize(("device", "kernel"), [("cpu", "foreach"), ("cuda", "fused")])
+def test_adamw_is_timms_with_the_devices_multi_tensor_kernel(source, tokenizer, device, kernel):
+    cfg = config("m3i", "train.lr=0.01", "train.weight_decay=0.1")
+    model = make_model(cfg, source, tokenizer)
+    reference = copy.deepcopy(model)
+    batch = make_batch(source, cfg)
+    optimizer = build_optimizer(model, cfg.train, torch.device(device))  # params stay on the CPU
+    assert optimizer.defaults["fused" if kernel == "fused" else "foreach"] is True
+    assert not optimizer.defaults["foreach" if kernel == "fused" else "fused"]
+    # the single-tensor loop of torch's own AdamW on timm's groups (no decay on biases, norms)
+    groups = timm.optim.param_groups_weight_decay(
+        reference, 0.1, no_weight_decay_list=reference.no_weight_decay()
+    )
+    plain = torch.optim.AdamW(groups, lr=0.01, foreach=False, fused=False)
+    sizes = [len(group["params"]) for group in groups]
+    assert [len(group["params"]) for group in optimizer.param_groups] == sizes
+    for net, opt in ((model, optimizer), (reference, plain)):  # one step on equal gradients
+        torch.manual_seed(0)  # the same masks and mixes
+        net(batch)[0].backward()
+        opt.step()
+    for got, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # steps are 1e-2

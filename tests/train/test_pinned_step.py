@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import default_collate
 
 from m3i.config import load_config
+from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
 from m3i.train.pretrain import pretrain
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -125,8 +125,10 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
     cfg = load_config("m3i", overrides=weighted(WEIGHTS))
     assert set(cfg.active_targets()) == set(WEIGHTS)
     torch.manual_seed(0)
-    full = M3IModel(cfg, num_classes=len(shapes.classes), tokenizer=tokenizer)
-    batch = default_collate([ViewDataset(shapes, view_config(cfg), seed=0)[i] for i in range(4)])
+    full = M3IModel(cfg, RunContext(num_classes=len(shapes.classes), tokenizer=tokenizer))
+    batch = collate(
+        [ViewDataset(shapes, cfg.views, cfg.model.img_size, seed=0)[i] for i in range(4)]
+    )
     with torch.no_grad():
         torch.manual_seed(5)  # the masks
         loss, _ = full(batch)
@@ -134,7 +136,7 @@ def test_loss_is_the_weighted_sum_of_each_targets_own_loss(shapes):
         alone = {}
         for name in WEIGHTS:
             one = load_config("m3i", overrides=weighted({name: 1.0}))
-            model = M3IModel(one, num_classes=len(shapes.classes), tokenizer=tokenizer)
+            model = M3IModel(one, RunContext(num_classes=len(shapes.classes), tokenizer=tokenizer))
             missing = model.state_dict().keys() - state.keys()
             assert not missing, missing
             model.load_state_dict({k: state[k] for k in model.state_dict()})
@@ -161,11 +163,14 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
 
     cfg = load_config("m3i", overrides=TINY)
     torch.manual_seed(0)
-    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(shapes.captions(), 200)).eval()
-    items = [ViewDataset(shapes, view_config(cfg), seed=3)[i] for i in range(4)]
-    batch = default_collate(items)
-    assert not torch.equal(batch["box1"], batch["box2"])  # the two views differ
-    assert batch["flip1"].tolist() != batch["flip2"].tolist()
+    model = M3IModel(
+        cfg, RunContext(num_classes=10, tokenizer=train_bpe(shapes.captions(), 200))
+    ).eval()
+    items = [ViewDataset(shapes, cfg.views, cfg.model.img_size, seed=3)[i] for i in range(4)]
+    batch = collate(items)
+    view1, view2 = batch.views
+    assert not torch.equal(view1.box, view2.box)  # the two views differ
+    assert view1.flip.tolist() != view2.flip.tolist()
     splits, calls = [], []
     real_split = step.split_positions
 
@@ -180,7 +185,7 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
         model(batch)
         ((_, pos_b),) = splits
         partners = torch.arange(3, -1, -1)  # image B of mix k is sample N - 1 - k
-        patches = model.backbone.embed_patches(batch["view1"])
+        patches = model.backbone.embed_patches(view1.image)
         b_tokens = model.backbone.encode(gather_tokens(patches[partners], pos_b))
     inter = [c for c in calls if len(c) == 4 and c[3] is not None]
     assert len(inter) == 1 and len(calls) == 2  # one intra-view, one inter-view decoder call
@@ -190,10 +195,10 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
     torch.testing.assert_close(token_coords, grid_coords(grid)[pos_b])
     expected_coords, expected_geometry = view_to_view(
         grid,
-        batch["box2"][partners],
-        batch["flip2"][partners],
-        batch["box1"][partners],
-        batch["flip1"][partners],
+        view2.box[partners],
+        view2.flip[partners],
+        view1.box[partners],
+        view1.flip[partners],
     )
     torch.testing.assert_close(query_coords, expected_coords)
     torch.testing.assert_close(geometry, expected_geometry)

@@ -33,8 +33,8 @@ def spy(monkeypatch):
 
     def batches(*args, **kwargs):
         for batch in stream(*args, **kwargs):
-            seen["index"].append(batch["index"].tolist())
-            seen["view1"].append(batch["view1"].clone())
+            seen["index"].append(batch.indices.tolist())
+            seen["view1"].append(batch.views[0].image.clone())
             yield batch
 
     def split_positions(*args, **kwargs):

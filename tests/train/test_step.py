@@ -4,17 +4,16 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import default_collate
 
 from m3i.bench.measure import synthetic_batch
 from m3i.config import ConfigError, load_config, preset_names
 from m3i.data.base import ImageSource
+from m3i.data.batch import collate
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
-from m3i.mi.targets import INFORMATION
+from m3i.mi.targets import RunContext, information
 from m3i.models.text import train_bpe
-from m3i.train.batches import view_config
 from m3i.train.loop import TrainingError, build_model
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -29,8 +28,8 @@ def source():
 
 
 def make_batch(source, cfg, n):
-    views = ViewDataset(source, view_config(cfg), seed=0)
-    return default_collate([views[i] for i in range(n)])
+    views = ViewDataset(source, cfg.views, cfg.model.img_size, seed=0)
+    return collate([views[i] for i in range(n)])
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -43,13 +42,14 @@ def test_every_loss_is_finite_and_trains_the_backbone(source, preset, n):
         return
     cfg = load_config(preset, overrides=SMALL)
     model = M3IModel(
-        cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+        cfg,
+        RunContext(num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)),
     )
     loss, monitors = model(make_batch(source, cfg, n))
     assert torch.isfinite(loss)
     assert set(monitors) == {f"{kind}/{t}" for t in cfg.active_targets() for kind in ("loss", "mi")}
     for key, value in monitors.items():  # a Gaussian estimate needs more tokens than D = 192
-        kind = INFORMATION[key.split("/")[1]] if key.startswith("mi/") else "loss"
+        kind = information()[key.split("/")[1]] if key.startswith("mi/") else "loss"
         assert torch.isnan(value) if kind == "estimate" else torch.isfinite(value), key
     weighted = sum(
         cfg.active_targets()[t].weight * monitors[f"loss/{t}"] for t in cfg.active_targets()
@@ -76,7 +76,10 @@ def test_only_needed_streams_are_encoded(source):
     for preset, streams in expected.items():
         cfg = load_config(preset, overrides=SMALL)
         model = M3IModel(
-            cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+            cfg,
+            RunContext(
+                num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+            ),
         )
         ctx = model.encode(make_batch(source, cfg, 2))
         assert {k: s.tokens.shape[1] for k, s in ctx.streams.items()} == streams, preset
@@ -97,7 +100,8 @@ def test_student_encodes_view_2_only_for_pooled_view_targets(source, preset, stu
     a CPU); M3I's step keeps its single student pass over the mix."""
     cfg = load_config(preset, overrides=SMALL)
     model = M3IModel(
-        cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+        cfg,
+        RunContext(num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)),
     )
     student_calls = count_calls(model.backbone.vit.blocks[0])
     teacher_calls = count_calls(model.teacher.module.vit.blocks[0]) if model.teacher else [0]
@@ -114,7 +118,8 @@ def test_student_encodes_view_2_only_for_pooled_view_targets(source, preset, stu
 def test_image_b_of_mix_k_is_sample_n_minus_1_minus_k(source):
     cfg = load_config("m3i", overrides=SMALL)
     model = M3IModel(
-        cfg, num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)
+        cfg,
+        RunContext(num_classes=len(source.classes), tokenizer=train_bpe(source.captions(), 200)),
     )
     ctx = model.encode(make_batch(source, cfg, 3))
     assert ctx.streams["a"].samples.tolist() == [0, 1, 2]
@@ -127,7 +132,7 @@ def test_position_embeddings_tokens_and_temperature_get_no_weight_decay(source):
     from timm.optim import create_optimizer_v2
 
     cfg = load_config("m3i", overrides=SMALL)
-    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(source.captions(), 200))
+    model = M3IModel(cfg, RunContext(num_classes=10, tokenizer=train_bpe(source.captions(), 200)))
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {
@@ -150,7 +155,7 @@ def test_every_trainable_parameter_gets_a_gradient(preset):
     cfg = load_config(preset, overrides=TINY_M3I + ["model.img_size=16", "model.patch_size=4"])
     captions = ShapesDataset("train", num_samples=40).captions()
     tokenizer = train_bpe(captions, 100) if cfg.targets.text.weight else None
-    model = M3IModel(cfg, num_classes=10, tokenizer=tokenizer)
+    model = M3IModel(cfg, RunContext(num_classes=10, tokenizer=tokenizer))
     loss, _ = model(synthetic_batch(4, 16, captions, torch.device("cpu")))
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -162,7 +167,7 @@ def test_gaussian_estimates_are_finite_at_a_batch_with_enough_tokens():
     D = 192 plus the 16 positions, so every figure is a number."""
     cfg = load_config("m3i", overrides=TINY_M3I + ["model.img_size=16", "model.patch_size=4"])
     captions = ShapesDataset("train", num_samples=40).captions()
-    model = M3IModel(cfg, num_classes=10, tokenizer=train_bpe(captions, 100))
+    model = M3IModel(cfg, RunContext(num_classes=10, tokenizer=train_bpe(captions, 100)))
     with torch.no_grad():
         _, monitors = model(synthetic_batch(32, 16, captions, torch.device("cpu")))
     assert all(torch.isfinite(monitors[f"mi/{t}"]) for t in ("intra_view", "inter_view"))

@@ -128,7 +128,7 @@ def tasks_for(method: str, data: str, budget: Budget) -> list[str]:
 
 def final_bounds(run: Path) -> dict[str, float]:
     """The last logged information figure of every target (nats): a lower bound or an
-    estimate, as `m3i.mi.targets.INFORMATION` says."""
+    estimate, as `m3i.mi.targets.information()` says."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if '"mi/' in line]
     return {k[3:]: v for k, v in records[-1].items() if k.startswith("mi/")} if records else {}

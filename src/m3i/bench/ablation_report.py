@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from m3i.io import atomic_write, atomic_write_text
-from m3i.mi.targets import INFORMATION
+from m3i.mi.targets import information
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -98,7 +98,8 @@ def bounds_table(records: list[dict], methods: list[str]) -> str:
                 continue
             bounds[(record["data"], record["method"])][target].append(value)
     targets = sorted({t for b in bounds.values() for t in b})
-    names = [f"{t} ({INFORMATION[t]})" if t in INFORMATION else t for t in targets]
+    kinds = information()
+    names = [f"{t} ({kinds[t]})" if t in kinds else t for t in targets]
     lines = ["| data | method | " + " | ".join(names) + " |", "|---" * (len(targets) + 2) + "|"]
     for (data, method), by_target in bounds.items():
         if method in methods:

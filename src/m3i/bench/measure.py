@@ -11,6 +11,7 @@ import torch
 from torch.utils import flop_counter
 
 from m3i.config import Config
+from m3i.data.batch import Batch, View
 from m3i.data.shapes import CLASSES
 from m3i.train.batches import training_source, training_stream
 from m3i.train.loop import build_model
@@ -92,15 +93,14 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
-def synthetic_batch(n: int, size: int, captions: list[str], device: torch.device) -> dict:
+def synthetic_batch(n: int, size: int, captions: list[str], device: torch.device) -> Batch:
     """Two normalised views, random crop boxes (top, left, h, w) and flips, labels, captions."""
-    batch: dict[str, Any] = {"label": torch.randint(len(CLASSES), (n,)), "index": torch.arange(n)}
-    for view in (1, 2):
+    labels, indices = torch.randint(len(CLASSES), (n,)), torch.arange(n)
+    views = []
+    for _ in (1, 2):
         side = torch.empty(n).uniform_(0.35, 1.0).sqrt()  # area fraction 0.35..1, square crops
         top, left = (torch.rand(n) * (1 - side) for _ in range(2))
-        batch[f"view{view}"] = torch.randn(n, 3, size, size)
-        batch[f"box{view}"] = torch.stack([top, left, side, side], dim=1)
-        batch[f"flip{view}"] = torch.rand(n) < 0.5
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["caption"] = [captions[i % len(captions)] for i in range(n)]
-    return batch
+        box = torch.stack([top, left, side, side], dim=1)
+        views.append(View(torch.randn(n, 3, size, size), box, torch.rand(n) < 0.5))
+    captions = [captions[i % len(captions)] for i in range(n)]
+    return Batch(views, labels, captions, indices).to(device)

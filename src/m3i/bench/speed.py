@@ -9,6 +9,7 @@ count; medians and spread are over all timed calls.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import warnings
 from collections.abc import Callable
@@ -20,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
-from m3i.config import load_config
+from m3i.config import Config, ConfigError, load_config
+from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
+from m3i.mi.targets import RunContext
 from m3i.models.text import tokenize, train_bpe
-from m3i.train.batches import view_config
 from m3i.train.step import M3IModel
 
 OURS = ("m3i", "supervised", "clip", "data2vec", "siameseim", "mae")
@@ -35,28 +37,27 @@ PEERS = {"lightly_mae": "mae", "open_clip_clip": "clip"}  # peer step -> our ste
 
 @dataclass
 class BenchSettings:
-    model: str = "vit_tiny_patch16_224"
-    img_size: int = 32
-    patch_size: int = 4
-    depth: int | None = 6
-    batch: int = 64
+    """How long to time; what to time is the config (`overrides` on each compared preset)."""
+
     steps: int = 3  # timed calls per kind and round
     repeats: int = 5  # interleaved rounds
     peers: bool = True
     loader_workers: int = 2  # the data stream is also timed with this many worker processes
-    overrides: tuple[str, ...] = ()  # config `key=value`s for this package's steps
+    overrides: tuple[str, ...] = ()  # config `key=value`s applied to every compared preset
 
 
-def model_overrides(settings: BenchSettings) -> list[str]:
-    depth = "null" if settings.depth is None else settings.depth
-    return [
-        f"model.name={settings.model}",
-        f"model.img_size={settings.img_size}",
-        f"model.patch_size={settings.patch_size}",
-        f"model.depth={depth}",
-        f"train.batch_size={settings.batch}",
-        *settings.overrides,
-    ]
+def bench_configs(settings: BenchSettings) -> dict[str, Config]:
+    """The resolved config of every compared preset, `settings.overrides` applied to each (a
+    ConfigError for a bad one); they must share the backbone and the batch size."""
+    configs = {name: load_config(name, overrides=settings.overrides) for name in OURS}
+    shape = {name: (cfg.model, cfg.train.batch_size) for name, cfg in configs.items()}
+    differ = [name for name in OURS if shape[name] != shape["m3i"]]
+    if differ:
+        raise ConfigError(
+            f"bench speed compares steps on one backbone and batch: presets {', '.join(differ)} "
+            "differ from m3i in model.* or train.batch_size; set them with --set"
+        )
+    return configs
 
 
 def training_step(
@@ -78,36 +79,42 @@ def training_step(
     return step, backward
 
 
-def our_step(preset: str, settings: BenchSettings, batch: dict, tokenizer, device):
-    cfg = load_config(preset, overrides=model_overrides(settings))
+def our_step(cfg: Config, batch: Batch, tokenizer, device):
     text = tokenizer if cfg.targets.text.weight else None
-    model = M3IModel(cfg, num_classes=len(CLASSES), tokenizer=text).to(device).train()
+    model = M3IModel(cfg, RunContext(num_classes=len(CLASSES), tokenizer=text)).to(device).train()
     ema = (lambda: model.momentum_update(0.996)) if model.teacher is not None else None
     return training_step(model, lambda: model(batch)[0], ema)
 
 
-def lightly_mae_step(settings: BenchSettings, batch: dict, device):
+def timm_vit(cfg: Config, **kwargs: Any) -> torch.nn.Module:
+    """A peer's backbone: `cfg.model`'s timm ViT with no classifier (`kwargs`: its pooling)."""
+    model = cfg.model
+    depth = {"depth": model.depth} if model.depth else {}
+    return timm.create_model(
+        model.name, img_size=model.img_size, patch_size=model.patch_size, num_classes=0,
+        **depth, **kwargs,
+    )  # fmt: skip
+
+
+def lightly_mae_step(cfg: Config, batch: Batch, device):
     """lightly's MAE: MaskedVisionTransformerTIMM + MAEDecoderTIMM, 75% masked, MSE on
-    per-patch normalised pixels, the same timm ViT and decoder size as ours."""
+    per-patch normalised pixels, the same timm ViT and decoder size as ours (`cfg`: mae's)."""
     from lightly.models import utils
     from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
 
-    cfg = load_config("mae", overrides=model_overrides(settings))
-    vit = timm.create_model(
-        settings.model, img_size=settings.img_size, patch_size=settings.patch_size,
-        num_classes=0, **({"depth": settings.depth} if settings.depth else {}),
-    )  # fmt: skip
+    vit = timm_vit(cfg)
+    patch_size = cfg.model.patch_size
     encoder = MaskedVisionTransformerTIMM(vit=vit)
     with warnings.catch_warnings():  # lightly 1.6 deprecates it for 1.7; it is its MAE decoder
         warnings.simplefilter("ignore", FutureWarning)
         decoder = MAEDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches, patch_size=settings.patch_size,
+            num_patches=vit.patch_embed.num_patches, patch_size=patch_size,
             embed_dim=vit.embed_dim, decoder_embed_dim=cfg.decoder.dim,
             decoder_depth=cfg.decoder.depth, decoder_num_heads=cfg.decoder.heads,
             num_prefix_tokens=vit.num_prefix_tokens,
         )  # fmt: skip
     model = torch.nn.ModuleDict({"encoder": encoder, "decoder": decoder}).to(device).train()
-    images, n = batch["view1"], batch["view1"].shape[0]
+    images, n = batch.views[0].image, len(batch)
     length = vit.patch_embed.num_patches + vit.num_prefix_tokens
 
     def loss() -> torch.Tensor:
@@ -116,7 +123,7 @@ def lightly_mae_step(settings: BenchSettings, batch: dict, device):
         tokens = utils.repeat_token(decoder.mask_token, (n, length))
         decoded = decoder.decode(utils.set_at_index(tokens, keep, encoded))
         predicted = decoder.predict(utils.get_at_index(decoded, mask))
-        patches = utils.patchify(images, settings.patch_size)
+        patches = utils.patchify(images, patch_size)
         target = utils.get_at_index(patches, mask - vit.num_prefix_tokens)
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         return F.mse_loss(predicted, (target - mean) / (var + 1e-6).sqrt())
@@ -124,18 +131,14 @@ def lightly_mae_step(settings: BenchSettings, batch: dict, device):
     return training_step(model, loss, None)
 
 
-def open_clip_step(settings: BenchSettings, batch: dict, tokenizer, device):
+def open_clip_step(clip: Config, batch: Batch, tokenizer, device):
     """open_clip's CLIP: its TextTransformer and ClipLoss, our timm ViT with the same MLP
     projection as our clip preset, the same text width, depth, context and vocabulary."""
     from open_clip import ClipLoss
     from open_clip.transformer import TextTransformer
 
-    cfg = load_config("clip", overrides=model_overrides(settings)).targets.text
-    vit = timm.create_model(
-        settings.model, img_size=settings.img_size, patch_size=settings.patch_size,
-        num_classes=0, global_pool="avg", fc_norm=False,
-        **({"depth": settings.depth} if settings.depth else {}),
-    )  # fmt: skip
+    cfg = clip.targets.text
+    vit = timm_vit(clip, global_pool="avg", fc_norm=False)
     head = torch.nn.Sequential(
         torch.nn.Linear(vit.embed_dim, cfg.hidden_dim), torch.nn.GELU(),
         torch.nn.Linear(cfg.hidden_dim, cfg.embed_dim),
@@ -147,32 +150,31 @@ def open_clip_step(settings: BenchSettings, batch: dict, tokenizer, device):
     scale = torch.nn.Parameter(torch.tensor(1 / cfg.temperature).log())
     model = torch.nn.ModuleDict({"vit": vit, "head": head, "text": text}).to(device).train()
     model.register_parameter("logit_scale", scale)
-    ids, _ = tokenize(tokenizer, list(batch["caption"]), cfg.context_length)
+    ids, _ = tokenize(tokenizer, batch.captions, cfg.context_length)
     ids, clip_loss = ids.to(device), ClipLoss()
 
     def loss() -> torch.Tensor:
-        image = F.normalize(head(vit(batch["view1"])), dim=-1)
+        image = F.normalize(head(vit(batch.views[0].image)), dim=-1)
         return clip_loss(image, F.normalize(text(ids), dim=-1), model.logit_scale.exp())
 
     return training_step(model, loss, None)
 
 
-def loader_batches(settings: BenchSettings, workers: int):
+def loader_batches(cfg: Config, workers: int):
     """The training loop's own batch stream over `shapes` at the bench's sizes."""
-    cfg = load_config("m3i", overrides=model_overrides(settings))
-    cfg.data.image_size = settings.img_size
-    source = ShapesDataset("train", None, settings.img_size, cfg.data.seed)
-    dataset = ViewDataset(source, view_config(cfg), seed=0)
-    return batches(dataset, settings.batch, 0, workers, torch.device("cpu"))
+    size, batch_size = cfg.model.img_size, cfg.train.batch_size
+    source = ShapesDataset("train", None, size, cfg.data.seed)
+    dataset = ViewDataset(source, cfg.views, size, seed=0)
+    return batches(dataset, batch_size, 0, workers, torch.device("cpu"))
 
 
-def time_loader(settings: BenchSettings, workers: int, count: int = 20) -> dict[str, float]:
+def time_loader(cfg: Config, workers: int, count: int = 20) -> dict[str, float]:
     """Steady throughput of the data stream alone (rendering shapes and making both views):
     `count` batches after the first, timed together (worker prefetch included)."""
-    stream = loader_batches(settings, workers)
+    stream = loader_batches(cfg, workers)
     next(stream)  # start-up (and worker start)
     seconds = sum(time_steps(lambda: next(stream), count, torch.device("cpu")))
-    return {"s_per_batch": seconds / count, "img_per_s": count * settings.batch / seconds}
+    return {"s_per_batch": seconds / count, "img_per_s": count * cfg.train.batch_size / seconds}
 
 
 def peak_rss_gb() -> float:
@@ -181,18 +183,24 @@ def peak_rss_gb() -> float:
 
 
 def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[str, Any]:
-    """Build every step, count its FLOPs, time them interleaved; the report as a dict."""
+    """Build every step, count its FLOPs, time them interleaved; the report as a dict. The
+    configs are resolved first: a bad override fails before any work."""
+    configs = bench_configs(settings)
+    m3i = configs["m3i"]
+    batch_size = m3i.train.batch_size
     torch.manual_seed(0)
     captions = ShapesDataset("train", num_samples=500).captions()
-    tokenizer = train_bpe(captions, load_config("clip").targets.text.vocab_size)
-    batch = synthetic_batch(settings.batch, settings.img_size, captions, device)
+    tokenizer = train_bpe(captions, configs["clip"].targets.text.vocab_size)
+    batch = synthetic_batch(batch_size, m3i.model.img_size, captions, device)
     builders: dict[str, Callable[[], tuple]] = {
-        name: (lambda name=name: our_step(name, settings, batch, tokenizer, device))
-        for name in OURS
+        name: (lambda cfg=cfg: our_step(cfg, batch, tokenizer, device))
+        for name, cfg in configs.items()
     }
     if settings.peers:
-        builders["lightly_mae"] = lambda: lightly_mae_step(settings, batch, device)
-        builders["open_clip_clip"] = lambda: open_clip_step(settings, batch, tokenizer, device)
+        builders["lightly_mae"] = lambda: lightly_mae_step(configs["mae"], batch, device)
+        builders["open_clip_clip"] = lambda: open_clip_step(
+            configs["clip"], batch, tokenizer, device
+        )
     peak = matmul_tflops(device)  # measured again in every round: the best rate seen is the peak
     steps, results = {}, {}
     for name, build in builders.items():
@@ -216,14 +224,16 @@ def run_speed(settings: BenchSettings, device: torch.device, log=print) -> dict[
     log(f"matmul peak {peak * 1e3:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     for result in results.values():
         result.update(summary(result.pop("times")))
-        result["img_per_s"] = settings.batch / result["median_s"]
+        result["img_per_s"] = batch_size / result["median_s"]
         result["utilisation"] = result["gflop"] * 1e9 / result["median_s"] / (peak * 1e12)
     replaced = sum(results[name]["median_s"] for name in REPLACED)
-    loader = {f"workers={w}": time_loader(settings, w) for w in (0, settings.loader_workers)}
+    loader = {f"workers={w}": time_loader(m3i, w) for w in (0, settings.loader_workers)}
     return {
         "device": str(device),
         "threads": torch.get_num_threads(),
         "settings": vars(settings),
+        "model": dataclasses.asdict(m3i.model),
+        "batch_size": batch_size,
         "matmul_gflops": peak * 1e3,
         "steps": results,
         "loader": loader,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
 from m3i import runtime
 from m3i.data.base import DataError
+from m3i.data.batch import Batch, collate
 from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 
@@ -44,7 +44,7 @@ def batches(
     workers: int,
     device: torch.device,
     start: int = 0,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """An endless stream of this rank's batches, from batch number `start` on.
 
     Global batch b is slice b % per_epoch of epoch b // per_epoch's seeded permutation, and
@@ -74,6 +74,7 @@ def batches(
                 batch_size=batch_size,
                 sampler=mine.tolist(),
                 num_workers=workers,
+                collate_fn=collate,
                 generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
             )
         )
@@ -82,24 +83,24 @@ def batches(
                 batch = next(loader, None)
             if batch is None:
                 break
-            yield {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
+            yield batch.to(device)
         epoch, skip = epoch + 1, 0
 
 
 def stream_batches(
     stream: WebDatasetStream, batch_size: int, workers: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run."""
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers))
+) -> Iterator[Batch]:
+    """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run
+    (views made in the main process are made single-threaded, as in `batches`)."""
+    loader = iter(
+        torch.utils.data.DataLoader(
+            stream, batch_size=batch_size, num_workers=workers, collate_fn=collate
+        )
+    )
+    threads = 1 if workers == 0 else None
     while True:
-        with worker_errors():
+        with runtime.intra_op_threads(threads), worker_errors():
             batch = next(loader, None)
         if batch is None:
             return
-        yield {
-            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        yield batch.to(device)

@@ -26,20 +26,31 @@ from m3i.io import atomic_write, atomic_write_text
 VALID_SPEC = "wds:/path/shard-{000000..000099}.tar"
 SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held by the shuffle buffer of each worker
 IMAGE_KEYS = ("png", "jpg", "jpeg")
+JPEG_QUALITY = 90  # of the jpg images write_shards writes
 
 
-def _png(image: torch.Tensor) -> bytes:
+def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
+    """A uint8 (3, H, W) RGB tensor as PNG (lossless) or JPEG (quality 90) file bytes."""
     buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    if image_format == "jpg":
+        pil.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        pil.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def write_shards(source: ImageSource, pattern: str, samples_per_shard: int) -> list[Path]:
+def write_shards(
+    source: ImageSource, pattern: str, samples_per_shard: int, image_format: str = "png"
+) -> list[Path]:
     """Write ``source`` as shards named ``pattern % shard`` (e.g. ``DIR/shard-%06d.tar``), each
     written atomically, plus ``DIR/classes.txt`` when the source has classes; returns the shards.
+    Images are stored as ``KEY.png`` or, with ``image_format="jpg"``, as ``KEY.jpg``.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}; use 1 or more")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format={image_format!r}; use 'png' or 'jpg'")
     paths = []
     for first in range(0, len(source), samples_per_shard):
         path = Path(pattern % (first // samples_per_shard))
@@ -49,7 +60,8 @@ def write_shards(source: ImageSource, pattern: str, samples_per_shard: int) -> l
             with wds.TarWriter(tmp, compress=path.name.endswith("gz")) as writer:
                 for index in indices:
                     sample = source[index]
-                    record = {"__key__": f"{index:09d}", "png": _png(sample.image)}
+                    image = encode_image(sample.image, image_format)
+                    record = {"__key__": f"{index:09d}", image_format: image}
                     if sample.caption:
                         record["txt"] = sample.caption
                     if sample.label >= 0:
@@ -95,7 +107,13 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, spec_arg: str, cfg: ViewConfig, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        spec_arg: str,
+        cfg: ViewConfig,
+        size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}; need 0 <= rank < world_size")
@@ -115,6 +133,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             self.classes = [line for line in classes_file.read_text().splitlines() if line]
         self.name = f"wds:{spec_arg}"
         self.cfg = cfg
+        self.size = size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -160,4 +179,4 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             label = int(sample["cls"]) if "cls" in sample else -1
             caption = sample.get("txt", b"").decode("utf-8")
             index = (counter * num_workers + worker) * self.world_size + self.rank
-            yield view_item(_decode(sample), label, caption, index, self.cfg, generator)
+            yield view_item(_decode(sample), label, caption, index, self.cfg, self.size, generator)

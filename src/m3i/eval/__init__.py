@@ -1,3 +1,1 @@
 """Evaluation of frozen or fine-tuned backbones (`m3i eval TASK`) and run reports."""
-
-TASKS = ("knn", "linear", "finetune", "segment", "detect", "zeroshot")

@@ -30,8 +30,8 @@ def finetune(
     torch.manual_seed(seed)
     model.to(device).train()
     size = input_size(model)
-    views = ViewConfig(size=size, scale=(settings.scale_min, 1.0), color_jitter=0.0, hue=0.0)
-    dataset = ViewDataset(train, views, seed=seed, num_views=1)
+    views = ViewConfig(scale_min=settings.scale_min, color_jitter=0.0, hue=0.0)
+    dataset = ViewDataset(train, views, size, seed=seed, num_views=1)
     batch_size = min(settings.batch_size, len(dataset))
     per_epoch = max(len(dataset) // batch_size, 1)
     steps = settings.epochs * per_epoch
@@ -54,7 +54,7 @@ def finetune(
     stream = batches(dataset, batch_size, seed, 0, torch.device(device))
     for step in range(steps):
         batch = next(stream)
-        loss = loss_fn(model(batch["view1"]), batch["label"])
+        loss = loss_fn(model(batch.views[0].image), batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

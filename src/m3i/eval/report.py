@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from m3i.io import atomic_write, atomic_write_text, writable_dir
-from m3i.mi.targets import INFORMATION
+from m3i.mi.targets import information
 
 TRAINING = ("lr", "momentum", "img_per_s")  # plotted with the monitor/* collapse monitors
 
@@ -131,7 +131,7 @@ def _grid(count: int) -> tuple[Figure, list[Any]]:
 
 def information_title(key: str) -> str:
     """`mi/<target>` and what its figure is: `mi/category (lower bound)`, `mi/pixels (estimate)`."""
-    kind = INFORMATION.get(key.removeprefix("mi/"))
+    kind = information().get(key.removeprefix("mi/"))
     return f"{key} ({kind})" if kind else key
 
 

@@ -1,4 +1,7 @@
-"""`m3i eval TASK`: open the checkpoint and the data once, run the task, record the result."""
+"""`m3i eval TASK`: open the checkpoint and the data once, run the task, record the result.
+
+TASKS is the one registry of eval tasks: a task's runner and what it needs of the data and the
+run, checked before the task does any work. A new task is one module and one line here."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import difflib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,6 @@ import torch
 import yaml
 
 from m3i.data.base import ImageSource
-from m3i.eval import TASKS
 from m3i.eval.features import (
     EvalError,
     Features,
@@ -24,11 +28,22 @@ from m3i.eval.features import (
 )
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
+from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
 from m3i.io import append_jsonl
+from m3i.mi.targets.text import TextTarget
 from m3i.models.backbone import input_size
 from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
+
+
+class Need(Enum):
+    """What a task needs besides the backbone and a val split (its value says it in words)."""
+
+    LABELS = "labels"  # a class label on every train and val sample
+    VAL_LABELS = "val labels"  # a class label on every val sample
+    ANNOTATIONS = "masks and boxes"  # every sample's mask and boxes (--data shapes)
+    TEXT_TOWER = "a text tower"  # the run's trained text target (checkpoint.pt, tokenizer)
 
 
 class Session:
@@ -42,6 +57,7 @@ class Session:
         self._splits: dict[str, ImageSource] = {}
         self._features: dict[tuple[str, bool], Features] = {}
         self._annotations: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._text_target: TextTarget | None = None
 
     def split(self, name: str) -> ImageSource:
         if name not in self._splits:
@@ -86,6 +102,24 @@ class Session:
                 )
             self._annotations[name] = [source.annotations(i) for i in range(len(source))]
         return self._annotations[name]
+
+    def text_target(self) -> TextTarget:
+        """The run's trained text target (loaded once per session); an EvalError if none."""
+        if self._text_target is None:
+            self._text_target = load_text_target(self.checkpoint, self.model.num_features)
+        return self._text_target
+
+    def check(self, needs: frozenset[Need]) -> None:
+        """An EvalError naming the first of `needs` that the data or the run lacks."""
+        checks = {
+            Need.TEXT_TOWER: self.text_target,
+            Need.ANNOTATIONS: lambda: [self.annotations(name) for name in ("train", "val")],
+            Need.LABELS: self.classes,
+            Need.VAL_LABELS: lambda: self.classes(("val",)),
+        }
+        for need, check in checks.items():
+            if need in needs:
+                check()
 
 
 def run_knn(session: Session) -> dict[str, float]:
@@ -170,28 +204,39 @@ def run_detect(session: Session) -> dict[str, float]:
 
 
 def run_zeroshot(session: Session) -> dict[str, float]:
-    from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
-
-    target = load_text_target(session.checkpoint, session.model.num_features)
+    target = session.text_target()
     classes = session.classes(("val",))
     val = session.features("val")
     prompts = class_embeddings(target, classes, session.settings.zeroshot.templates)
     return topk_accuracy(zeroshot_scores(target, val.pooled, prompts), val.labels)
 
 
+@dataclass(frozen=True)
+class Task:
+    """An eval task: its runner (metrics by name) and what it needs to run."""
+
+    run: Callable[[Session], dict[str, float]]
+    needs: frozenset[Need]
+
+    def describe(self) -> str:
+        """`labels`, `masks and boxes, labels`, ... in words."""
+        return ", ".join(sorted(need.value for need in self.needs))
+
+
 CHOSEN = ("lr",)  # settings a protocol picked itself (not metrics): recorded under "chosen"
-RUNNERS: dict[str, Callable[[Session], dict[str, float]]] = {
-    "knn": run_knn,
-    "linear": run_linear,
-    "finetune": run_finetune,
-    "segment": run_segment,
-    "detect": run_detect,
-    "zeroshot": run_zeroshot,
+TASKS: dict[str, Task] = {
+    "knn": Task(run_knn, frozenset({Need.LABELS})),
+    "linear": Task(run_linear, frozenset({Need.LABELS})),
+    "finetune": Task(run_finetune, frozenset({Need.LABELS})),
+    "segment": Task(run_segment, frozenset({Need.ANNOTATIONS, Need.LABELS})),
+    "detect": Task(run_detect, frozenset({Need.ANNOTATIONS, Need.LABELS})),
+    "zeroshot": Task(run_zeroshot, frozenset({Need.TEXT_TOWER, Need.VAL_LABELS})),
 }
 
 
 def check_task(task: str) -> None:
-    if task not in RUNNERS:
+    """An EvalError naming an unknown task, the closest known one and every task."""
+    if task not in TASKS:
         close = difflib.get_close_matches(task, TASKS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise EvalError(f"unknown eval task {task!r}; {hint}tasks: {', '.join(TASKS)}")
@@ -222,7 +267,8 @@ def evaluate_each(
     session.split("val")  # fail on a missing val split before any work
     for task in tasks:
         start = time.perf_counter()
-        metrics = RUNNERS[task](session)
+        session.check(TASKS[task].needs)
+        metrics = TASKS[task].run(session)
         chosen = {key: metrics.pop(key) for key in CHOSEN if key in metrics}
         yield {
             "task": task,

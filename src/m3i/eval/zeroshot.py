@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from m3i.config import config_from_dict
 from m3i.eval.features import EvalError
-from m3i.mi.targets import TextTarget
+from m3i.mi.targets import RunContext
+from m3i.mi.targets.text import TextTarget
 from m3i.models.text import load_tokenizer
 
 TEXT_PREFIX = "targets.text."
@@ -50,7 +51,8 @@ def load_text_target(checkpoint: str | Path, encoder_dim: int) -> TextTarget:
             "(targets.text.weight=0); use knn or linear, or pre-train with --preset m3i or clip"
         )
     try:
-        target = TextTarget("text", cfg.targets.text, encoder_dim, load_tokenizer(files[1]))
+        run_context = RunContext(encoder_dim=encoder_dim, tokenizer=load_tokenizer(files[1]))
+        target = TextTarget(cfg.targets.text, run_context)
     except ValueError as err:  # a broken tokenizer.json, or tower=minilm without its extra
         raise EvalError(f"zeroshot cannot rebuild the text target of {run}: {err}") from None
     target.load_state_dict(weights)

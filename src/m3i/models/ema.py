@@ -45,12 +45,19 @@ class MomentumTeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:
-        ema_params = list(self.module.parameters())
-        student_params = [p.detach() for p in student.parameters()]
+        """One multi-tensor lerp over all parameters (one fused kernel per device and dtype on
+        CUDA) and one multi-tensor copy of the buffers: no per-tensor Python loop."""
+        ema_params, params = list(self.module.parameters()), list(student.parameters())
+        ema_buffers, buffers = list(self.module.buffers()), list(student.buffers())
+        if (len(ema_params), len(ema_buffers)) != (len(params), len(buffers)):
+            raise ValueError(
+                f"the teacher holds {len(ema_params)} parameters and {len(ema_buffers)} buffers, "
+                f"the student {len(params)} and {len(buffers)}; the teacher must be its copy"
+            )
         if momentum < 1.0:
-            torch._foreach_lerp_(ema_params, student_params, 1.0 - momentum)
-        for ema_buf, buf in zip(self.module.buffers(), student.buffers(), strict=True):
-            ema_buf.copy_(buf)
+            torch._foreach_lerp_(ema_params, params, 1.0 - momentum)
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():

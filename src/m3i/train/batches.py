@@ -12,20 +12,8 @@ from m3i.config import Config
 from m3i.data.base import ImageSource
 from m3i.data.specs import open_source
 from m3i.data.stream import batches, stream_batches
-from m3i.data.views import ViewConfig, ViewDataset
+from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
-
-
-def view_config(cfg: Config) -> ViewConfig:
-    v = cfg.views
-    return ViewConfig(
-        size=cfg.model.img_size,
-        scale=(v.scale_min, v.scale_max),
-        flip=v.flip,
-        color_jitter=v.color_jitter,
-        hue=v.hue,
-        grayscale=v.grayscale,
-    )
 
 
 def training_stream(
@@ -37,7 +25,7 @@ def training_stream(
     if isinstance(source, WebDatasetStream):
         source.set_start(first)
         return stream_batches(source, cfg.train.batch_size, cfg.data.workers, device)
-    dataset = ViewDataset(source, view_config(cfg), seed=cfg.train.seed)
+    dataset = ViewDataset(source, cfg.views, cfg.model.img_size, seed=cfg.train.seed)
     return batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, first)
 
 
@@ -46,8 +34,9 @@ def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
     kind, _, arg = cfg.data.spec.partition(":")
     if kind == "wds":
         return WebDatasetStream(
-            arg, view_config(cfg), cfg.train.seed, runtime.rank(), runtime.world_size()
-        )
+            arg, cfg.views, cfg.model.img_size, cfg.train.seed, runtime.rank(),
+            runtime.world_size(),
+        )  # fmt: skip
     return open_source(
         cfg.data.spec,
         "train",

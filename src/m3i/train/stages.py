@@ -36,7 +36,7 @@ from m3i.config import (
     to_dict,
 )
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
-from m3i.train.loop import train_one
+from m3i.train.trainer import train_one
 
 SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
 STAGE_SECTIONS = ("targets", "mix", "teacher")  # from each stage's preset, plus the run's changes

@@ -8,16 +8,16 @@ pieces that the active targets read.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.config import Config
+from m3i.data.batch import Batch
 from m3i.data.mixing import count_a, pair_partners, split_positions
-from m3i.mi.targets import StepContext, Stream, Target, build_targets
+from m3i.mi.targets import RunContext, StepContext, Stream, Target, build_targets
 from m3i.models.backbone import Backbone
 from m3i.models.decoder import Decoder, grid_coords, view_to_view
 from m3i.models.ema import MomentumTeacher
@@ -26,33 +26,24 @@ from m3i.models.ema import MomentumTeacher
 class M3IModel(nn.Module):
     """Backbone, decoder, targets and EMA teacher of one pre-training run.
 
-    `label_prior` (num_classes,) holds the training set's class frequencies, from which the
-    category target's figure H(Y) - CE takes H(Y); without it the classes count as balanced.
+    `run` holds what the targets need from the data (classes, label prior, tokenizer: their
+    specs' `prepare`); the model adds its own sizes before building them.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        num_classes: int = 0,
-        tokenizer: Tokenizer | None = None,
-        label_prior: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, run: RunContext | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         # the Gaussian information estimates cost a D x D eigendecomposition each: the training
         # loop turns them on only for the steps it logs (their `mi/...` are NaN otherwise)
         self.measure_information = True
         self.backbone = Backbone(cfg.model)
-        self.targets = nn.ModuleDict(
-            build_targets(
-                cfg,
-                self.backbone.embed_dim,
-                cfg.model.patch_size,
-                num_classes,
-                tokenizer,
-                label_prior,
-            )
+        run = dataclasses.replace(
+            run or RunContext(),
+            encoder_dim=self.backbone.embed_dim,
+            decoder_dim=cfg.decoder.dim,
+            patch_size=cfg.model.patch_size,
         )
+        self.targets = nn.ModuleDict(build_targets(cfg.active_targets(), run))
         targets = list(self.targets.values())
         self.decoder = None
         if any(t.queries for t in targets):
@@ -77,9 +68,9 @@ class M3IModel(nn.Module):
         )
         return use_a, use_b
 
-    def encode(self, batch: dict[str, Any]) -> StepContext:
+    def encode(self, batch: Batch) -> StepContext:
         """Everything the active targets read, computed once."""
-        view1 = batch["view1"]
+        view1 = batch.views[0].image
         n, device = view1.shape[0], view1.device
         backbone = self.backbone
         partners = pair_partners(n, device)
@@ -107,7 +98,7 @@ class M3IModel(nn.Module):
             measure=self.measure_information,
         )
         for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
-            ctx.student_pooled[view] = backbone.pooled(batch[view])  # the whole view
+            ctx.student_pooled[view] = backbone.pooled(batch.view(view).image)  # the whole view
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -120,7 +111,7 @@ class M3IModel(nn.Module):
         )
         if self.teacher is None or not views:
             return
-        images = [ctx.batch[v] for v in views]
+        images = [ctx.batch.view(v).image for v in views]
         if images[0].is_cuda:  # one call on all views: a GPU is launch-bound at small batches,
             tokens, layers = self._teach(torch.cat(images))
             outputs = [
@@ -148,7 +139,7 @@ class M3IModel(nn.Module):
         if self.decoder is None:
             return
         grid = self.backbone.grid
-        coords = grid_coords(grid, ctx.batch["view1"].device)
+        coords = grid_coords(grid, ctx.batch.views[0].image.device)
         kinds = {t.queries for t in self.targets.values() if t.queries}
         if "masked" in kinds:
             a = ctx.streams["a"]
@@ -156,28 +147,33 @@ class M3IModel(nn.Module):
                 a.tokens, coords[a.positions], coords[ctx.masked_positions]
             )
         if "other_view" in kinds:
-            b, batch = ctx.streams["b"], ctx.batch
+            b, (view1, view2) = ctx.streams["b"], ctx.batch.views[:2]
             query_coords, geometry = view_to_view(
                 grid,
-                batch["box2"][b.samples],
-                batch["flip2"][b.samples],
-                batch["box1"][b.samples],
-                batch["flip1"][b.samples],
+                view2.box[b.samples],
+                view2.flip[b.samples],
+                view1.box[b.samples],
+                view1.flip[b.samples],
             )
             ctx.decoded["other_view"] = self.decoder(
                 b.tokens, coords[b.positions], query_coords, geometry
             )
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss and the monitors `loss/<target>`, `mi/<target>` (detached; nats,
-        a lower bound or an estimate as `m3i.mi.targets.INFORMATION` says)."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss and the monitors `loss/<target>` (still attached: detach them) and
+        `mi/<target>` (detached; nats, a lower bound or an estimate as
+        `m3i.mi.targets.information()` says).
+
+        A target's loss is not detached here because under torch.compile (inductor) a detached
+        copy of a lone weight-1 target's loss, which is the total itself, took the total's
+        gradient with it (pytorch/pytorch#195357): the data2vec and mae steps had no gradient."""
         ctx = self.encode(batch)
-        total = torch.zeros((), device=batch["view1"].device)
+        total = torch.zeros((), device=batch.views[0].image.device)
         monitors = {}
         for name, target in self.targets.items():
             bound = target(ctx)
             total = total + target.weight * bound.loss
-            monitors[f"loss/{name}"] = bound.loss.detach()
+            monitors[f"loss/{name}"] = bound.loss
             monitors[f"mi/{name}"] = bound.mi.detach()
         return total, monitors
 

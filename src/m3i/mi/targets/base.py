@@ -1,0 +1,109 @@
+"""What every target is and reads: the step's shared pieces (`StepContext`), the run's
+(`RunContext`), the `Target` module and its zero and mean bounds.
+
+A target reads what the step computed once for all of them and returns a `Bound`: its loss and
+its information figure in nats, a lower bound (Boltzmann family) or a Gaussian-channel estimate
+(Gaussian family). Its class attributes say what it reads, so the step computes only that:
+
+    stream       "a" | "b" | "pooled" (pooled features of every encoded image)
+    queries      None | "masked" (A's hidden positions, same view) | "other_view" (B's v_B')
+    teacher      None | "view1" | "view2" (dense EMA-teacher tokens, LayerNorm'd)
+    teacher_layers  0 | K (also the MLP outputs of the teacher's last K blocks on that view)
+    pooled_teacher  () | views, e.g. ("view1", "view2") (pooled EMA-teacher features)
+    pooled_student  None | "view2" (the student's pooled features of the whole other view)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from m3i.data.batch import Batch
+from m3i.mi.posteriors import Bound
+from m3i.ranges import Range, ranged
+
+
+@dataclass
+class TargetConfig:
+    """The fields every target's config has; a target's config dataclass extends it."""
+
+    weight: float = ranged(0.0, Range(0, note="0: off"))
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a target may need from the run: what the data gave (its specs' `prepare`) and the
+    model's sizes (filled in by the model that builds the targets)."""
+
+    encoder_dim: int = 0
+    decoder_dim: int = 0
+    patch_size: int = 0
+    num_classes: int = 0
+    label_prior: torch.Tensor | None = None  # (num_classes,) the training labels' frequencies
+    tokenizer: Tokenizer | None = None  # the captions' tokenizer
+
+
+@dataclass
+class Stream:
+    """One image role of the mixed input: its encoder tokens and where they sit."""
+
+    tokens: torch.Tensor  # (N, L, D)
+    positions: torch.Tensor  # (N, L) grid indices in the input view
+    samples: torch.Tensor  # (N,) batch index of the image each row holds
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        return self.tokens.mean(dim=1)
+
+
+@dataclass
+class StepContext:
+    """Everything the step computed once for all the targets of one batch."""
+
+    batch: Batch
+    streams: dict[str, Stream]
+    patch_size: int
+    masked_positions: torch.Tensor | None = None  # (N, Q) view-1 positions image A did not see
+    decoded: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_dense: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    teacher_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    # the MLP outputs of the teacher's last blocks, (N, P, D) each in block order, batch order
+    teacher_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    student_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    measure: bool = True  # compute the Gaussian estimates (they cost; NaN when False)
+
+
+def zero_bound(like: torch.Tensor) -> Bound:
+    """No sample carries this target in the batch: a zero loss that keeps the graph connected."""
+    return Bound(like.sum() * 0.0, torch.zeros((), device=like.device))
+
+
+def mean_bound(bounds: list[Bound]) -> Bound:
+    return Bound(sum(b.loss for b in bounds) / len(bounds), sum(b.mi for b in bounds) / len(bounds))
+
+
+class Target(nn.Module):
+    """A target: source + target encoder + head + posterior + weight."""
+
+    stream: str = "pooled"
+    queries: str | None = None
+    teacher: str | None = None
+    teacher_layers: int = 0
+    pooled_teacher: tuple[str, ...] = ()
+    pooled_student: str | None = None
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ctx: StepContext) -> Bound:
+        raise NotImplementedError
+
+    def momentum_update(self, momentum: float) -> None:
+        """Update this target's own EMA heads, if it has any."""
+
+    def after_optimizer_step(self) -> None:
+        """Project this target's parameters back into their allowed range, if it has any."""
