@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         help="flops: each method trains for M3I's training FLOPs (more steps when its steps are "
         "cheaper); steps: each method trains the budget's steps (default flops)",
     )
+    add_overrides(
+        abl,
+        "a config override for every run, after the budget's, e.g. model.name=convnext_atto "
+        "(repeatable)",
+    )
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
@@ -262,7 +267,9 @@ def _ablation(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"m3i: {message}", file=sys.stderr)
 
-    ablation = run_ablation(args.budget, out, args.data, args.seeds, log, args.equal)
+    ablation = run_ablation(
+        args.budget, out, args.data, args.seeds, log, args.equal, args.overrides
+    )
     report = {"budget": args.budget, "wall_s": time.perf_counter() - start, **ablation}
     print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)

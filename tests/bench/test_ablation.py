@@ -174,3 +174,17 @@ def test_information_table_says_bound_or_estimate(tmp_path):
 def test_bad_seed_count_is_one_line(capsys):
     assert main(["bench", "ablation", "--budget", "tiny", "--seeds", "0"]) == 2
     assert capsys.readouterr().err.startswith("m3i: error: --seeds")
+
+
+def test_tiny_ablation_runs_every_method_on_a_convnet(tmp_path):
+    convnet = ["model.name=convnext_atto", "model.img_size=32", "model.patch_size=8"]
+    sets = [arg for s in convnet for arg in ("--set", s)]
+    assert main(["bench", "ablation", "--budget", "tiny", "--out", str(tmp_path), *sets]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == list(METHODS)
+    assert_equal_flops(results["runs"])
+    for record in results["runs"]:
+        expected = tasks_for(record["method"], "shapes", BUDGETS["tiny"])
+        assert {k.split("/")[0] for k in record["metrics"]} == set(expected)
+        config = (tmp_path / "shapes" / "seed0" / record["method"] / "config.yaml").read_text()
+        assert "name: convnext_atto" in config, record["method"]

@@ -62,7 +62,7 @@ def test_mlp_outputs_of_the_last_blocks_equal_timm_blocks_run_by_hand(name, last
     model = backbone(name)
     x = images(2, seed=3)
     with torch.no_grad():
-        tokens, outputs = model.forward_with_mlp_outputs(x, last)
+        tokens, outputs = model.forward_with_block_outputs(x, last)
         reference_tokens, reference = vit_blocks_by_hand(model.vit, x)
     torch.testing.assert_close(tokens, reference_tokens, atol=1e-5, rtol=1e-5)
     assert len(outputs) == min(last, 2)  # the model has 2 blocks: all of them when last > 2
@@ -74,7 +74,7 @@ def test_mlp_outputs_of_the_last_blocks_equal_timm_blocks_run_by_hand(name, last
 
 def test_mlp_outputs_need_at_least_one_block():
     with pytest.raises(ValueError, match="last must be >= 1"):
-        backbone().forward_with_mlp_outputs(images(1), 0)
+        backbone().forward_with_block_outputs(images(1), 0)
 
 
 def test_export_loads_strictly_into_plain_timm_model(tmp_path):
@@ -130,7 +130,7 @@ def test_encode_mix_isolated_equals_each_image_alone(ratio, n):
     torch.manual_seed(n)
     pos_a, pos_b = split_positions(n, model.num_patches, ratio)
     tokens_a, tokens_b = gather_tokens(patches_a, pos_a), gather_tokens(patches_b, pos_b)
-    out_a, out_b = model.encode_mix(tokens_a, tokens_b, isolate=True)
+    out_a, out_b = model.encode_token_mix(tokens_a, tokens_b, isolate=True)
     assert out_a.shape == tokens_a.shape and out_b.shape == tokens_b.shape
     torch.testing.assert_close(out_a, reference_alone(model, tokens_a), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_b, reference_alone(model, tokens_b), atol=1e-5, rtol=1e-5)
@@ -143,7 +143,7 @@ def test_encode_mix_not_isolated_is_one_sequence(ratio):
     torch.manual_seed(0)
     pos_a, pos_b = split_positions(2, model.num_patches, ratio)
     tokens_a, tokens_b = gather_tokens(patches_a, pos_a), gather_tokens(patches_b, pos_b)
-    out_a, out_b = model.encode_mix(tokens_a, tokens_b, isolate=False)
+    out_a, out_b = model.encode_token_mix(tokens_a, tokens_b, isolate=False)
     joint = reference_alone(model, torch.cat([tokens_a, tokens_b], dim=1))
     torch.testing.assert_close(torch.cat([out_a, out_b], dim=1), joint, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out_a, reference_alone(model, tokens_a), atol=1e-4)
@@ -152,7 +152,7 @@ def test_encode_mix_not_isolated_is_one_sequence(ratio):
 def test_encode_mix_with_empty_stream():
     model = backbone()
     tokens = model.embed_patches(images(2))
-    out_a, out_b = model.encode_mix(tokens, tokens[:, :0])
+    out_a, out_b = model.encode_token_mix(tokens, tokens[:, :0])
     torch.testing.assert_close(out_a, model(images(2)), atol=1e-5, rtol=1e-5)
     assert out_b.shape == (2, 0, model.embed_dim)
 

@@ -126,3 +126,29 @@ def test_ranks_draw_different_mix_positions(runs, strategy):
     for step, (mine, theirs) in enumerate(zip(rank0, rank1, strict=True), start=1):
         assert mine.shape == theirs.shape, step
         assert not torch.equal(mine, theirs), f"step {step}: both ranks mixed the same positions"
+
+
+CONVNET = ["model.name=convnext_atto", "model.img_size=32", "model.patch_size=8"]
+
+
+def convnet_worker(rank: int, ports: list[int], root: Path) -> None:
+    torch.set_num_threads(1)
+    env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    for strategy, port in zip(("ddp", "fsdp"), ports, strict=True):
+        os.environ.update(env, MASTER_PORT=str(port))
+        overrides = RUN + CONVNET + [f"train.strategy={strategy}", "train.steps=2"]
+        pretrain(load_config("m3i", overrides=overrides), root / strategy, progress=False)
+
+
+def test_fsdp_shards_a_convnet_as_ddp_trains_it(tmp_path):
+    """The ConvNet's blocks sharded: the losses of DDP, and an export of the same timm keys."""
+    mp.spawn(convnet_worker, args=(free_ports(2), tmp_path), nprocs=2, join=True)
+    ddp, fsdp = records(tmp_path / "ddp"), records(tmp_path / "fsdp")
+    for step in (1, 2):
+        assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=1e-5, abs=1e-5), step
+    assert fsdp[2]["monitor/knn_top1"] == pytest.approx(ddp[2]["monitor/knn_top1"])
+    exported = {run: load_file(tmp_path / run / "backbone.safetensors") for run in ("ddp", "fsdp")}
+    assert exported["fsdp"].keys() == exported["ddp"].keys()
+    assert "stages.3.blocks.0.conv_dw.weight" in exported["fsdp"]
+    for key, value in exported["ddp"].items():
+        torch.testing.assert_close(exported["fsdp"][key], value, atol=1e-4, rtol=1e-3, msg=key)

@@ -11,7 +11,7 @@ from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.mi.targets import RunContext
-from m3i.models import backbone as backbone_module
+from m3i.models import vit as backbone_module
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
 from m3i.train.step import M3IModel

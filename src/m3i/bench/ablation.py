@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
@@ -193,10 +193,13 @@ def run_ablation(
     seeds: int | None,
     log,
     equal: str = "flops",
+    overrides: list[str] | None = None,
 ) -> dict:
     """Every method on every data spec and seed of the budget, at equal training FLOPs
-    (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "runs": [records]}."""
+    (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "runs": [records]}.
+    `overrides` (e.g. model.name=convnext_atto) follow the budget's in every run."""
     budget = BUDGETS[budget_name]
+    budget = replace(budget, train=[*budget.train, *(overrides or [])])
     seeds_of = {spec: seeds or count for spec, count in budget.seeds.items()}
     if data:
         seeds_of = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}

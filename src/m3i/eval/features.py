@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from m3i.data.base import DataError, ImageSource
 from m3i.data.specs import open_source
 from m3i.data.views import ViewConfig, eval_transform
-from m3i.models.backbone import load_timm_model
+from m3i.models.backbone import frozen_features, input_size, load_timm_model
 from m3i.runtime import intra_op_threads
 
 MEAN, STD = ViewConfig.mean, ViewConfig.std
@@ -37,8 +37,8 @@ def backbone_path(checkpoint: str | Path) -> Path:
     return path
 
 
-def load_backbone(checkpoint: str | Path, **overrides) -> VisionTransformer:
-    """The timm ViT stored in an m3i backbone.safetensors (safetensors only: nothing unpickled).
+def load_backbone(checkpoint: str | Path, **overrides) -> nn.Module:
+    """The timm model stored in an m3i backbone.safetensors (safetensors only: nothing unpickled).
 
     ``overrides`` change timm arguments (e.g. num_classes, drop_path_rate) before loading; a
     new classifier head stays freshly initialised.
@@ -101,7 +101,7 @@ def image_batches(source: ImageSource, size: int, batch_size: int):
 
 @torch.no_grad()
 def extract(
-    model: VisionTransformer,
+    model: nn.Module,
     source: ImageSource,
     batch_size: int = 256,
     dense: bool = False,
@@ -109,13 +109,13 @@ def extract(
 ) -> Features:
     """Run the frozen model over a split once, in batches, keeping everything in memory."""
     model.eval().to(device)
-    size = model.patch_embed.img_size[0]
+    size = input_size(model)
     pooled, tokens, labels = [], [], []
     for images, batch_labels in image_batches(source, size, batch_size):
-        out = model.forward_features(images.to(device))
-        pooled.append(model.forward_head(out, pre_logits=True).float().cpu())
+        batch_pooled, batch_dense = frozen_features(model, images.to(device))
+        pooled.append(batch_pooled.float().cpu())
         if dense:
-            tokens.append(out[:, model.num_prefix_tokens :].float().cpu())
+            tokens.append(batch_dense.float().cpu())
         labels.append(batch_labels)
     return Features(
         pooled=torch.cat(pooled),

@@ -4,9 +4,9 @@ layer-wise learning-rate decay from timm's optimizer factory, label smoothing, d
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 from m3i.data.base import ImageSource
 from m3i.data.stream import batches
@@ -14,10 +14,11 @@ from m3i.data.views import ViewConfig, ViewDataset
 from m3i.eval.features import image_batches
 from m3i.eval.knn import topk_accuracy
 from m3i.eval.settings import FinetuneSettings
+from m3i.models.backbone import input_size
 
 
 def finetune(
-    model: VisionTransformer,
+    model: nn.Module,
     train: ImageSource,
     val: ImageSource,
     settings: FinetuneSettings,
@@ -28,7 +29,7 @@ def finetune(
     return val `top1`/`top5` in percent."""
     torch.manual_seed(seed)
     model.to(device).train()
-    size = model.patch_embed.img_size[0]
+    size = input_size(model)
     views = ViewConfig(scale_min=settings.scale_min, color_jitter=0.0, hue=0.0)
     dataset = ViewDataset(train, views, size, seed=seed, num_views=1)
     batch_size = min(settings.batch_size, len(dataset))

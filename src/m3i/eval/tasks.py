@@ -31,6 +31,7 @@ from m3i.eval.settings import EvalSettings
 from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
 from m3i.io import append_jsonl
 from m3i.mi.targets.text import TextTarget
+from m3i.models.backbone import input_size
 from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
@@ -52,7 +53,7 @@ class Session:
         self.checkpoint, self.data, self.settings = checkpoint, data, settings
         self.device = pick_device(settings.device, "device")
         self.model = load_backbone(checkpoint)
-        self.size = settings.image_size or self.model.patch_embed.img_size[0]
+        self.size = settings.image_size or input_size(self.model)
         self._splits: dict[str, ImageSource] = {}
         self._features: dict[tuple[str, bool], Features] = {}
         self._annotations: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -105,7 +106,7 @@ class Session:
     def text_target(self) -> TextTarget:
         """The run's trained text target (loaded once per session); an EvalError if none."""
         if self._text_target is None:
-            self._text_target = load_text_target(self.checkpoint, self.model.embed_dim)
+            self._text_target = load_text_target(self.checkpoint, self.model.num_features)
         return self._text_target
 
     def check(self, needs: frozenset[Need]) -> None:

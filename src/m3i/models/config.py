@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    name: str = "vit_tiny_patch16_224"  # a timm VisionTransformer or ConvNeXt (models/)
     img_size: int = 32
     patch_size: int = 4
     depth: int | None = 6  # override the timm model's depth (null: the model's own)

@@ -60,7 +60,7 @@ class TrainingMonitor:
     def _pooled(self, backbone: Backbone, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         return torch.cat(
             [
-                backbone(images[i : i + batch].to(self.device)).mean(dim=1).float().cpu()
+                backbone.pooled(images[i : i + batch].to(self.device)).float().cpu()
                 for i in range(0, images.shape[0], batch)
             ]
         )

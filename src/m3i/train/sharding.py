@@ -27,15 +27,15 @@ from m3i.models.minilm import LockedMiniLM
 from m3i.train.step import M3IModel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-BACKBONE = "backbone.vit."
+BACKBONE = "backbone."  # then the name of its one child, the timm model
 
 
 def shard(model: M3IModel) -> None:
-    """Apply fully_shard to each transformer block, then to the whole model; a locked text tower
+    """Apply fully_shard to each backbone block, then to the whole model; a locked text tower
     is left whole on every rank (it never trains, so it needs no gathering of gradients)."""
     backbones = [model.backbone] + ([model.teacher.module] if model.teacher is not None else [])
     for backbone in backbones:
-        for block in backbone.vit.blocks:
+        for block in backbone.blocks():
             fully_shard(block)
     locked = {p for m in model.modules() if isinstance(m, LockedMiniLM) for p in m.parameters()}
     fully_shard(model, ignored_params=locked)
@@ -60,8 +60,9 @@ def load_full_state(
 
 
 def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The timm backbone's entries of a full M3IModel state dict."""
-    return {k[len(BACKBONE) :]: v for k, v in model_state.items() if k.startswith(BACKBONE)}
+    """The timm backbone's entries of a full M3IModel state dict (`backbone.<child>.` removed:
+    a Backbone's only child is its timm model)."""
+    return {k.split(".", 2)[2]: v for k, v in model_state.items() if k.startswith(BACKBONE)}
 
 
 def is_sharded(cfg: Config) -> bool:
@@ -74,5 +75,5 @@ def monitored_backbone(model: M3IModel, cfg: Config, full: Backbone | None) -> B
         return model.backbone
     state = full_model_state(model)
     if full is not None:
-        full.vit.load_state_dict(backbone_state(state))
+        full.timm_model.load_state_dict(backbone_state(state))
     return full

@@ -16,7 +16,7 @@ from torch import nn
 
 from m3i.config import Config
 from m3i.data.batch import Batch
-from m3i.data.mixing import count_a, gather_tokens, pair_partners, split_positions
+from m3i.data.mixing import count_a, pair_partners, split_positions
 from m3i.mi.targets import RunContext, StepContext, Stream, Target, build_targets
 from m3i.models.backbone import Backbone
 from m3i.models.decoder import Decoder, grid_coords, view_to_view
@@ -53,7 +53,7 @@ class M3IModel(nn.Module):
         if any(t.teacher or t.pooled_teacher for t in targets):
             self.teacher = MomentumTeacher(self.backbone)
         self.teacher_layers = max((t.teacher_layers for t in targets), default=0)
-        if self.teacher_layers and not all(hasattr(b, "mlp") for b in self.backbone.vit.blocks):
+        if self.teacher_layers and not all(hasattr(b, "mlp") for b in self.backbone.blocks()):
             raise ValueError(
                 f"norm=instance averages the teacher blocks' MLP outputs, but model.name "
                 f"{cfg.model.name!r} has blocks without an `mlp`; use norm=layer"
@@ -81,11 +81,8 @@ class M3IModel(nn.Module):
             pos_a = pos_a[:, :0]
         if not use_b:
             pos_b = pos_b[:, :0]
-        patches = backbone.embed_patches(view1)
         tokens_a, tokens_b = backbone.encode_mix(
-            gather_tokens(patches, pos_a),
-            gather_tokens(patches[partners], pos_b),
-            self.cfg.mix.isolate,
+            view1, partners, pos_a, pos_b, self.cfg.mix.isolate
         )
         samples = torch.arange(n, device=device)
         streams = {}
@@ -101,9 +98,7 @@ class M3IModel(nn.Module):
             measure=self.measure_information,
         )
         for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
-            ctx.student_pooled[view] = backbone(batch.view(view).image).mean(
-                dim=1
-            )  # the whole view
+            ctx.student_pooled[view] = backbone.pooled(batch.view(view).image)  # the whole view
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -138,7 +133,7 @@ class M3IModel(nn.Module):
         if not self.teacher_layers:
             return self.teacher(images), []
         with torch.no_grad():
-            return self.teacher.module.forward_with_mlp_outputs(images, self.teacher_layers)
+            return self.teacher.module.forward_with_block_outputs(images, self.teacher_layers)
 
     def _run_decoder(self, ctx: StepContext) -> None:
         if self.decoder is None:

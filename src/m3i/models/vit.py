@@ -1,0 +1,200 @@
+"""A timm VisionTransformer behind the backbone contract: the patch mix of two images, each
+isolated from the other.
+
+Image A of a mixed input occupies some grid positions and image B the others. With
+`isolate=True` (the default) attention is restricted to tokens of the same image, which is
+exactly running each image's tokens as its own sequence (with its own prefix tokens): that is
+how it is computed, with no masked dense attention. With `isolate=False` the mixed sequence is
+one sequence and the two images see each other.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from m3i.data.mixing import gather_tokens
+from m3i.models.backbone import FAMILIES, Backbone, Check, register
+from m3i.models.config import ModelConfig
+
+
+def _is_size(value: object) -> bool:
+    return type(value) is int and value >= 1
+
+
+@register
+class ViTBackbone(Backbone):
+    """The image backbone f_theta as a timm VisionTransformer with absolute positions."""
+
+    family = "vit"
+    timm_class = VisionTransformer
+    # The timm keyword arguments m3i writes into a ViT backbone file, each with the values it may
+    # hold: nothing else reaches timm.create_model (e.g. no checkpoint_path).
+    timm_kwargs_allowed: dict[str, Check] = {
+        "img_size": ("an integer >= 1", _is_size),
+        "patch_size": ("an integer >= 1", _is_size),
+        "depth": ("an integer >= 1", _is_size),
+        "num_classes": ("0", lambda value: type(value) is int and value == 0),
+        "global_pool": ("'avg'", lambda value: value == "avg"),
+        "fc_norm": ("false", lambda value: value is False),
+        "drop_path_rate": (
+            "a number in [0, 1)",
+            lambda value: type(value) in (int, float) and 0 <= value < 1,
+        ),
+    }
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.timm_kwargs = {
+            "img_size": cfg.img_size,
+            "patch_size": cfg.patch_size,
+            "num_classes": 0,
+            "global_pool": "avg",
+            "fc_norm": False,  # keep the final LayerNorm on every token (plain timm keys)
+            "drop_path_rate": cfg.drop_path,
+        }
+        if cfg.depth is not None:
+            self.timm_kwargs["depth"] = cfg.depth
+        try:
+            vit = timm.create_model(cfg.name, pretrained=False, **self.timm_kwargs)
+        except (RuntimeError, TypeError, AssertionError) as err:
+            raise ValueError(f"model.name {cfg.name!r}: {err}") from None
+        if not isinstance(vit, VisionTransformer) or vit.pos_embed is None:
+            raise ValueError(
+                f"model.name {cfg.name!r} is not a timm VisionTransformer with absolute position "
+                "embeddings; use e.g. vit_tiny_patch16_224 or vit_base_patch16_224"
+            )
+        self.vit = vit
+        self.embed_dim = vit.embed_dim
+        self.grid = tuple(vit.patch_embed.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        """The default family: every timm name no other family claims (whether it is a
+        VisionTransformer is checked on the model)."""
+        return not any(family.claims(name) for family in FAMILIES.values() if family is not cls)
+
+    @classmethod
+    def model_settings(cls, timm_kwargs: dict) -> dict[str, object]:
+        return {key: timm_kwargs.get(key) for key in ("img_size", "patch_size", "depth")}
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.vit
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.vit.blocks)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings plus their position embeddings, (N, P, D), before any block."""
+        x = self.vit.patch_embed(images)
+        pos = self.vit.pos_embed
+        if not self.vit.no_embed_class:
+            pos = pos[:, self.vit.num_prefix_tokens :]
+        return x + pos
+
+    embed_patches = embed
+
+    def _prefix(self, n: int) -> torch.Tensor | None:
+        vit, parts = self.vit, []
+        if vit.cls_token is not None:
+            parts.append(vit.cls_token.expand(n, -1, -1))
+        if vit.reg_token is not None:
+            parts.append(vit.reg_token.expand(n, -1, -1))
+        if not parts:
+            return None
+        prefix = torch.cat(parts, dim=1)
+        if not vit.no_embed_class:
+            prefix = prefix + vit.pos_embed[:, : vit.num_prefix_tokens]
+        return prefix
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the blocks on embedded patch tokens (N, L, D) with this model's prefix tokens."""
+        n_prefix = self.vit.num_prefix_tokens
+        prefix = self._prefix(tokens.shape[0])
+        x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+        x = self.vit.norm_pre(self.vit.pos_drop(x))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x, use_reentrant=False)  # DDP-safe
+        else:
+            x = self.vit.blocks(x)
+        return self.vit.norm(x)[:, n_prefix:]
+
+    def encode_token_mix(
+        self,
+        tokens_a: torch.Tensor,
+        tokens_b: torch.Tensor,
+        isolate: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the mixed input of image A's tokens and image B's tokens, (N, La|Lb, D)."""
+        la, lb = tokens_a.shape[1], tokens_b.shape[1]
+        if lb == 0:
+            return self.encode(tokens_a), tokens_b
+        if la == 0:
+            return tokens_a, self.encode(tokens_b)
+        if not isolate:
+            out = self.encode(torch.cat([tokens_a, tokens_b], dim=1))
+            return out[:, :la], out[:, la:]
+        if la == lb:
+            out = self.encode(torch.cat([tokens_a, tokens_b], dim=0))
+            return out[: tokens_a.shape[0]], out[tokens_a.shape[0] :]
+        return self.encode(tokens_a), self.encode(tokens_b)
+
+    def encode_mix(
+        self,
+        images: torch.Tensor,
+        partners: torch.Tensor,
+        pos_a: torch.Tensor,
+        pos_b: torch.Tensor,
+        isolate: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One patch embedding of `images`; A's patches at `pos_a`, B's (`images[partners]`)
+        at `pos_b`, encoded by `encode_token_mix`."""
+        patches = self.embed(images)
+        return self.encode_token_mix(
+            gather_tokens(patches, pos_a), gather_tokens(patches[partners], pos_b), isolate
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense patch tokens of full views, (N, P, D)."""
+        return self.encode(self.embed(images))
+
+    def forward_with_block_outputs(
+        self, images: torch.Tensor, last: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward`, plus the MLP outputs of the last `last` blocks (all of them when there are
+        fewer), each (N, P, D) over patch tokens, in block order.
+
+        A block's MLP output is its feed-forward branch before the residual add (and before any
+        layer scale): data2vec 2.0's per-block target (its `end_of_block_targets: false`).
+        """
+        if last < 1:
+            raise ValueError(f"last must be >= 1 block, got {last}")
+        outputs: list[torch.Tensor] = []
+        hooks = [
+            block.mlp.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+            for block in list(self.vit.blocks)[-last:]
+        ]
+        try:
+            tokens = self(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n_prefix = self.vit.num_prefix_tokens
+        return tokens, [out[:, n_prefix:] for out in outputs]
+
+    @classmethod
+    def input_size(cls, model: nn.Module) -> int:
+        return model.patch_embed.img_size[0]
+
+    @classmethod
+    def frozen_features(
+        cls, model: nn.Module, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's pooled pre-logits (the mean of the normalised patch tokens) and those tokens."""
+        out = model.forward_features(images)
+        return model.forward_head(out, pre_logits=True), out[:, model.num_prefix_tokens :]
