@@ -253,9 +253,8 @@ def measure_step(
     return row
 
 
-def measure_data(sizes: Sizes, device: torch.device, step_img_per_s: float) -> dict[str, Any]:
-    """`m3i bench data` on shapes and JPEG wds shards, and per source the fewest workers whose
-    median images/s reaches `step_img_per_s` (None: none does)."""
+def measure_data(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """`m3i bench data` on shapes and JPEG wds shards."""
     settings = DataBenchSettings(
         specs=("shapes", "wds"),
         img_size=sizes.img_size,
@@ -265,20 +264,24 @@ def measure_data(sizes: Sizes, device: torch.device, step_img_per_s: float) -> d
         samples=sizes.data_samples,
         preset="vit_b16_m3i",
     )
-    report = run_data_bench(settings, device, log)
-    report["keeps_up_with"] = step_img_per_s
-    report["fewest_workers_keeping_up"] = {
+    return run_data_bench(settings, device, log)
+
+
+def keep_up(data: dict[str, Any], step_img_per_s: float) -> None:
+    """Per source of `data`, the fewest workers whose median images/s reaches `step_img_per_s`
+    (the fastest base-model step of the whole run; None: none does)."""
+    data["keeps_up_with"] = step_img_per_s
+    data["fewest_workers_keeping_up"] = {
         spec: min(
             (
                 r["workers"]
-                for r in report["results"]
+                for r in data["results"]
                 if r["source"] == spec and r["img_per_s"] >= step_img_per_s
             ),
             default=None,
         )
-        for spec in settings.specs
+        for spec in dict.fromkeys(r["source"] for r in data["results"])
     }
-    return report
 
 
 def peak_tflops(device: torch.device, measured: float) -> tuple[float, str]:
@@ -339,11 +342,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         log(f"{kind} {arguments} at {elapsed:.0f} s")
         if kind == "data":
-            done = [r["img_per_s"] for r in report["steps"] if r["model"] == sizes.base]
-            report["data"] = measure_data(sizes, device, max(done, default=0.0))
+            report["data"] = measure_data(sizes, device)
         else:
             report["steps"].append(measure_step(*arguments, sizes, device, peak))
             log(json.dumps({k: v for k, v in report["steps"][-1].items() if k != "top_kernels"}))
+        if report["data"] is not None:  # against the fastest step so far, compiled ones included
+            done = [r["img_per_s"] for r in report["steps"] if r["model"] == sizes.base]
+            keep_up(report["data"], max(done, default=0.0))
         mfus = [row.get("mfu", -1.0) for row in report["steps"]]
         report["best"] = max(range(len(mfus)), key=mfus.__getitem__) if mfus else None
         report["wall_s"] = time.perf_counter() - start
