@@ -296,11 +296,8 @@ def _bench_data(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
     )
     device = pick_device(args.device, "--device")
-    report = run_data_bench(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
-    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    report = run_data_bench(settings, device, log=_log)
+    return _print_report(format_table(report), report, args.json)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -320,9 +317,18 @@ def _bench(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
     )
     device = pick_device(args.device, "--device")
-    report = run_speed(settings, device, log=lambda m: print(f"m3i: {m}", file=sys.stderr))
-    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
+    report = run_speed(settings, device, log=_log)
+    return _print_report(format_table(report), report, args.json)
+
+
+def _log(message: str) -> None:
+    print(f"m3i: {message}", file=sys.stderr)
+
+
+def _print_report(table: str, report: dict, as_json: bool) -> int:
+    """A bench's table (on stderr with --json) and, with --json, its report as the last line."""
+    print(table, file=sys.stderr if as_json else sys.stdout)
+    if as_json:
         print(json.dumps(report))
     return 0
 
