@@ -259,3 +259,30 @@ def test_grad_checkpointing_gives_the_same_tokens_and_gradients(isolate):
     assert recomputed_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(recomputed_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("model", "warned"),
+    [
+        (
+            [
+                "model.name=convnext_atto",
+                "model.img_size=64",
+                "model.patch_size=16",
+                "model.depth=1",
+            ],
+            True,
+        ),
+        (["model.depth=5"], False),  # the ViT's 5 blocks give data2vec's 5 block outputs
+    ],
+)
+def test_data2vec_on_a_backbone_with_fewer_block_outputs_warns(model, warned, caplog):
+    cfg = load_config("data2vec", overrides=[*TINY_M3I, *model])
+    assert cfg.targets.intra_view.layers == 5  # data2vec 2.0's top 5 blocks
+    with caplog.at_level("WARNING", logger="m3i.train"):
+        M3IModel(cfg, RunContext(num_classes=10))
+    messages = [r.getMessage() for r in caplog.records if "block outputs" in r.getMessage()]
+    # convnext_atto at depth 1 has one block in its last stage (earlier stages have other widths)
+    expected = ["a target averages the teacher's last 5 block outputs (its layers), but "
+                "convnext_atto gives 1: it averages those"]  # fmt: skip
+    assert messages == (expected if warned else [])

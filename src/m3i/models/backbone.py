@@ -98,6 +98,11 @@ class Backbone(nn.Module, ABC):
     def blocks(self) -> list[nn.Module]:
         """The blocks FSDP shards one by one (each has an `mlp`)."""
 
+    @property
+    @abstractmethod
+    def block_outputs(self) -> int:
+        """How many block outputs `forward_with_block_outputs` can give at most."""
+
     @classmethod
     @abstractmethod
     def frozen_features(

@@ -136,6 +136,11 @@ class ConvNetBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         return [block for stage in self.convnet.stages for block in stage.blocks]
 
+    @property
+    def block_outputs(self) -> int:
+        """The last stage's blocks (earlier stages have other widths and grids)."""
+        return len(self.convnet.stages[-1].blocks)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The stem's feature map, (N, C, H/4, W/4)."""
         return self.convnet.stem(images)

@@ -89,6 +89,10 @@ class ViTBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         return list(self.vit.blocks)
 
+    @property
+    def block_outputs(self) -> int:
+        return len(self.vit.blocks)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings plus their position embeddings, (N, P, D), before any block."""
         x = self.vit.patch_embed(images)

@@ -9,6 +9,7 @@ pieces that the active targets read.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from m3i.mi.targets import RunContext, StepContext, Stream, Target, build_target
 from m3i.models.backbone import Backbone
 from m3i.models.decoder import Decoder, grid_coords, view_to_view
 from m3i.models.ema import MomentumTeacher
+
+log = logging.getLogger("m3i.train")
 
 
 class M3IModel(nn.Module):
@@ -57,6 +60,14 @@ class M3IModel(nn.Module):
             raise ValueError(
                 f"norm=instance averages the teacher blocks' MLP outputs, but model.name "
                 f"{cfg.model.name!r} has blocks without an `mlp`; use norm=layer"
+            )
+        if self.teacher_layers > self.backbone.block_outputs:
+            log.warning(
+                "a target averages the teacher's last %d block outputs (its layers), but %s "
+                "gives %d: it averages those",
+                self.teacher_layers,
+                cfg.model.name,
+                self.backbone.block_outputs,
             )
 
     def _streams_to_encode(self, grid_size: int) -> tuple[bool, bool]:
