@@ -6,8 +6,8 @@ own `Optimise`), the two models built from the same seed (the same weights).
     PYTHONPATH=src python3 benchmarks/packed_attention.py --set train.batch_size=128 ...
 
 Prints one JSON object: per attention the median, min and max of all timed steps
-(`--repeats` interleaved rounds of `--steps` steps after one warm-up step each), and the
-ratio of the medians, packed / separate.
+(`--repeats` interleaved rounds of `--steps` steps after one warm-up step each) and the steps'
+seconds in the order timed, and the ratio of the medians, packed / separate.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         for attention, step in steps.items():
             time_steps(step, 1, device)  # warm-up: caches, allocator, a compiled kernel
             times[attention] += time_steps(step, args.steps, device)
-    result = {attention: summary(values) for attention, values in times.items()}
+    result = {
+        attention: {**summary(values), "times_s": [round(t, 3) for t in values]}
+        for attention, values in times.items()
+    }
     report = {
         "device": str(device),
         "threads": torch.get_num_threads(),
