@@ -36,17 +36,27 @@ def packed_kernel(device: torch.device) -> str:
 
 
 def segment_ids(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The segment of each position of a packed sequence, (sum(lengths),)."""
-    sizes = torch.tensor(lengths, device=device)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
+    """The segment of each position of a packed sequence, (sum(lengths),); built from Python
+    integers, so that a compiled step sees static shapes."""
+    return torch.cat(
+        [torch.full((length,), index, device=device) for index, length in enumerate(lengths)]
+    )
 
 
-@functools.lru_cache(maxsize=16)
 def packed_mask(
     lengths: tuple[int, ...], device: torch.device, kernel: str
 ) -> torch.Tensor | BlockMask:
     """The block-diagonal mask of segments of `lengths` (True: may attend), for one kernel:
-    a boolean (L, L) tensor for `sdpa`, a BlockMask shared by every sample and head for `flex`."""
+    a boolean (L, L) tensor for `sdpa`, a BlockMask shared by every sample and head for `flex`.
+    Cached by its arguments, except under torch.compile, which traces it into the graph."""
+    if torch.compiler.is_compiling():
+        return _build_mask(lengths, device, kernel)
+    return _cached_mask(lengths, device, kernel)
+
+
+def _build_mask(
+    lengths: tuple[int, ...], device: torch.device, kernel: str
+) -> torch.Tensor | BlockMask:
     if kernel not in KERNELS:
         raise ValueError(f"packed attention kernel {kernel!r}; use one of {', '.join(KERNELS)}")
     ids = segment_ids(lengths, device)
@@ -58,6 +68,9 @@ def packed_mask(
 
     total = sum(lengths)
     return create_block_mask(same_segment, None, None, total, total, device=device)
+
+
+_cached_mask = functools.lru_cache(maxsize=16)(_build_mask)
 
 
 def flex_capable_forward(
