@@ -6,11 +6,13 @@ batch 64 eager; compile times are a guess for Inductor on a 16-core host):
 1. start-up: imports, CUDA context, a bf16 matmul for the measured peak                  ~15 s
 2. the `vit_b16_m3i` training step of ViT-B/16 at 224 px, bf16, eager, batch 128         ~25 s
 3. the same at batch 256                                                                 ~40 s
-4. the same compiled (`torch.compile` of the model, as `train.compile=true`), batch 128 ~150 s
-5. `m3i bench data` at 224 px for `shapes` and JPEG `wds:` shards, 0-16 workers         ~70 s
-6. ViT-L/16 at batch 128, eager                                                          ~40 s
-7. ViT-B/16 compiled at batch 256                                                       ~150 s
-                                                                          in all about 490 s
+4. the step of 2 with `model.attention=packed` (A and B in one sequence per sample,
+   FlexAttention with a block mask, its kernel compiled on the first step)              ~50 s
+5. the same compiled (`torch.compile` of the model, as `train.compile=true`), batch 128 ~150 s
+6. `m3i bench data` at 224 px for `shapes` and JPEG `wds:` shards, 0, 2, 8, 16 workers  ~50 s
+7. ViT-L/16 at batch 128, eager                                                          ~40 s
+8. ViT-B/16 compiled at batch 256                                                       ~150 s
+                                                                          in all about 520 s
 A part is started only if the seconds gone plus its estimate fit in --budget-s (default 540);
 one that does not is listed under "skipped" in the JSON, so the run stays under 10 minutes.
 
@@ -22,8 +24,11 @@ the first step's seconds (compilation included; for a compiled step, its excess 
 step is reported as compile_s_estimate), the median, min and max of the timed steps,
 images/s, MFU against the datasheet's dense bf16 peak (989 TFLOP/s on an H200), peak memory and
 a torch.profiler table of the top kernels of 2 steps; "best" is the index of the step with the
-highest MFU. The data part gives, per source, the fewest workers whose median keeps up with
-the fastest ViT-B step.
+highest MFU. Every row names its `attention`; a packed row counts the FLOPs of the separate
+step (the same useful work: the masked-out attention is not the model's), so packed and separate
+MFUs compare as their step times, and "packed_over_separate" is the ratio of their medians at
+the same model, batch and compilation. The data part gives, per source, the fewest workers
+whose median keeps up with the fastest ViT-B step.
 
 Every result goes into one JSON file, DIR/gpu_recipe.json (DIR: --out, else $OUT, else .),
 rewritten after each part, so a run cut short keeps what it measured. From the repository root:
@@ -81,7 +86,7 @@ class Sizes:
     steps: int = 10
     profiled_steps: int = 2
     backend: str = "inductor"
-    data_workers: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+    data_workers: tuple[int, ...] = (0, 2, 8, 16)
     data_batches: int = 4
     data_samples: int = 256
     data_batch: int = 64
@@ -119,16 +124,17 @@ DRY_RUN = Sizes(
     ),  # fmt: skip
 )
 # the docstring's estimates, the largest of each kind: a part starts only if it fits the budget
-ESTIMATE_S = {"eager": 40, "compiled": 150, "data": 70}
+ESTIMATE_S = {"eager": 40, "packed": 50, "compiled": 150, "data": 50}
 
 
 def log(message: str) -> None:
     print(f"gpu_recipe: {message}", file=sys.stderr, flush=True)
 
 
-def step_config(model: str, batch: int, sizes: Sizes, checkpointing: bool):
+def step_config(model: str, batch: int, attention: str, sizes: Sizes, checkpointing: bool):
     depth = "null" if sizes.depth is None else sizes.depth
     overrides = [f"model.name={model}", f"model.depth={depth}", f"train.batch_size={batch}"]
+    overrides.append(f"model.attention={attention}")
     overrides += [f"model.img_size={sizes.img_size}", f"model.patch_size={sizes.patch_size}"]
     overrides += ["train.precision=bf16", f"train.grad_checkpointing={checkpointing}"]
     return load_config("vit_b16_m3i", overrides=[*overrides, *sizes.overrides])
@@ -164,11 +170,13 @@ def profile_table(step, device: torch.device, steps: int) -> list[dict[str, Any]
 
 def model_flops(model: M3IModel, batch: Batch, device: torch.device) -> tuple[float, int]:
     """(matmul FLOPs of an eager forward and backward under bf16 autocast, with no
-    recomputation; the batch size they were counted at). When the whole batch runs out of
+    recomputation and separate attention (a packed step's masked-out scores are not counted);
+    the batch size they were counted at). When the whole batch runs out of
     memory they are counted on its first half (quarter, ...) and scaled up: linear in the
     batch but for the contrastive N x N logits, far below 0.1% of the step."""
     n = len(batch.views[0].image)
     checkpointing, model.backbone.grad_checkpointing = model.backbone.grad_checkpointing, False
+    attention, model.backbone.attention = model.backbone.attention, "separate"
     try:
         for part in (n, n // 2, n // 4):
             sub = batch.rows(slice(part))
@@ -182,6 +190,7 @@ def model_flops(model: M3IModel, batch: Batch, device: torch.device) -> tuple[fl
     finally:
         model.zero_grad(set_to_none=True)
         model.backbone.grad_checkpointing = checkpointing
+        model.backbone.attention = attention
 
 
 def run_step(cfg, compiled: bool, sizes: Sizes, device: torch.device, peak: float) -> dict:
@@ -233,14 +242,20 @@ def run_step(cfg, compiled: bool, sizes: Sizes, device: torch.device, peak: floa
 
 
 def measure_step(
-    model_name: str, batch: int, compiled: bool, sizes: Sizes, device: torch.device, peak: float
+    model_name: str,
+    batch: int,
+    compiled: bool,
+    attention: str,
+    sizes: Sizes,
+    device: torch.device,
+    peak: float,
 ) -> dict[str, Any]:
     """One configuration's row; with gradient checkpointing only if it runs out of memory
     without."""
     for checkpointing in (False, True):
         row: dict[str, Any] = {"model": model_name, "batch": batch, "compile": compiled}
-        row["grad_checkpointing"] = checkpointing
-        cfg = step_config(model_name, batch, sizes, checkpointing)
+        row.update(attention=attention, grad_checkpointing=checkpointing)
+        cfg = step_config(model_name, batch, attention, sizes, checkpointing)
         try:
             row.update(run_step(cfg, compiled, sizes, device, peak))
             return row
@@ -297,12 +312,29 @@ def plan(sizes: Sizes) -> list[tuple[str, tuple]]:
     """The parts in the order they run: (kind, arguments of measure_step or measure_data)."""
     small, large = sizes.batches
     return [
-        ("eager", (sizes.base, small, False)),
-        ("eager", (sizes.base, large, False)),
-        ("compiled", (sizes.base, small, True)),
+        ("eager", (sizes.base, small, False, "separate")),
+        ("eager", (sizes.base, large, False, "separate")),
+        ("packed", (sizes.base, small, False, "packed")),
+        ("compiled", (sizes.base, small, True, "separate")),
         ("data", ()),
-        ("eager", (sizes.large, sizes.large_batch, False)),
-        ("compiled", (sizes.base, large, True)),
+        ("eager", (sizes.large, sizes.large_batch, False, "separate")),
+        ("compiled", (sizes.base, large, True, "separate")),
+    ]
+
+
+def packed_over_separate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each packed row, the ratio of its median step to the separate row's of the same
+    model, batch and compilation (when both ran)."""
+    key = ("model", "batch", "compile")
+    medians = {
+        (tuple(r[k] for k in key), r["attention"]): r["step_s_median"]
+        for r in rows
+        if "step_s_median" in r
+    }
+    return [
+        {**dict(zip(key, config, strict=True)), "ratio": median / medians[(config, "separate")]}
+        for (config, attention), median in medians.items()
+        if attention == "packed" and (config, "separate") in medians
     ]
 
 
@@ -334,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": None,
         "skipped": [],
         "best": None,
+        "packed_over_separate": [],
     }
     for kind, arguments in plan(sizes):
         elapsed = time.perf_counter() - start
@@ -345,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             report["data"] = measure_data(sizes, device)
         else:
             report["steps"].append(measure_step(*arguments, sizes, device, peak))
+            report["packed_over_separate"] = packed_over_separate(report["steps"])
             log(json.dumps({k: v for k, v in report["steps"][-1].items() if k != "top_kernels"}))
         if report["data"] is not None:  # against the fastest step so far, compiled ones included
             done = [r["img_per_s"] for r in report["steps"] if r["model"] == sizes.base]

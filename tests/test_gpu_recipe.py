@@ -26,13 +26,25 @@ def test_dry_run_measures_every_part_into_one_json_file(tmp_path):
     assert report["dry_run"] is True and report["skipped"] == []
     assert report["peak_source"] == "measured_matmul"  # no datasheet for a CPU
     assert report["peak_tflops"] == report["matmul_tflops_bf16"] > 0
-    configs = [(r["model"], r["batch"], r["compile"]) for r in report["steps"]]
+    configs = [(r["model"], r["batch"], r["compile"], r["attention"]) for r in report["steps"]]
     assert configs == [
-        ("vit_tiny_patch16_224", 4, False),
-        ("vit_tiny_patch16_224", 8, False),
-        ("vit_tiny_patch16_224", 4, True),
-        ("vit_small_patch16_224", 4, False),
-        ("vit_tiny_patch16_224", 8, True),
+        ("vit_tiny_patch16_224", 4, False, "separate"),
+        ("vit_tiny_patch16_224", 8, False, "separate"),
+        ("vit_tiny_patch16_224", 4, False, "packed"),
+        ("vit_tiny_patch16_224", 4, True, "separate"),
+        ("vit_small_patch16_224", 4, False, "separate"),
+        ("vit_tiny_patch16_224", 8, True, "separate"),
+    ]
+    separate, packed = report["steps"][0], report["steps"][2]
+    # the same useful FLOPs: the packed step's masked-out attention is not counted
+    assert packed["gflop_per_step"] == separate["gflop_per_step"]
+    assert report["packed_over_separate"] == [
+        {
+            "model": "vit_tiny_patch16_224",
+            "batch": 4,
+            "compile": False,
+            "ratio": packed["step_s_median"] / separate["step_s_median"],
+        }
     ]
     for row in report["steps"]:
         assert "error" not in row and row["grad_checkpointing"] is False, row
@@ -61,7 +73,8 @@ def test_dry_run_measures_every_part_into_one_json_file(tmp_path):
         (source, workers) for source in ("shapes", "wds") for workers in (0, 1)
     ]
     assert data["img_size"] == 32 and data["generated"]["format"] == "jpg"
-    fastest = max(r["img_per_s"] for r in report["steps"] if r["model"] == "vit_tiny_patch16_224")
+    before_data = report["steps"][:4]  # the data part runs after the fourth step
+    fastest = max(r["img_per_s"] for r in before_data if r["model"] == "vit_tiny_patch16_224")
     assert data["keeps_up_with"] == fastest
     for source, fewest in data["fewest_workers_keeping_up"].items():
         rates = {r["workers"]: r["img_per_s"] for r in data["results"] if r["source"] == source}

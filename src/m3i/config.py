@@ -19,7 +19,7 @@ import yaml
 from m3i.data.mixing import count_a
 from m3i.data.views import ViewConfig
 from m3i.mi.targets import TARGETS
-from m3i.models.config import ModelConfig
+from m3i.models.config import ATTENTIONS, ModelConfig
 from m3i.plugins import IMPORTED, PluginError, import_plugin, is_path
 from m3i.ranges import config_value_problem
 
@@ -351,6 +351,10 @@ def validate(cfg: Config) -> None:
             f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}",
         ),
         (cfg.train.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
+        (
+            cfg.model.attention in ATTENTIONS,
+            f"model.attention must be {' or '.join(ATTENTIONS)}, got {cfg.model.attention!r}",
+        ),
         (cfg.train.first_batch >= 0, "train.first_batch must be >= 0"),
         (
             cfg.model.img_size % cfg.model.patch_size == 0,

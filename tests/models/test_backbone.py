@@ -163,7 +163,7 @@ CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two yellow cir
 
 
 @functools.cache
-def m3i_model(isolate: bool) -> M3IModel:
+def m3i_model(isolate: bool, attention: str = "separate") -> M3IModel:
     """Built once per setting; the tests only run `encode` under no_grad."""
     cfg = load_config(
         "m3i",
@@ -172,6 +172,7 @@ def m3i_model(isolate: bool) -> M3IModel:
             f"model.img_size={SIZE}",
             f"model.patch_size={PATCH}",
             f"mix.isolate={str(isolate).lower()}",
+            f"model.attention={attention}",
         ],
     )
     torch.manual_seed(0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ATTENTIONS = ("separate", "packed")  # the values of model.attention
+
 
 @dataclass
 class ModelConfig:
@@ -12,3 +14,5 @@ class ModelConfig:
     patch_size: int = 4
     depth: int | None = 6  # override the timm model's depth (null: the model's own)
     drop_path: float = 0.0
+    # how an isolated mix attends (ViT): separate | packed (one sequence, block-diagonal mask)
+    attention: str = "separate"

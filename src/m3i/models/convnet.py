@@ -101,6 +101,11 @@ class ConvNetBackbone(Backbone):
                 f"model.patch_size={cfg.patch_size} for {cfg.name}: a ConvNeXt's grid cell is its "
                 f"output stride; use one of {', '.join(map(str, STRIDES))}"
             )
+        if cfg.attention != "separate":
+            raise ValueError(
+                f"model.attention={cfg.attention} is for ViT backbones; {cfg.name} isolates by "
+                "masking cells: use model.attention=separate"
+            )
         self.timm_kwargs = {
             "output_stride": cfg.patch_size,
             "num_classes": 0,

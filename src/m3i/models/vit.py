@@ -3,8 +3,10 @@ isolated from the other.
 
 Image A of a mixed input occupies some grid positions and image B the others. With
 `isolate=True` (the default) attention is restricted to tokens of the same image, which is
-exactly running each image's tokens as its own sequence (with its own prefix tokens): that is
-how it is computed, with no masked dense attention. With `isolate=False` the mixed sequence is
+exactly running each image's tokens as its own sequence (with its own prefix tokens). With
+`model.attention=separate` (the default) that is how it is computed: two short sequences per
+sample. With `model.attention=packed` both images' sequences are packed into one per sample with
+a block-diagonal attention mask (models/packed.py). With `isolate=False` the mixed sequence is
 one sequence and the two images see each other.
 """
 
@@ -15,10 +17,12 @@ import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from m3i.data.mixing import gather_tokens
 from m3i.models.backbone import FAMILIES, Backbone, Check, register
 from m3i.models.config import ModelConfig
+from m3i.models.packed import install_flex, packed_kernel, packed_mask
 
 
 def _is_size(value: object) -> bool:
@@ -68,6 +72,11 @@ class ViTBackbone(Backbone):
                 "embeddings; use e.g. vit_tiny_patch16_224 or vit_base_patch16_224"
             )
         self.vit = vit
+        self.attention = cfg.attention
+        # the packed kernel: None picks it by device (packed_kernel), else "flex" or "sdpa"
+        self.attention_kernel: str | None = None
+        if cfg.attention == "packed":
+            install_flex(vit.blocks, cfg.name)
         self.embed_dim = vit.embed_dim
         self.grid = tuple(vit.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -135,6 +144,8 @@ class ViTBackbone(Backbone):
         isolate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the mixed input of image A's tokens and image B's tokens, (N, La|Lb, D)."""
+        if isolate and self.attention == "packed":
+            return self.encode_packed(tokens_a, tokens_b)
         la, lb = tokens_a.shape[1], tokens_b.shape[1]
         if lb == 0:
             return self.encode(tokens_a), tokens_b
@@ -147,6 +158,36 @@ class ViTBackbone(Backbone):
             out = self.encode(torch.cat([tokens_a, tokens_b], dim=0))
             return out[: tokens_a.shape[0]], out[tokens_a.shape[0] :]
         return self.encode(tokens_a), self.encode(tokens_b)
+
+    def encode_packed(
+        self, tokens_a: torch.Tensor, tokens_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Isolated encoding of A's and B's tokens, (N, La|Lb, D), as ONE sequence per sample:
+        [A's prefix, A's tokens, B's prefix, B's tokens] (an image without tokens adds nothing),
+        attention restricted to each image's own segment. Drop-path drops a block's branch for
+        the whole sample (both images together, as one mixed sequence would)."""
+        n, n_prefix = tokens_a.shape[0], self.vit.num_prefix_tokens
+        segments = [tokens for tokens in (tokens_a, tokens_b) if tokens.shape[1] > 0]
+        prefix = self._prefix(n)
+        if prefix is not None:
+            segments = [torch.cat([prefix, tokens], dim=1) for tokens in segments]
+        lengths = tuple(segment.shape[1] for segment in segments)
+        x = self.vit.norm_pre(self.vit.pos_drop(torch.cat(segments, dim=1)))
+        mask = None
+        if len(lengths) > 1:
+            kernel = self.attention_kernel or packed_kernel(x.device)
+            mask = packed_mask(lengths, x.device, kernel)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.vit.blocks:
+            if recompute:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
+        outputs = iter(self.vit.norm(x).split(lengths, dim=1))
+        return tuple(
+            next(outputs)[:, n_prefix:] if tokens.shape[1] > 0 else tokens
+            for tokens in (tokens_a, tokens_b)
+        )
 
     def encode_mix(
         self,
