@@ -73,8 +73,9 @@ def test_dry_run_measures_every_part_into_one_json_file(tmp_path):
         (source, workers) for source in ("shapes", "wds") for workers in (0, 1)
     ]
     assert data["img_size"] == 32 and data["generated"]["format"] == "jpg"
-    before_data = report["steps"][:4]  # the data part runs after the fourth step
-    fastest = max(r["img_per_s"] for r in before_data if r["model"] == "vit_tiny_patch16_224")
+    # against the fastest base step of the whole run, the compiled ones timed after the data part
+    # included (the script recomputes it after every part)
+    fastest = max(r["img_per_s"] for r in report["steps"] if r["model"] == "vit_tiny_patch16_224")
     assert data["keeps_up_with"] == fastest
     for source, fewest in data["fewest_workers_keeping_up"].items():
         rates = {r["workers"]: r["img_per_s"] for r in data["results"] if r["source"] == source}
