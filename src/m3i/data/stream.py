@@ -59,7 +59,6 @@ def batches(
             f"{len(dataset)} training samples make no batch of {batch_size} on {world} ranks; "
             "lower train.batch_size or use more data"
         )
-    threads = 1 if workers == 0 else None
     epoch, skip = divmod(start, per_epoch)
     while True:
         dataset.epoch = epoch
@@ -68,22 +67,15 @@ def batches(
             : per_epoch * batch_size * world
         ]
         mine = permutation.view(per_epoch, world, batch_size)[skip:, rank].reshape(-1)
-        loader = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=mine.tolist(),
-                num_workers=workers,
-                collate_fn=collate,
-                generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
-            )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=mine.tolist(),
+            num_workers=workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed + epoch),  # not the global RNG
         )
-        while True:
-            with runtime.intra_op_threads(threads), worker_errors():
-                batch = next(loader, None)
-            if batch is None:
-                break
-            yield batch.to(device)
+        yield from _drain(loader, workers, device)
         epoch, skip = epoch + 1, 0
 
 
@@ -92,15 +84,22 @@ def stream_batches(
 ) -> Iterator[Batch]:
     """Batches of an endless (resampled) shard stream; one DataLoader iterator for the run
     (views made in the main process are made single-threaded, as in `batches`)."""
-    loader = iter(
-        torch.utils.data.DataLoader(
-            stream, batch_size=batch_size, num_workers=workers, collate_fn=collate
-        )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, collate_fn=collate
     )
+    yield from _drain(loader, workers, device)
+
+
+def _drain(
+    loader: torch.utils.data.DataLoader, workers: int, device: torch.device
+) -> Iterator[Batch]:
+    """The loader's batches on `device`; views made in the main process (no workers) are made
+    on one thread, so that they do not compete with the step's threads."""
     threads = 1 if workers == 0 else None
+    iterator = iter(loader)
     while True:
         with runtime.intra_op_threads(threads), worker_errors():
-            batch = next(loader, None)
+            batch = next(iterator, None)
         if batch is None:
             return
         yield batch.to(device)
