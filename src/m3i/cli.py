@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "ablation",
         help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
     )
-    abl.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")
+    abl.add_argument("--budget", choices=["tiny", "quick", "full", "gpu"], default="quick")
     abl.add_argument("--data", action="append", help="data spec (repeatable; default: budget's)")
     abl.add_argument("--seeds", type=int, help="seeds per data spec (default: the budget's)")
     abl.add_argument("--out", default="runs/ablation", help="directory for runs and results")
@@ -115,6 +116,15 @@ def _parser() -> argparse.ArgumentParser:
         abl,
         "a config override for every run, after the budget's, e.g. model.name=convnext_atto "
         "(repeatable)",
+    )
+    abl.add_argument(
+        "--eval-set",
+        dest="eval_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an evaluation setting for every run, after the budget's, e.g. num_train=64, "
+        "detect.epochs=1 (repeatable; the keys of `m3i eval --set`)",
     )
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -258,19 +268,31 @@ def _report(args: argparse.Namespace) -> int:
 def _ablation(args: argparse.Namespace) -> int:
     from m3i.bench.ablation import METHODS, REMOVALS, run_ablation
     from m3i.bench.ablation_report import write_results
+    from m3i.bench.provenance import provenance
 
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     out = Path(args.out)
     start = time.perf_counter()
+    started = provenance(args.command_line)
 
     def log(message: str) -> None:
         print(f"m3i: {message}", file=sys.stderr)
 
     ablation = run_ablation(
-        args.budget, out, args.data, args.seeds, log, args.equal, args.overrides
+        args.budget,
+        out,
+        args.data,
+        args.seeds,
+        log,
+        args.equal,
+        args.overrides,
+        args.eval_overrides,
     )
-    report = {"budget": args.budget, "wall_s": time.perf_counter() - start, **ablation}
+    device = ablation.pop("device")
+    wall_s = time.perf_counter() - start
+    report = {"budget": args.budget, "provenance": {**started, "device": device, "wall_s": wall_s}}
+    report |= ablation
     print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)
     return 0
@@ -343,7 +365,9 @@ def _presets() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="m3i: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["m3i", *argv])
     from m3i.data.base import DataError
     from m3i.train.checkpoint import CheckpointError
     from m3i.train.loop import TrainingError, TrainingStopped

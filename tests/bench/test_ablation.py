@@ -9,10 +9,14 @@ from matplotlib.image import imread
 
 from m3i.bench.ablation import BUDGETS, METHODS, REMOVALS, method_config, plan_compute, tasks_for
 from m3i.bench.ablation_compute import matched_steps
-from m3i.bench.ablation_report import mean_ranks, summarise, write_results
+from m3i.bench.ablation_report import write_results
+from m3i.bench.ablation_stats import mean_ranks, summarise
 from m3i.bench.measure import train_step_flops
 from m3i.cli import main
 from m3i.data.shapes import CLASSES
+
+PROVENANCE = {"command": "m3i bench ablation", "commit": "unknown", "date": "2026-01-01T00:00:00",
+              "cpu_cores": 2, "device": "CPU", "wall_s": 60.0}  # fmt: skip
 
 
 def supervised_flops_by_hand(n: int, classes: int) -> int:
@@ -71,7 +75,7 @@ def test_tiny_ablation_writes_results(tmp_path, capsys):
         assert within(stage["train_flops"], runs["m3i"]["train_flops"] / 4, 0.3)
     assert (tmp_path / "shapes" / "seed0" / "multistage" / "stages" / "0-data2vec").is_dir()
     markdown = (tmp_path / "results.md").read_text()
-    assert markdown.splitlines()[2].startswith("Equal training FLOPs: every trained run spends")
+    assert markdown.split("\n\n")[2].startswith("Equal training FLOPs: every trained run spends")
     assert "| shapes | multistage | " + "+".join(str(s["steps"]) for s in stages) in markdown
     assert markdown.strip() in out or markdown.splitlines()[0] in out
     for method in METHODS:
@@ -120,14 +124,14 @@ def test_removal_table_only_where_removals_ran(tmp_path):
 
     records = [run("shapes", "m3i", 30.0), run("shapes", "m3i-text", 20.0)]
     records += [run("fashion-mnist", "m3i", 50.0), run("fashion-mnist", "clip", 40.0, 12)]
-    report = {"budget": "x", "wall_s": 1.0, "runs": records, "equal": "steps"}
+    report = {"budget": "x", "provenance": PROVENANCE, "runs": records, "equal": "steps"}
     report["flop_budget"] = {"shapes": 1000, "fashion-mnist": 1000}
     markdown = write_results(tmp_path, report, ["clip", "m3i"], ["m3i-text", "m3i-category"])
     removal_part = markdown.split("## M3I minus one target")[1].split("## Final")[0]
     assert "**shapes**" in removal_part and "fashion-mnist" not in removal_part
     assert "| m3i-text | 20.0 |" in removal_part and "m3i-category" not in removal_part
     assert "| m3i | **30.0** |" in removal_part
-    assert markdown.splitlines()[2].startswith("Equal steps: every method trains the budget's")
+    assert markdown.split("\n\n")[2].startswith("Equal steps: every method trains the budget's")
     assert "| fashion-mnist | clip | 12 | 1e-07 | 1.2e-06 | 1.200 |" in markdown
 
 
@@ -163,7 +167,7 @@ def test_information_table_says_bound_or_estimate(tmp_path):
          "train_flops": 1000}
         for seed in (0, 1)
     ]  # fmt: skip
-    report = {"budget": "x", "wall_s": 1.0, "runs": records, "equal": "flops"}
+    report = {"budget": "x", "provenance": PROVENANCE, "runs": records, "equal": "flops"}
     report["flop_budget"] = {"shapes": 1000}
     markdown = write_results(tmp_path, report, ["m3i"], [])
     table = markdown.split("## Final information per target (nats)")[1]

@@ -19,9 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
-from m3i.config import load_config, validate
+from m3i.bench.provenance import device_name
+from m3i.config import ConfigError, load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
+from m3i.runtime import pick_device
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps
 
@@ -78,7 +80,15 @@ BUDGETS = {
     "full": Budget(  # the README's table: default model and batch, under 90 min on 2 CPU cores
         train=["train.steps=100", "data.num_train=5000"],
         evaluation=["num_train=4000", "num_val=1000"] + SHORT_DETECT,
-        seeds={"shapes": 3, "fashion-mnist": 1},
+        seeds={"shapes": 3, "fashion-mnist": 3},
+    ),
+    # the GPU table: the default model, batch and schedule for 1,000 M3I steps on the whole
+    # training split, evaluated on the whole shapes split (10,000 / 2,000 images) with the
+    # default probes; workers only feed the GPU (a view depends on (seed, epoch, index) only)
+    "gpu": Budget(
+        train=["train.steps=1000", "data.workers=8"],
+        evaluation=["num_train=10000", "num_val=2000"],
+        seeds={"shapes": 3, "fashion-mnist": 3},
     ),
 }
 
@@ -186,6 +196,21 @@ def run_one(
     return record
 
 
+def with_overrides(budget: Budget, train: list[str], evaluation: list[str]) -> Budget:
+    """`budget` with `train` config overrides (e.g. model.name=convnext_atto) after its own, and
+    `evaluation` settings (e.g. num_train=64) after its own, both checked (ConfigError)."""
+    if any(text.split("=", 1)[0].strip() == "data_seed" for text in evaluation):
+        raise ConfigError(
+            "--eval-set data_seed: each run is evaluated on its own data.seed; set data.seed "
+            "with --set"
+        )
+    budget = replace(
+        budget, train=[*budget.train, *train], evaluation=[*budget.evaluation, *evaluation]
+    )
+    load_settings(budget.evaluation)
+    return budget
+
+
 def run_ablation(
     budget_name: str,
     out: Path,
@@ -194,15 +219,18 @@ def run_ablation(
     log,
     equal: str = "flops",
     overrides: list[str] | None = None,
+    eval_overrides: list[str] | None = None,
 ) -> dict:
     """Every method on every data spec and seed of the budget, at equal training FLOPs
-    (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "runs": [records]}.
-    `overrides` (e.g. model.name=convnext_atto) follow the budget's in every run."""
-    budget = BUDGETS[budget_name]
-    budget = replace(budget, train=[*budget.train, *(overrides or [])])
+    (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "device": the name of
+    the device the runs trained on, "runs": [records]}. `overrides` (config) and
+    `eval_overrides` (evaluation settings) follow the budget's in every run."""
+    budget = with_overrides(BUDGETS[budget_name], overrides or [], eval_overrides or [])
     seeds_of = {spec: seeds or count for spec, count in budget.seeds.items()}
     if data:
         seeds_of = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}
+    first = method_config("m3i", next(iter(seeds_of)), 0, budget)
+    device = device_name(pick_device(first.train.device))
     runs, flop_budget = [], {}
     for spec, count in seeds_of.items():
         methods = list(METHODS) + (list(REMOVALS) if spec in budget.removals else [])
@@ -214,4 +242,4 @@ def run_ablation(
             for seed in range(count)
             for method in methods
         ]
-    return {"equal": equal, "flop_budget": flop_budget, "runs": runs}
+    return {"equal": equal, "flop_budget": flop_budget, "device": device, "runs": runs}

@@ -1,5 +1,6 @@
-"""The ablation's outputs: results.json, results.md (what compute was equal, mean and spread
-over seeds, best in bold, mean rank, steps and training FLOPs per run) and ablation.png."""
+"""The ablation's outputs: results.json, results.md (where the numbers came from, what compute
+was equal, mean and spread over seeds, best in bold, mean ranks, M3I's paired differences,
+steps and training FLOPs per run) and ablation.png."""
 
 from __future__ import annotations
 
@@ -12,39 +13,15 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from m3i.bench.ablation_stats import (
+    mean_ranks,
+    paired_differences,
+    rank_statement,
+    seed_ranks,
+    summarise,
+)
 from m3i.io import atomic_write, atomic_write_text
 from m3i.mi.targets import information
-
-
-def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """data -> method -> metric -> {mean, min, max, n} over seeds."""
-    values: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for record in records:
-        for metric, value in record["metrics"].items():
-            values[record["data"]][record["method"]][metric].append(value)
-    return {
-        data: {
-            method: {
-                metric: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "n": len(v)}
-                for metric, v in metrics.items()
-            }
-            for method, metrics in methods.items()
-        }
-        for data, methods in values.items()
-    }
-
-
-def mean_ranks(summary: dict, methods: list[str]) -> dict[str, float]:
-    """Each method's rank (1 = best mean) averaged over every (data, metric) it was scored on."""
-    ranks: dict[str, list[int]] = defaultdict(list)
-    for by_method in summary.values():
-        metrics = {m for method in methods for m in by_method.get(method, {})}
-        for metric in metrics:
-            scored = [m for m in methods if metric in by_method.get(m, {})]
-            order = sorted(scored, key=lambda m: -by_method[m][metric]["mean"])
-            for place, method in enumerate(order, start=1):
-                ranks[method].append(place)
-    return {m: statistics.fmean(r) for m, r in ranks.items()}
 
 
 def _cell(stats: dict[str, float] | None, best: bool) -> str:
@@ -57,8 +34,10 @@ def _cell(stats: dict[str, float] | None, best: bool) -> str:
 
 
 def table(summary: dict, records: list[dict], methods: list[str]) -> str:
-    """One Markdown table per data spec: rows = methods, columns = metrics, best in bold."""
+    """One Markdown table per data spec: rows = methods, columns = metrics, best in bold, and
+    two mean ranks: of the seed means, and within each seed (mean, min–max over seeds)."""
     ranks = mean_ranks(summary, methods)
+    within = seed_ranks(records, methods)
     cost = defaultdict(list)
     for record in records:
         if record["img_per_s"]:
@@ -69,10 +48,12 @@ def table(summary: dict, records: list[dict], methods: list[str]) -> str:
         metrics = sorted({k for m in rows for k in by_method[m]})
         best = {k: max(by_method[m][k]["mean"] for m in rows if k in by_method[m]) for k in metrics}
         lines = [
-            f"**{data}** (mean over seeds, min–max in brackets; mean rank over all data)",
+            f"**{data}** (mean over seeds, min–max in brackets; mean ranks over all data: of the "
+            "seed means, and within each seed, then mean and min–max over seeds)",
             "",
-            "| method | " + " | ".join(metrics) + " | mean rank | img/s |",
-            "|---" * (len(metrics) + 3) + "|",
+            "| method | " + " | ".join(metrics) + " | mean rank of seed means | mean rank within "
+            "seeds | img/s |",
+            "|---" * (len(metrics) + 4) + "|",
         ]
         for method in rows:
             cells = [
@@ -81,11 +62,68 @@ def table(summary: dict, records: list[dict], methods: list[str]) -> str:
             ]
             speed = cost.get((data, method))
             rate = f"{statistics.fmean(speed):.0f}" if speed else "–"
+            seeds = within[method]
+            spread = f" ({seeds['min']:.2f}–{seeds['max']:.2f})" if seeds["n"] > 1 else ""
             lines.append(
-                f"| {method} | " + " | ".join(cells) + f" | {ranks[method]:.2f} | {rate} |"
+                f"| {method} | " + " | ".join(cells) + f" | {ranks[method]:.2f} | "
+                f"{seeds['mean']:.2f}{spread} | {rate} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _difference(stats: dict | None) -> str:
+    """`+3.20 (+1.00 to +5.10)*`: mean, min and max over seeds, * when all of one sign."""
+    if stats is None:
+        return ""
+    text = f"{stats['mean']:+.2f}"
+    if stats["n"] > 1:
+        text += f" ({stats['min']:+.2f} to {stats['max']:+.2f})"
+    return text + ("*" if stats["same_sign"] else "")
+
+
+def paired_table(paired: dict, methods: list[str]) -> str:
+    """Per data spec, "M3I minus method": one row per method of `methods` (M3I excluded), one
+    column per metric, each cell the per-seed differences' mean and min–max."""
+    parts = []
+    for data, by_method in paired.items():
+        rows = [m for m in methods if m in by_method]
+        if not rows:
+            continue
+        metrics = sorted({k for m in rows for k in by_method[m]})
+        seeds = max(stats["n"] for m in rows for stats in by_method[m].values())
+        lines = [
+            f"**{data}: M3I minus method** (each seed's M3I run minus the same seed's run of "
+            f"the method, same data order and initialisation; mean over {seeds} seed(s), "
+            "min to max in brackets)",
+            "",
+            "| method | " + " | ".join(metrics) + " |",
+            "|---" * (len(metrics) + 1) + "|",
+        ]
+        lines += [
+            f"| {m} | " + " | ".join(_difference(by_method[m].get(k)) for k in metrics) + " |"
+            for m in rows
+        ]
+        lines.append("")
+        if seeds > 1:
+            lines.append("\\* every seed's difference has the same sign: beyond the seed spread.")
+        else:
+            lines.append("One seed: the difference only, no seed spread to compare it with.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def provenance_lines(provenance: dict[str, Any]) -> str:
+    """The command, commit, date, machine and wall time, one Markdown line each."""
+    return "\n".join(
+        [
+            f"- command: `{provenance['command']}`",
+            f"- commit: {provenance['commit']}",
+            f"- date: {provenance['date']}",
+            f"- machine: {provenance['cpu_cores']} CPU cores, device {provenance['device']}",
+            f"- wall time: {provenance['wall_s'] / 60:.1f} min ({provenance['wall_s']:.0f} s)",
+        ]
+    )
 
 
 def bounds_table(records: list[dict], methods: list[str]) -> str:
@@ -186,33 +224,42 @@ def figure(summary: dict, methods: list[str]) -> bytes:
 
 
 def write_results(out: Path, report: dict[str, Any], methods: list[str], removals: list[str]):
-    """results.json, results.md and ablation.png under `out`; returns the Markdown."""
+    """results.json (the report, plus "summary", "paired" and "ranks"), results.md and
+    ablation.png under `out`; returns the Markdown."""
     records = report["runs"]
     summary = summarise(records)
+    paired = paired_differences(records)
     removals = [m for m in removals if any(r["method"] == m for r in records)]
     removal_data = {r["data"] for r in records if r["method"] in removals}
     removal_records = [
         r for r in records if r["method"] in ["m3i", *removals] and r["data"] in removal_data
     ]
-    markdown = "\n\n".join(
-        [
-            f"# m3i bench ablation: budget {report['budget']}",
-            compute_statement(report),
-            table(summary, records, methods),
-            "## M3I minus one target",
-            table(
-                summarise(removal_records),
-                removal_records,
-                ["m3i", *removals],
-            ),  # fmt: skip
-            "## Final information per target (nats): lower bounds and Gaussian estimates",
-            bounds_table(records, methods + removals),
-            "## Training compute (steps and FLOPs per run)",
-            compute_table(records, methods + removals),
-            "![ablation](ablation.png)",
-        ]
-    )
-    atomic_write_text(out / "results.json", json.dumps({**report, "summary": summary}, indent=1))
+    ranks = {
+        "of_seed_means": mean_ranks(summary, methods),
+        "within_seeds": seed_ranks(records, methods),
+    }
+    ranks["statement"] = rank_statement(ranks["within_seeds"])
+    others = [m for m in methods if m != "m3i"]
+    parts = [
+        f"# m3i bench ablation: budget {report['budget']}",
+        provenance_lines(report["provenance"]),
+        compute_statement(report),
+        table(summary, records, methods),
+        ranks["statement"],
+        "## M3I minus each method, seed by seed",
+        paired_table(paired, others),
+        "## M3I minus one target" if removal_records else "",
+        table(summarise(removal_records), removal_records, ["m3i", *removals]),
+        paired_table(paired, removals),
+        "## Final information per target (nats): lower bounds and Gaussian estimates",
+        bounds_table(records, methods + removals),
+        "## Training compute (steps and FLOPs per run)",
+        compute_table(records, methods + removals),
+        "![ablation](ablation.png)",
+    ]
+    markdown = "\n\n".join(part for part in parts if part)
+    results = {**report, "summary": summary, "paired": paired, "ranks": ranks}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     atomic_write_text(out / "results.md", markdown + "\n")
     png = figure(summary, methods)
     atomic_write(out / "ablation.png", lambda tmp: Path(tmp).write_bytes(png))
