@@ -8,7 +8,10 @@ run of the budget's train.steps, within 5%: methods with cheaper steps take more
 data stream. Every run's warm-up is the same share of its steps as the budget's. `--equal
 steps` gives every method the budget's steps instead (the FLOPs are still counted and
 reported). The random initialisation is the baseline. A second table removes one target at a
-time from M3I (at equal FLOPs too). Results are written by `m3i.bench.ablation_report`.
+time from M3I (at equal FLOPs too). Runs of one seed share the backbone's initialisation and
+the data order, so M3I is compared with each method seed by seed. `--set` changes every run's
+config and `--eval-set` every run's evaluation settings, after the budget's (the `gpu` budget
+runs on a CPU at a tiny size that way). Results are written by `m3i.bench.ablation_report`.
 """
 
 from __future__ import annotations
