@@ -6,8 +6,11 @@ import json
 import os
 import shlex
 import subprocess
+from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import m3i
 from m3i.bench.ablation import BUDGETS, METHODS, REMOVALS, TINY_MODEL, method_config
@@ -22,6 +25,7 @@ from m3i.bench.provenance import git_commit
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.settings import DenseSettings, DetectSettings, load_settings
+from m3i.train.pretrain import pretrain
 
 # 2 methods, 3 seeds, 2 metrics, on one dataset: (knn, linear) per seed
 VALUES = {
@@ -230,3 +234,20 @@ def test_gpu_budget_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert 0 < provenance["wall_s"] < elapsed.total_seconds() + 1
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.splitlines()[2] == f"- command: `{provenance['command']}`"
+
+
+def test_runs_of_one_seed_start_from_the_same_backbone(tmp_path):
+    """What makes the differences paired: every method's run of seed s starts from the same
+    backbone weights (its untrained backbone.safetensors), and another seed from others."""
+    untrained = replace(BUDGETS["tiny"], train=[*BUDGETS["tiny"].train, "train.steps=0"])
+
+    def initial(method: str, seed: int) -> dict:
+        run = tmp_path / f"{method}{seed}"
+        pretrain(method_config(method, "shapes", seed, untrained), run, progress=False)
+        return load_file(run / "backbone.safetensors")
+
+    reference = initial("m3i", 1)
+    for method, seed in [("supervised", 1), ("clip", 1), ("mae", 1), ("m3i", 2)]:
+        weights = initial(method, seed)
+        same = all(torch.equal(weights[k], reference[k]) for k in reference)
+        assert same == (seed == 1), (method, seed)
