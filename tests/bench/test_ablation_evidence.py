@@ -154,12 +154,15 @@ def test_git_commit_of_a_checkout_and_unknown_otherwise(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("x = 1\n")
     assert git_commit(package) == "unknown"  # not a checkout
     git("init", "-q")
-    assert git_commit(package) == "unknown"  # a checkout, but the package is not tracked
+    (tmp_path / "notes.txt").write_text("a file of the checkout\n")
+    git("add", "notes.txt")
+    git("commit", "-q", "-m", "notes")
+    assert git_commit(package) == "unknown"  # a checkout, but the package is not tracked in it
     git("add", "pkg/__init__.py")
-    git("commit", "-q", "-m", "one")
+    git("commit", "-q", "-m", "package")
     head = git("rev-parse", "HEAD").stdout.strip()
     assert git_commit(package) == head
-    (tmp_path / "notes.txt").write_text("untracked files are not the code\n")
+    (tmp_path / "later.txt").write_text("untracked files are not the code\n")
     assert git_commit(package) == head
     (package / "__init__.py").write_text("x = 2\n")
     assert git_commit(package) == f"{head} (uncommitted changes)"
