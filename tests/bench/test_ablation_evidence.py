@@ -254,3 +254,15 @@ def test_runs_of_one_seed_start_from_the_same_backbone(tmp_path):
         weights = initial(method, seed)
         same = all(torch.equal(weights[k], reference[k]) for k in reference)
         assert same == (seed == 1), (method, seed)
+
+
+def test_missing_data_fails_before_the_first_run(tmp_path, capsys):
+    """A data spec that cannot be read stops the command before any run of the specs before it
+    (on a GPU machine without the Fashion-MNIST files, before hours of `shapes` runs)."""
+    out = tmp_path / "abl"
+    missing = tmp_path / "no-such-dir"
+    argv = ["bench", "ablation", "--budget", "tiny", "--out", str(out), "--data", "shapes"]
+    assert main([*argv, "--data", f"fashion-mnist:{missing}"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"m3i: error: {missing}: no such folder; fashion-mnist:DIR needs")
+    assert not out.exists()

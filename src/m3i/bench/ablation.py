@@ -234,15 +234,16 @@ def run_ablation(
         seeds_of = {spec: seeds or budget.seeds.get(spec, 1) for spec in data}
     first = method_config("m3i", next(iter(seeds_of)), 0, budget)
     device = device_name(pick_device(first.train.device))
-    runs, flop_budget = [], {}
-    for spec, count in seeds_of.items():
+    plans, flop_budget = {}, {}
+    for spec in seeds_of:  # every data spec is read (and every config checked) before any run
         methods = list(METHODS) + (list(REMOVALS) if spec in budget.removals else [])
-        plans, flop_budget[spec] = plan_compute(budget, spec, methods, equal)
-        steps = "  ".join(f"{m} {sum(s.steps for s in plan)}" for m, plan in plans.items())
+        plans[spec], flop_budget[spec] = plan_compute(budget, spec, methods, equal)
+        steps = "  ".join(f"{m} {sum(s.steps for s in p)}" for m, p in plans[spec].items())
         log(f"{spec}: {flop_budget[spec] / 1e9:.4g} GFLOP of training per run; steps: {steps}")
-        runs += [
-            run_one(method, spec, seed, budget, plans[method], out, log)
-            for seed in range(count)
-            for method in methods
-        ]
+    runs = [
+        run_one(method, spec, seed, budget, plan, out, log)
+        for spec, count in seeds_of.items()
+        for seed in range(count)
+        for method, plan in plans[spec].items()
+    ]
     return {"equal": equal, "flop_budget": flop_budget, "device": device, "runs": runs}
