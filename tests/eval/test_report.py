@@ -9,7 +9,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from m3i.eval.report import information_title, write_report
+from m3i.eval.report import information_title, line_figure, read_run, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -30,6 +30,7 @@ def make_run(
     for step in (1, 2, 3, 4):
         loss = final_loss + (4 - step)
         record = {"step": step, "loss": loss, "lr": 1e-3, "momentum": 0.99, "img_per_s": 512.0}
+        record["elapsed_s"] = 30.0 * step
         for target in targets:
             record |= {f"loss/{target}": loss / 2, f"mi/{target}": 0.5 * step}
         if step % 2 == 0:
@@ -73,7 +74,7 @@ def test_two_runs_compared_in_out(tmp_path: Path) -> None:
     b = make_run(tmp_path / "runs", "b", final_loss=2.5, targets=("category",))
     out = tmp_path / "report"
     written = write_report([a, str(b)], out)
-    names = ["losses.png", "bounds.png", "monitors.png", "eval.png", "summary.md"]
+    names = ["losses.png", "bounds.png", "monitors.png", "knn_time.png", "eval.png", "summary.md"]
     assert written == [out / name for name in names]
     for path in written[:-1]:
         assert_png(path)
@@ -125,3 +126,12 @@ def test_information_titles_say_bound_or_estimate() -> None:
     assert information_title("mi/intra_view") == "mi/intra_view (estimate)"
     assert information_title("mi/pixels") == "mi/pixels (estimate)"
     assert information_title("mi/unknown") == "mi/unknown"
+
+
+def test_knn_against_wall_clock_minutes(tmp_path: Path) -> None:
+    run = read_run(make_run(tmp_path, "a", final_loss=1.0), "a")  # kNN logged at steps 2 and 4
+    fig = line_figure([run], ["monitor/knn_top1"], x="elapsed_s")
+    (line,) = fig.axes[0].lines
+    assert list(line.get_xdata()) == [1.0, 2.0]  # 60 s and 120 s of training
+    assert list(line.get_ydata()) == [40.0, 40.0]
+    assert fig.axes[0].get_xlabel() == "wall-clock minutes of training"

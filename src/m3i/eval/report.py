@@ -32,9 +32,12 @@ class Run:
     steps: int | None  # the last step logged (skipped ones too), else the config's train.steps
     evals: dict[tuple[str, str], dict[str, float]]  # (task, data) -> latest metrics
 
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """Steps and values of `key` over the records that carry it."""
-        points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
+    def series(self, key: str, x: str = "step") -> tuple[list[float], list[float]]:
+        """`x` (the step, or e.g. `elapsed_s`) and values of `key` over the records that carry
+        both."""
+        points = [
+            (r[x], r[key]) for r in self.records if r.get(key) is not None and r.get(x) is not None
+        ]
         return [s for s, _ in points], [v for _, v in points]
 
     def final(self, key: str) -> float | None:
@@ -136,22 +139,30 @@ def information_title(key: str) -> str:
 
 
 def line_figure(
-    runs: list[Run], keys: list[str], ylabel: str = "", title: Callable[[str], str] = str
+    runs: list[Run],
+    keys: list[str],
+    ylabel: str = "",
+    title: Callable[[str], str] = str,
+    x: str = "step",
 ) -> Figure | None:
-    """One subplot per key (titled `title(key)`), one line per run against step; None if
-    nothing to plot."""
-    keys = [k for k in keys if any(run.series(k)[0] for run in runs)]
+    """One subplot per key (titled `title(key)`), one line per run against `x` (the step, or
+    `elapsed_s` in minutes); None if nothing to plot."""
+    keys = [k for k in keys if any(run.series(k, x)[0] for run in runs)]
     if not keys:
         return None
     fig, axes = _grid(len(keys))
     for ax, key in zip(axes, keys, strict=True):
         for index, run in enumerate(runs):
-            steps, values = run.series(key)
-            if steps:
-                marker = "." if len(steps) < 20 else None
-                ax.plot(steps, values, color=f"C{index}", label=run.name, marker=marker)
-        ax.set(title=title(key), xlabel="step", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            xs, values = run.series(key, x)
+            if xs:
+                xs = [v / 60 for v in xs] if x == "elapsed_s" else xs
+                marker = "." if len(xs) < 20 else None
+                ax.plot(xs, values, color=f"C{index}", label=run.name, marker=marker)
+        if x == "elapsed_s":
+            ax.set(title=title(key), xlabel="wall-clock minutes of training", ylabel=ylabel)
+        else:
+            ax.set(title=title(key), xlabel="step", ylabel=ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return fig
@@ -235,6 +246,7 @@ def render(runs: list[Run]) -> dict[str, bytes | str]:
             runs, _keys(runs, "mi/"), ylabel="information (nats)", title=information_title
         ),
         "monitors.png": line_figure(runs, [*_keys(runs, "monitor/"), *TRAINING]),
+        "knn_time.png": line_figure(runs, ["monitor/knn_top1"], "%", x="elapsed_s"),
         "eval.png": eval_figure(runs),
     }
     files: dict[str, bytes | str] = {n: _png(f) for n, f in figures.items() if f is not None}

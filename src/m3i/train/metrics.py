@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,24 @@ class MetricsLog:
         resume_step: int | None = None,
     ) -> None:
         """`enabled=False` (ranks other than 0) writes nothing; `resume_step` keeps the records
-        up to that step (a resumed run drops what its killed predecessor logged after it)."""
+        up to that step (a resumed run drops what its killed predecessor logged after it).
+
+        Every record gets `elapsed_s`: wall seconds since training began, counted from this
+        log's creation and, on a resume, added to the last kept record's (the time between the
+        kill and the resume is not counted)."""
         self.path = out_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        self.started, self.elapsed_before = time.perf_counter(), 0.0
         if not enabled:
             return
-        kept = ""
+        kept: list[str] = []
         if resume_step is not None and self.path.exists():
             lines = self.path.read_text().splitlines(keepends=True)
-            kept = "".join(line for line in lines if json.loads(line)["step"] <= resume_step)
-        atomic_write_text(self.path, kept)
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            if kept:
+                self.elapsed_before = json.loads(kept[-1]).get("elapsed_s") or 0.0
+        atomic_write_text(self.path, "".join(kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -78,9 +86,10 @@ class MetricsLog:
         too small to define) is written as JSON null and not sent to TensorBoard."""
         if not self.enabled:
             return
+        elapsed = self.elapsed_before + time.perf_counter() - self.started
         record = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in record.items()
+            for k, v in {**record, "elapsed_s": round(elapsed, 3)}.items()
         }
         append_jsonl(self.path, record)
         if self.writer is not None:
