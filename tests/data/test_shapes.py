@@ -1,5 +1,6 @@
 """The procedural shapes set, checked against its own pixels and annotations."""
 
+import hashlib
 import re
 from collections import Counter
 
@@ -145,3 +146,24 @@ def test_mask_and_boxes_are_tight() -> None:
         assert boxes[0].tolist() == tight
         expected = components(mask == 1 + num_classes)
         assert sorted(tuple(int(v) for v in box) for box in boxes[1:].tolist()) == expected
+
+
+@pytest.mark.parametrize(
+    ("split", "index", "label", "image_sha", "notes_sha"),
+    [
+        ("train", 0, 8, "fed65f47d18074e3", "fbb5bd1d052a64b1"),
+        ("train", 17, 5, "769a10a05cf39e25", "72cd7c06063c43d4"),
+        ("train", 4321, 2, "6f758a577ff64a58", "e416a5dd05c083b0"),
+        ("val", 0, 5, "5f3c853a11fb3e66", "ae463f82ba2a382a"),
+        ("val", 1999, 3, "cd7ceb535754441f", "08def9d4321d00b2"),
+    ],
+)
+def test_images_and_annotations_are_pinned(split, index, label, image_sha, notes_sha) -> None:
+    """The pre-training images stay bit-identical: SHA-256 prefixes recorded at commit 25839e7
+    (before the detection scenes shared its background and drawing code)."""
+    source = ShapesDataset(split)
+    sample, notes = source[index], source.annotations(index)
+    notes_bytes = notes["mask"].numpy().tobytes() + notes["boxes"].numpy().tobytes()
+    assert sample.label == label
+    assert hashlib.sha256(sample.image.numpy().tobytes()).hexdigest()[:16] == image_sha
+    assert hashlib.sha256(notes_bytes).hexdigest()[:16] == notes_sha

@@ -1,14 +1,15 @@
 import math
+from collections import Counter
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from m3i.data.shapes import ShapesDataset
-from m3i.eval.detect import box_ap, decode, detect_probe, encode_targets
+from m3i.data.shapes_detect import ShapesDetection
+from m3i.eval.detect import SLOTS, box_ap, decode, detect_probe, encode_targets
 from m3i.eval.settings import DetectSettings
 
-NUM_CATEGORIES = 11  # 10 shapes + distractor
+NUM_CATEGORIES = 10  # the shape classes
 SIZE, GRID = 32, 8
 
 
@@ -25,7 +26,7 @@ def _gt(boxes, labels):
 
 
 def _annotations(split: str, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    data = ShapesDataset(split, n, SIZE)
+    data = ShapesDetection(split, n, SIZE)
     annotations = [data.annotations(i) for i in range(n)]
     return [a["boxes"] for a in annotations], [a["box_labels"] for a in annotations]
 
@@ -62,18 +63,35 @@ def test_box_ap_ranked_false_positive_101_point_interpolation():
     assert box_ap(predictions, targets) == pytest.approx({"ap": expected, "ap50": expected})
 
 
-def test_encode_then_decode_perfect_maps_recovers_the_boxes():
-    boxes, labels = _annotations("train", 8)
-    targets = encode_targets(boxes, labels, GRID, SIZE, NUM_CATEGORIES)
-    assert targets.shape == (8, NUM_CATEGORIES + 5, GRID, GRID)
-    heatmap, ltrb, positive = (
-        targets[:, :NUM_CATEGORIES],
-        targets[:, NUM_CATEGORIES:-1],
-        targets[:, -1],
-    )
-    assert torch.equal(heatmap.sum(dim=1), positive)
-    assert positive.flatten(1).sum(dim=1).tolist() == [len(b) for b in boxes]  # no shared cell
-    decoded = decode(20.0 * (2 * heatmap - 1), ltrb, SIZE, max_detections=10)
+def _perfect_maps(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head outputs that say exactly what the targets say: logits +-20, the targets' boxes."""
+    heatmap = targets[:, :, :NUM_CATEGORIES]
+    return 20.0 * (2 * heatmap - 1), targets[:, :, NUM_CATEGORIES:-1]
+
+
+@pytest.mark.parametrize("grid", [4, 8])
+def test_encode_then_decode_perfect_maps_recovers_the_boxes(grid):
+    boxes, labels = _annotations("train", 40)
+    cells = [
+        Counter(
+            (int((x0 + x1) / 2 * grid // SIZE), int((y0 + y1) / 2 * grid // SIZE))
+            for x0, y0, x1, y1 in image_boxes.tolist()
+        )
+        for image_boxes in boxes
+    ]
+    targets = encode_targets(boxes, labels, grid, SIZE, NUM_CATEGORIES)
+    assert targets.shape == (40, SLOTS, NUM_CATEGORIES + 5, grid, grid)
+    positive = targets[:, :, -1]
+    assert torch.equal(targets[:, :, :NUM_CATEGORIES].sum(dim=2), positive)
+    # a cell holds up to SLOTS objects; the coarse grid here has cells with 2, 3 and 4
+    kept = [sum(min(count, SLOTS) for count in image.values()) for image in cells]
+    assert positive.flatten(1).sum(dim=1).tolist() == kept
+    shared = sum(count > 1 for image in cells for count in image.values())
+    assert positive[:, 1].sum() == shared and (grid == 8 or shared > 0)
+    fits = [i for i, image in enumerate(cells) if max(image.values()) <= SLOTS]
+    assert len(fits) >= 38
+    boxes, labels, targets = [boxes[i] for i in fits], [labels[i] for i in fits], targets[fits]
+    decoded = decode(*_perfect_maps(targets), SIZE, max_detections=10)
     for detection, truth, label in zip(decoded, boxes, labels, strict=True):
         confident = detection["scores"] > 0.5
         assert confident.sum() == len(truth)
@@ -85,22 +103,44 @@ def test_encode_then_decode_perfect_maps_recovers_the_boxes():
     assert box_ap(decoded, truth) == pytest.approx({"ap": 100.0, "ap50": 100.0})
 
 
-def test_encode_keeps_the_larger_of_two_objects_in_one_cell():
-    boxes = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 4.0, 4.0]])  # both centred in cell 0
-    targets = encode_targets([boxes], [torch.tensor([0, 1])], GRID, SIZE, 2)
-    assert targets[0, :, 0, 0].tolist() == [0.0, 1.0] + [2 / SIZE] * 4 + [1.0]
-    assert targets[0, -1].sum() == 1
+def test_encode_fills_a_cells_slots_by_decreasing_area():
+    # all three centred in cell 0 of the 8x8 grid (4-pixel cells, centre (2, 2))
+    boxes = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 4.0, 4.0], [0.0, 1.0, 4.0, 3.0]])
+    targets = encode_targets([boxes], [torch.tensor([0, 1, 2])], GRID, SIZE, 3)
+    assert targets[0, 0, :, 0, 0].tolist() == [0.0, 1.0, 0.0] + [2 / SIZE] * 4 + [1.0]
+    assert targets[0, 1, :, 0, 0].tolist() == [0.0, 0.0, 1.0] + [2 / SIZE, 1 / SIZE] * 2 + [1.0]
+    assert targets[0, :, -1].sum() == 2  # the smallest is left out
+
+
+def test_decode_drops_a_same_class_duplicate_but_keeps_other_classes():
+    # three confident boxes: cell (0, 0) slot 0 class 0, box [0, 0, 8, 8]; cell (0, 1) slot 0
+    # class 0, box [1, 0, 9, 8] (IoU 56/72 = 0.78 with the first: dropped, lower score); cell
+    # (0, 1) slot 1 class 1, the same box (another class: kept)
+    heatmap = torch.full((1, SLOTS, 2, 2, 2), -20.0)
+    box = torch.zeros(1, SLOTS, 4, 2, 2)
+    heatmap[0, 0, 0, 0, 0], heatmap[0, 0, 0, 0, 1], heatmap[0, 1, 1, 0, 1] = 3.0, 2.0, 1.0
+    # 2x2 grid: cell centres at (8, 8) and (24, 8)
+    box[0, 0, :, 0, 0] = torch.tensor([8.0, 8.0, 0.0, 0.0]) / SIZE
+    box[0, 0, :, 0, 1] = torch.tensor([23.0, 8.0, -15.0, 0.0]) / SIZE
+    box[0, 1, :, 0, 1] = box[0, 0, :, 0, 1]
+    (detections,) = decode(heatmap, box, SIZE, max_detections=10)
+    confident = detections["scores"] > 0.5
+    assert detections["boxes"][confident].tolist() == [[0, 0, 8, 8], [1, 0, 9, 8]]
+    assert detections["labels"][confident].tolist() == [0, 1]
+    assert detections["scores"][confident].tolist() == pytest.approx(
+        torch.tensor([3.0, 1.0]).sigmoid().tolist()
+    )
 
 
 def _target_tokens(boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
     """Tokens that carry the answer: each cell's encoded target, plus a little noise."""
     targets = encode_targets(boxes, labels, GRID, SIZE, NUM_CATEGORIES)
-    tokens = targets.flatten(2).transpose(1, 2)
+    tokens = targets.flatten(1, 2).flatten(2).transpose(1, 2)
     return tokens + 0.01 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
 
 
 def test_detect_probe_learns_from_informative_tokens():
-    train_boxes, train_labels = _annotations("train", 64)
+    train_boxes, train_labels = _annotations("train", 128)
     val_boxes, val_labels = _annotations("val", 32)
     settings = DetectSettings(epochs=20, batch_size=8, lr=1e-2, hidden_dim=32)
     result = detect_probe(
@@ -123,7 +163,7 @@ def test_detect_probe_on_random_tokens_is_finite():
     tokens = torch.randn(16, GRID * GRID, 8, generator=torch.Generator().manual_seed(1))
     settings = DetectSettings(epochs=1, batch_size=8, hidden_dim=8)
     result = detect_probe(
-        tokens[:8], boxes[:8], labels[:8], tokens[8:], boxes[8:], labels[8:], 11, SIZE, settings
+        tokens[:8], boxes[:8], labels[:8], tokens[8:], boxes[8:], labels[8:], 10, SIZE, settings
     )
     assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in result.values())
     assert set(result) == {"ap", "ap50"}

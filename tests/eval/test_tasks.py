@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from m3i.cli import check_final_eval, main
 from m3i.config import ConfigError, load_config
-from m3i.eval import tasks
+from m3i.data.shapes_detect import ShapesDetection
+from m3i.eval import detect, tasks
+from m3i.eval.features import extract, load_backbone
 from m3i.eval.tasks import TASKS, Need, Task
 from m3i.train import pretrain as pretraining
 from tests.tiny import TINY_M3I
@@ -228,6 +230,30 @@ def test_dense_tasks_need_shapes(run, capsys, task):
     assert records(run) == before
 
 
+def test_detect_trains_and_scores_on_the_detection_scenes(run, capsys, monkeypatch):
+    seen = {}
+
+    def probe(train_tokens, train_boxes, train_labels, val_tokens, val_boxes, val_labels,
+              num_categories, image_size, settings, seed):  # fmt: skip
+        seen.update(train=(train_tokens, train_boxes), val=(val_tokens, val_boxes))
+        seen.update(labels=val_labels, categories=num_categories, size=image_size)
+        return {"ap": 0.0, "ap50": 0.0}
+
+    monkeypatch.setattr(detect, "detect_probe", probe)
+    assert main(eval_cli("detect", run, "--json")) == 0
+    assert (seen["categories"], seen["size"]) == (10, 32)
+    for split, count in (("train", 128), ("val", 64)):
+        tokens, boxes = seen[split]
+        scenes = ShapesDetection(split, count, 32)
+        assert tokens.shape[0] == count
+        assert all(torch.equal(boxes[i], scenes.annotations(i)["boxes"]) for i in range(count))
+    assert torch.equal(
+        seen["labels"][5], ShapesDetection("val", 64, 32).annotations(5)["box_labels"]
+    )
+    features = extract(load_backbone(run), ShapesDetection("val", 64, 32), dense=True)
+    assert torch.allclose(seen["val"][0], features.dense, atol=1e-5)
+
+
 def test_eval_never_unpickles(run, capsys, monkeypatch):
     calls = []
     original = torch.load
@@ -285,14 +311,15 @@ def test_needs_are_checked_before_the_runner(
 
 
 def test_every_task_declares_what_its_protocol_reads():
-    """By hand: the classification tasks read labels, the dense ones masks and boxes too,
-    zeroshot the text tower and the val labels only (it trains nothing)."""
+    """By hand: the classification tasks read labels, segment masks too, detect the detection
+    scenes (their own images and boxes, no labels), zeroshot the text tower and the val labels
+    only (it trains nothing)."""
     needs = {name: task.needs for name, task in TASKS.items()}
     assert needs == {
         "knn": {Need.LABELS},
         "linear": {Need.LABELS},
         "finetune": {Need.LABELS},
         "segment": {Need.LABELS, Need.ANNOTATIONS},
-        "detect": {Need.LABELS, Need.ANNOTATIONS},
+        "detect": {Need.SCENES},
         "zeroshot": {Need.TEXT_TOWER, Need.VAL_LABELS},
     }

@@ -92,6 +92,51 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+Background = tuple[str, tuple[float, ...], tuple[float, ...], float, float, int]
+
+
+def sample_background(rng: np.random.Generator, size: int) -> Background:
+    """(texture, dark, light, period, angle, noise_seed) of one image of side ``size``."""
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    dark = tuple(rng.uniform(0.0, 45.0, 3))
+    light = tuple(rng.uniform(75.0, 120.0, 3))
+    period = size * rng.uniform(0.12, 0.25)
+    angle = rng.uniform(0.0, 2 * math.pi)
+    if texture == "striped":  # horizontal, vertical or diagonal stripes
+        angle = round(angle / (math.pi / 4)) * (math.pi / 4)
+    return texture, dark, light, period, angle, int(rng.integers(2**32))
+
+
+def paint_background(
+    texture: str,
+    dark: tuple[float, ...],
+    light: tuple[float, ...],
+    period: float,
+    angle: float,
+    noise_seed: int,
+    centres: np.ndarray,
+) -> np.ndarray:
+    """Blend of the dark and light colours by the texture's weight map, uint8 (3, S, S), at
+    the pixel centres ``centres`` (S,)."""
+    x = centres[None, :]
+    y = centres[:, None]
+    along = x * math.cos(angle) + y * math.sin(angle)
+    half = period / 2
+    if texture == "plain":
+        weight = np.zeros_like(along)
+    elif texture == "striped":
+        weight = np.floor(along / half) % 2
+    elif texture == "checkered":
+        weight = (np.floor(x / half) + np.floor(y / half)) % 2
+    elif texture == "noisy":
+        weight = np.random.default_rng(noise_seed).random(along.shape)
+    else:  # gradient
+        weight = (along - along.min()) / (along.max() - along.min())
+    dark_colour = np.array(dark)[:, None, None]
+    light_colour = np.array(light)[:, None, None]
+    return np.rint(dark_colour + (light_colour - dark_colour) * weight).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     """One drawn object: kind, colour name, centre and half extents in pixels."""
@@ -174,6 +219,18 @@ class Scene:
             name: colour_name(view.colour.apply([channel / 255 for channel in COLOURS[name]]))
             for name in drawn
         }
+
+
+def object_pixels(obj: ShapeObject, centres: np.ndarray) -> tuple[slice, slice, np.ndarray]:
+    """(rows, columns, inside): the pixel window around ``obj`` in an image with pixel centres
+    ``centres`` (S,), and which of its pixels the object covers (a boolean array)."""
+    x0, y0, x1, y1 = obj.bounds()
+    size = len(centres)
+    columns = slice(max(int(x0), 0), min(math.ceil(x1) + 1, size))
+    rows = slice(max(int(y0), 0), min(math.ceil(y1) + 1, size))
+    dx = (centres[columns] - obj.cx)[None, :] / obj.half_width
+    dy = (centres[rows] - obj.cy)[:, None] / obj.half_height
+    return rows, columns, _SHAPES[obj.kind](dx, dy)
 
 
 def _shows(obj: ShapeObject, crop: Sequence[int]) -> bool:
@@ -294,14 +351,7 @@ class ShapesDataset(ImageSource):
             for k in (column, row)
         )
         main = ShapeObject(CLASSES[label], colour, cx, cy, radius, radius)
-        texture = TEXTURES[rng.integers(len(TEXTURES))]
-        dark = tuple(rng.uniform(0.0, 45.0, 3))
-        light = tuple(rng.uniform(75.0, 120.0, 3))
-        period = size * rng.uniform(0.12, 0.25)
-        angle = rng.uniform(0.0, 2 * math.pi)
-        if texture == "striped":  # horizontal, vertical or diagonal stripes
-            angle = round(angle / (math.pi / 4)) * (math.pi / 4)
-        noise_seed = int(rng.integers(2**32))
+        texture, dark, light, period, angle, noise_seed = sample_background(rng, size)
         occupied = [main.bounds()]
         distractors = []
         unit = max(DISTRACTOR_RADIUS * size, MIN_DISTRACTOR_RADIUS)
@@ -329,35 +379,13 @@ class ShapesDataset(ImageSource):
 
     def _render(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 image (3, S, S), instance map (S, S): 0 background, k = k-th drawn object)."""
-        image = self._background(scene)
+        image = paint_background(
+            scene.texture, scene.dark, scene.light, scene.period, scene.angle, scene.noise_seed,
+            self._centres,
+        )  # fmt: skip
         instances = np.zeros((self.image_size,) * 2, dtype=np.int64)
         for instance, obj in enumerate((*scene.distractors, scene.main), start=1):
-            x0, y0, x1, y1 = obj.bounds()
-            columns = slice(max(int(x0), 0), min(math.ceil(x1) + 1, self.image_size))
-            rows = slice(max(int(y0), 0), min(math.ceil(y1) + 1, self.image_size))
-            dx = (self._centres[columns] - obj.cx)[None, :] / obj.half_width
-            dy = (self._centres[rows] - obj.cy)[:, None] / obj.half_height
-            inside = _SHAPES[obj.kind](dx, dy)
+            rows, columns, inside = object_pixels(obj, self._centres)
             image[:, rows, columns][:, inside] = np.array(COLOURS[obj.colour], np.uint8)[:, None]
             instances[rows, columns][inside] = instance
         return image, instances
-
-    def _background(self, scene: Scene) -> np.ndarray:
-        """Blend of the dark and light colours by the texture's weight map, uint8 (3, S, S)."""
-        x = self._centres[None, :]
-        y = self._centres[:, None]
-        along = x * math.cos(scene.angle) + y * math.sin(scene.angle)
-        half = scene.period / 2
-        if scene.texture == "plain":
-            weight = np.zeros_like(along)
-        elif scene.texture == "striped":
-            weight = np.floor(along / half) % 2
-        elif scene.texture == "checkered":
-            weight = (np.floor(x / half) + np.floor(y / half)) % 2
-        elif scene.texture == "noisy":
-            weight = np.random.default_rng(scene.noise_seed).random(along.shape)
-        else:  # gradient
-            weight = (along - along.min()) / (along.max() - along.min())
-        dark = np.array(scene.dark)[:, None, None]
-        light = np.array(scene.light)[:, None, None]
-        return np.rint(dark + (light - dark) * weight).astype(np.uint8)

@@ -18,6 +18,8 @@ import torch
 import yaml
 
 from m3i.data.base import ImageSource
+from m3i.data.shapes import ShapesDataset
+from m3i.data.shapes_detect import ShapesDetection
 from m3i.eval.features import (
     EvalError,
     Features,
@@ -35,6 +37,7 @@ from m3i.models.backbone import input_size
 from m3i.runtime import pick_device
 
 log = logging.getLogger("m3i.eval")
+DETECT = "detect/"  # split-name prefix of the detection scenes (Session.split)
 
 
 class Need(Enum):
@@ -43,6 +46,7 @@ class Need(Enum):
     LABELS = "labels"  # a class label on every train and val sample
     VAL_LABELS = "val labels"  # a class label on every val sample
     ANNOTATIONS = "masks and boxes"  # every sample's mask and boxes (--data shapes)
+    SCENES = "detection scenes"  # the shapes' detection scenes with their boxes (--data shapes)
     TEXT_TOWER = "a text tower"  # the run's trained text target (checkpoint.pt, tokenizer)
 
 
@@ -60,12 +64,24 @@ class Session:
         self._text_target: TextTarget | None = None
 
     def split(self, name: str) -> ImageSource:
+        """`train` or `val` of the data, or `detect/train`, `detect/val`: as many detection
+        scenes (ShapesDetection) as that split of `shapes` holds, at its size and seed."""
         if name not in self._splits:
-            count = self.settings.num_train if name == "train" else self.settings.num_val
-            self._splits[name] = open_split(
-                self.data, name, count, self.size, self.settings.data_seed
-            )
+            if name.startswith(DETECT):
+                self._splits[name] = self._detection_scenes(self.split(name.removeprefix(DETECT)))
+            else:
+                count = self.settings.num_train if name == "train" else self.settings.num_val
+                self._splits[name] = open_split(
+                    self.data, name, count, self.size, self.settings.data_seed
+                )
         return self._splits[name]
+
+    def _detection_scenes(self, source: ImageSource) -> ShapesDetection:
+        if not isinstance(source, ShapesDataset):
+            raise EvalError(
+                f"data {self.data!r} has no masks or boxes; segment and detect run on --data shapes"
+            )
+        return ShapesDetection(source.split, len(source), source.image_size, source.seed)
 
     def features(self, name: str, dense: bool = False) -> Features:
         """Frozen features of a split (dense ones also serve pooled requests)."""
@@ -114,6 +130,7 @@ class Session:
         checks = {
             Need.TEXT_TOWER: self.text_target,
             Need.ANNOTATIONS: lambda: [self.annotations(name) for name in ("train", "val")],
+            Need.SCENES: lambda: [self.annotations(DETECT + name) for name in ("train", "val")],
             Need.LABELS: self.classes,
             Need.VAL_LABELS: lambda: self.classes(("val",)),
         }
@@ -183,21 +200,27 @@ def run_segment(session: Session) -> dict[str, float]:
 
 
 def run_detect(session: Session) -> dict[str, float]:
+    """Box AP of a CentreHead on the frozen tokens of the shapes' detection scenes
+    (m3i.data.shapes_detect): 2-5 small objects of the ten shape classes per image, partly
+    hiding one another, told apart by shape alone."""
     from m3i.eval.detect import detect_probe
 
+    train_name, val_name = DETECT + "train", DETECT + "val"
     boxes = {
         name: ([a["boxes"] for a in session.annotations(name)],
                [a["box_labels"] for a in session.annotations(name)])
-        for name in ("train", "val")
+        for name in (train_name, val_name)
     }  # fmt: skip
-    train, val = session.features("train", dense=True), session.features("val", dense=True)
+    train = session.features(train_name, dense=True)
+    val = session.features(val_name, dense=True)
+    scenes = session.split(train_name)
     return detect_probe(
         train.dense,
-        *boxes["train"],
+        *boxes[train_name],
         val.dense,
-        *boxes["val"],
-        len(session.classes()) + 1,  # each class and distractors
-        session.split("train").image_size,
+        *boxes[val_name],
+        len(scenes.classes),
+        scenes.image_size,
         session.settings.detect,
         session.settings.seed,
     )
@@ -229,7 +252,7 @@ TASKS: dict[str, Task] = {
     "linear": Task(run_linear, frozenset({Need.LABELS})),
     "finetune": Task(run_finetune, frozenset({Need.LABELS})),
     "segment": Task(run_segment, frozenset({Need.ANNOTATIONS, Need.LABELS})),
-    "detect": Task(run_detect, frozenset({Need.ANNOTATIONS, Need.LABELS})),
+    "detect": Task(run_detect, frozenset({Need.SCENES})),
     "zeroshot": Task(run_zeroshot, frozenset({Need.TEXT_TOWER, Need.VAL_LABELS})),
 }
 
