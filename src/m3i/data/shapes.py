@@ -267,6 +267,19 @@ def _apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
 
+def check_arguments(
+    name: str, split: str, num_samples: int | None, image_size: int, seed: int
+) -> None:
+    """A one-line DataError, prefixed with `name`, for a split, size, seed or count that a
+    procedural shapes source cannot render."""
+    if split not in NUM_SAMPLES:
+        raise DataError(f"{name}: unknown split {split!r}; use 'train' or 'val'")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"{name}: image_size={image_size} too small; use {MIN_IMAGE_SIZE}+")
+    if seed < 0 or (num_samples is not None and num_samples <= 0):
+        raise DataError(f"{name}: seed={seed}, num_samples={num_samples}; use seed >= 0, n > 0")
+
+
 class ShapesDataset(ImageSource):
     """Procedural shapes: label = main object category, caption = its full description."""
 
@@ -277,12 +290,7 @@ class ShapesDataset(ImageSource):
         image_size: int = 32,
         seed: int = 0,
     ) -> None:
-        if split not in NUM_SAMPLES:
-            raise DataError(f"shapes: unknown split {split!r}; use 'train' or 'val'")
-        if image_size < MIN_IMAGE_SIZE:
-            raise DataError(f"shapes: image_size={image_size} too small; use {MIN_IMAGE_SIZE}+")
-        if seed < 0 or (num_samples is not None and num_samples <= 0):
-            raise DataError(f"shapes: seed={seed}, num_samples={num_samples}; use seed >= 0, n > 0")
+        check_arguments("shapes", split, num_samples, image_size, seed)
         self.classes = list(CLASSES)
         self.name = "shapes"
         self.split = split

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from m3i.data.base import DataError, ImageSource, Sample
+from m3i.data.base import ImageSource, Sample
 from m3i.data.shape_words import COLOURS
 from m3i.data.shapes import (
     CLASSES,
-    MIN_IMAGE_SIZE,
     NUM_SAMPLES,
     Background,
     ShapeObject,
+    check_arguments,
     object_pixels,
     paint_background,
     sample_background,
@@ -79,16 +79,7 @@ class ShapesDetection(ImageSource):
         image_size: int = 32,
         seed: int = 0,
     ) -> None:
-        if split not in NUM_SAMPLES:
-            raise DataError(f"shapes detection: unknown split {split!r}; use 'train' or 'val'")
-        if image_size < MIN_IMAGE_SIZE:
-            raise DataError(
-                f"shapes detection: image_size={image_size} too small; use {MIN_IMAGE_SIZE}+"
-            )
-        if seed < 0 or (num_samples is not None and num_samples <= 0):
-            raise DataError(
-                f"shapes detection: seed={seed}, num_samples={num_samples}; use seed >= 0, n > 0"
-            )
+        check_arguments("shapes detection", split, num_samples, image_size, seed)
         self.classes = list(CLASSES)
         self.name = "shapes-detection"
         self.split = split
