@@ -172,7 +172,7 @@ def test_git_commit_of_a_checkout_and_unknown_otherwise(tmp_path, monkeypatch):
 
 def test_budgets_have_three_seeds_on_both_datasets_and_the_gpu_one_1000_steps():
     assert BUDGETS["full"].seeds == {"shapes": 3, "fashion-mnist": 3}
-    assert BUDGETS["full"].removals == ("shapes",)
+    assert BUDGETS["full"].removals == ()  # 42 runs: the minus-one runs would pass 90 minutes
     gpu = BUDGETS["gpu"]
     assert gpu.seeds == {"shapes": 3, "fashion-mnist": 3} and gpu.removals == ("shapes",)
     cfg = method_config("m3i", "shapes", 0, gpu)
