@@ -77,7 +77,7 @@ def test_image_format_and_sizes() -> None:
     assert 0 <= sample.label < len(source.classes)
     with pytest.raises(IndexError):
         source[3]
-    with pytest.raises(DataError, match="image_size"):
+    with pytest.raises(DataError, match="^shapes: image_size=8 too small; use 16"):
         ShapesDataset(image_size=8)
 
 

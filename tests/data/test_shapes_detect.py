@@ -133,5 +133,6 @@ def test_deterministic_by_seed_split_and_index() -> None:
     ],
 )
 def test_bad_arguments(kwargs: dict, fragment: str) -> None:
-    with pytest.raises(DataError, match=fragment):
+    with pytest.raises(DataError, match=fragment) as error:
         ShapesDetection(**kwargs)
+    assert str(error.value).startswith("shapes detection: ")  # names the source, not `shapes`
