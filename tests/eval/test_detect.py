@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import box_iou
 
 from m3i.data.shapes_detect import ShapesDetection
-from m3i.eval.detect import SLOTS, box_ap, decode, detect_probe, encode_targets
+from m3i.eval.detect import SLOTS, CentreHead, box_ap, decode, detect_probe, encode_targets
 from m3i.eval.settings import DetectSettings
 
 NUM_CATEGORIES = 10  # the shape classes
@@ -139,10 +139,11 @@ def _target_tokens(boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> tor
     return tokens + 0.01 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
 
 
-def test_detect_probe_learns_from_informative_tokens():
+@pytest.mark.parametrize("hidden_dim", [32, 0])  # 0: the linear head
+def test_detect_probe_learns_from_informative_tokens(hidden_dim):
     train_boxes, train_labels = _annotations("train", 128)
     val_boxes, val_labels = _annotations("val", 32)
-    settings = DetectSettings(epochs=20, batch_size=8, lr=1e-2, hidden_dim=32)
+    settings = DetectSettings(epochs=20, batch_size=8, lr=1e-2, hidden_dim=hidden_dim)
     result = detect_probe(
         _target_tokens(train_boxes, train_labels),
         train_boxes,
@@ -167,3 +168,28 @@ def test_detect_probe_on_random_tokens_is_finite():
     )
     assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in result.values())
     assert set(result) == {"ap", "ap50"}
+
+
+@pytest.mark.parametrize("hidden_dim, changed", [(0, 1), (8, 9)])
+def test_head_sees_one_cell_when_linear_and_its_3x3_neighbours_otherwise(hidden_dim, changed):
+    """A change of one token moves the linear head's outputs at its own cell only, and the
+    3x3-conv head's at the 9 cells around it."""
+    width, grid = 6, 5
+    tokens = torch.randn(4, grid * grid, width, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    head = CentreHead(tokens, NUM_CATEGORIES, hidden_dim)
+    maps = tokens[:1].transpose(1, 2).reshape(1, width, grid, grid)
+    moved = maps.clone()
+    moved[0, :, 2, 2] += 1.0
+    with torch.no_grad():
+        (heat, box), (heat2, box2) = head(maps), head(moved)
+    differs = ((heat2 - heat).abs().amax(dim=(0, 1, 2)) > 0) & (
+        (box2 - box).abs().amax(dim=(0, 1, 2)) > 0
+    )
+    assert differs.sum().item() == changed and differs[2, 2]
+    linear_parameters = (width + 1) * SLOTS * (NUM_CATEGORIES + 4)  # two 1x1 convs with bias
+    if hidden_dim == 0:  # affine in the tokens, with the two 1x1 convs' parameters only
+        assert sum(p.numel() for p in head.parameters()) == linear_parameters
+        with torch.no_grad():
+            (heat0, _), (heat3, _) = head(torch.zeros_like(maps)), head(3 * maps)
+        torch.testing.assert_close(heat3 - heat, 2 * (heat - heat0), rtol=1e-4, atol=1e-4)

@@ -213,6 +213,7 @@ def test_unknown_task(run, capsys):
     [
         ("knn.kk=3", "knn.kk"),
         ("knn.k=0", "knn.k must be >= 1"),
+        ("detect.hidden_dim=-1", "detect.hidden_dim must be >= 0 (0: a linear head)"),
         ("zeroshot.templates=[a photo]", "{}"),
     ],
 )

@@ -40,14 +40,20 @@ def box_ap(predictions: list[dict], targets: list[dict]) -> dict[str, float]:
 
 
 class CentreHead(nn.Module):
-    """Standardised tokens -> 3x3 conv + GELU -> 1x1 convs to SLOTS heatmaps and ltrb boxes."""
+    """Standardised tokens -> 3x3 conv + GELU -> 1x1 convs to SLOTS heatmaps and ltrb boxes;
+    with hidden_dim 0, the 1x1 convs read the tokens themselves (a linear head per token, as the
+    segmentation probe's)."""
 
     def __init__(self, tokens: torch.Tensor, num_categories: int, hidden_dim: int) -> None:
         super().__init__()
         self.standardise = FrozenStandardise(tokens)
-        self.trunk = nn.Sequential(nn.Conv2d(tokens.shape[-1], hidden_dim, 3, padding=1), nn.GELU())
-        self.heatmap = nn.Conv2d(hidden_dim, SLOTS * num_categories, 1)
-        self.box = nn.Conv2d(hidden_dim, SLOTS * 4, 1)
+        width = tokens.shape[-1]
+        self.trunk: nn.Module = nn.Identity()
+        if hidden_dim:
+            self.trunk = nn.Sequential(nn.Conv2d(width, hidden_dim, 3, padding=1), nn.GELU())
+            width = hidden_dim
+        self.heatmap = nn.Conv2d(width, SLOTS * num_categories, 1)
+        self.box = nn.Conv2d(width, SLOTS * 4, 1)
         nn.init.constant_(self.heatmap.bias, -math.log((1 - PRIOR) / PRIOR))
 
     def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,7 +97,7 @@ EVAL_RANGES: dict[str, Range] = {
     "finetune.label_smoothing": Range(0, 1, high_open=True),
     "finetune.drop_path": Range(0, 1, high_open=True),
     "finetune.scale_min": FRACTION,
-    "detect.hidden_dim": COUNT,
+    "detect.hidden_dim": Range(0, note="0: a linear head"),
     "detect.max_detections": COUNT,
 }
 
