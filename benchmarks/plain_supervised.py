@@ -1,7 +1,7 @@
 """The ceiling of a CPU budget: a timm ViT trained on `shapes` with nothing but cross-entropy.
 
 A reference outside the package's training loop for how fast the backbone of the default config
-can learn the 10 shapes at all: timm's VisionTransformer (`--model`, with the default config's
+can learn the 10 shapes at all: timm's VisionTransformer (`--model-name`, with the default config's
 32 px, 4 px patches and 6 blocks), batch 64 of the training images without augmentation, AdamW
 (lr 1e-3, weight decay 0.05) with `--warmup` linear warm-up steps and a cosine schedule to zero,
 then DINO's weighted kNN (k 20, temperature 0.07, `m3i.eval.knn`) on the mean of the final
@@ -16,6 +16,7 @@ Prints the cross-entropy of the last 10 batches and the kNN top-1 on the val ima
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -25,18 +26,29 @@ import torch
 import torch.nn.functional as F
 
 from m3i.data.shapes import CLASSES, ShapesDataset
-from m3i.data.views import ViewConfig
+from m3i.eval.features import image_batches
 from m3i.eval.knn import knn_scores, topk_accuracy
 
 
 def load(split: str, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of the split's first `count`, ImageNet-normalised as the package's views."""
-    data = ShapesDataset(split, count, image_size=size)
-    samples = [data[i] for i in range(count)]
-    images = torch.stack([s.image for s in samples]).float() / 255
-    mean = torch.tensor(ViewConfig.mean)[:, None, None]
-    std = torch.tensor(ViewConfig.std)[:, None, None]
-    return (images - mean) / std, torch.tensor([s.label for s in samples])
+    """The split's first `count` images as `m3i eval` reads them (normalised), and labels."""
+    batches = list(image_batches(ShapesDataset(split, count, image_size=size), size, 1000))
+    return torch.cat([images for images, _ in batches]), torch.cat(
+        [labels for _, labels in batches]
+    )
+
+
+def build_model(model_name: str, image_size: int, patch_size: int, depth: int) -> torch.nn.Module:
+    """The timm ViT of the default config with a 10-way head on its average-pooled tokens."""
+    return timm.create_model(
+        model_name,
+        num_classes=len(CLASSES),
+        img_size=image_size,
+        patch_size=patch_size,
+        depth=depth,
+        global_pool="avg",
+        fc_norm=False,
+    )
 
 
 @torch.no_grad()
@@ -69,15 +81,7 @@ def train_and_probe(
     train_x, train_y = load("train", num_train, image_size)
     val_x, val_y = load("val", num_val, image_size)
     torch.manual_seed(seed)
-    model = timm.create_model(
-        model_name,
-        num_classes=len(CLASSES),
-        img_size=image_size,
-        patch_size=patch_size,
-        depth=depth,
-        global_pool="avg",
-        fc_norm=False,
-    )
+    model = build_model(model_name, image_size, patch_size, depth)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -107,21 +111,12 @@ def train_and_probe(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--num-train", type=int, default=10000)
-    parser.add_argument("--num-val", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, parameter in inspect.signature(train_and_probe).parameters.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=type(parameter.default), default=parameter.default)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    options = {key: value for key, value in vars(args).items() if key not in ("model", "json")}
-    result = train_and_probe(args.model, **options)
+    result = train_and_probe(**{k: v for k, v in vars(args).items() if k != "json"})
     if args.json:
         print(json.dumps(result))
     else:

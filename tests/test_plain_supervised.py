@@ -4,7 +4,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +18,7 @@ def test_features_are_the_mean_of_the_final_patch_tokens():
     """The kNN features are those of `m3i eval knn`: the final-normed tokens' mean, without the
     class token."""
     torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        num_classes=10,
-        img_size=16,
-        patch_size=4,
-        depth=2,
-        global_pool="avg",
-        fc_norm=False,
-    )
+    model = plain_supervised.build_model("vit_tiny_patch16_224", 16, 4, 2)
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = model.norm(model.blocks(model._pos_embed(model.patch_embed(images))))

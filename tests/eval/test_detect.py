@@ -187,8 +187,8 @@ def test_head_sees_one_cell_when_linear_and_its_3x3_neighbours_otherwise(hidden_
         (box2 - box).abs().amax(dim=(0, 1, 2)) > 0
     )
     assert differs.sum().item() == changed and differs[2, 2]
-    linear_parameters = (width + 1) * SLOTS * (NUM_CATEGORIES + 4)  # two 1x1 convs with bias
     if hidden_dim == 0:  # affine in the tokens, with the two 1x1 convs' parameters only
+        linear_parameters = (width + 1) * SLOTS * (NUM_CATEGORIES + 4)  # weights and biases
         assert sum(p.numel() for p in head.parameters()) == linear_parameters
         with torch.no_grad():
             (heat0, _), (heat3, _) = head(torch.zeros_like(maps)), head(3 * maps)

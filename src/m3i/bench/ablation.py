@@ -82,7 +82,8 @@ BUDGETS = {
     ),
     # the README's table: the default model, 3 seeds on both datasets, under 90 min on 2 CPU
     # cores. Equal FLOPs make every method train about as long as M3I, so the 42 runs get 80
-    # M3I steps at batch 32 (60–100 s of training each), shorter probes, and the minus-one runs are left to `gpu`
+    # M3I steps at batch 32 (60–100 s of training each), shorter probes, and the minus-one runs
+    # are left to `gpu`
     "full": Budget(
         train=["train.steps=80", "train.batch_size=32", "data.num_train=5000"],
         evaluation=["num_train=2000", "num_val=1000", "segment.epochs=10", "detect.epochs=6",
