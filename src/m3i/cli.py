@@ -106,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--seeds", type=int, help="seeds per data spec (default: the budget's)")
     abl.add_argument("--out", default="runs/ablation", help="directory for runs and results")
     abl.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs in --out that were made with the same config, settings "
+        "and code, and run the rest (an ablation that was stopped continues)",
+    )
+    abl.add_argument(
+        "--overwrite", action="store_true", help="run every run again, replacing those in --out"
+    )
+    abl.add_argument(
         "--equal",
         choices=["flops", "steps"],
         default="flops",
@@ -288,10 +297,15 @@ def _ablation(args: argparse.Namespace) -> int:
         args.equal,
         args.overrides,
         args.eval_overrides,
+        args.resume,
+        args.overwrite,
     )
-    device = ablation.pop("device")
+    device, kept = ablation.pop("device"), ablation.pop("kept")
     wall_s = time.perf_counter() - start
-    report = {"budget": args.budget, "provenance": {**started, "device": device, "wall_s": wall_s}}
+    report = {
+        "budget": args.budget,
+        "provenance": {**started, "device": device, "wall_s": wall_s, "kept_runs": kept},
+    }
     report |= ablation
     print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)

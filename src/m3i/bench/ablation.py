@@ -12,21 +12,31 @@ time from M3I (at equal FLOPs too). Runs of one seed share the backbone's initia
 the data order, so M3I is compared with each method seed by seed. `--set` changes every run's
 config and `--eval-set` every run's evaluation settings, after the budget's (the `gpu` budget
 runs on a CPU at a tiny size that way). Results are written by `m3i.bench.ablation_report`.
+
+Each finished run leaves its record beside its run directory (`RECORD_SUFFIX`), under a key of
+what its numbers depend on: its config, tasks, evaluation settings, FLOP plan and the code
+(`provenance.code_version`). `--resume` keeps every finished run whose key is unchanged and
+runs the rest, so an ablation that was stopped (or ran out of a machine's time) loses at most
+the run it was in; without `--resume` or `--overwrite`, an `--out` holding finished runs is
+refused before any work.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
-from m3i.bench.provenance import device_name
+from m3i.bench.provenance import code_version, device_name
 from m3i.config import ConfigError, load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
+from m3i.io import OutDirError, atomic_write_text
 from m3i.runtime import pick_device
+from m3i.train.loop import TrainingStopped
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps
 
@@ -43,6 +53,9 @@ TINY_MODEL = [
     "targets.text.hidden_dim=16", "targets.text.embed_dim=8", "targets.text.width=16",
     "targets.text.depth=1", "targets.text.heads=2", "targets.text.context_length=8",
 ]  # fmt: skip
+
+
+RECORD_SUFFIX = ".record.json"  # a finished run's record: DATA/seedN/METHOD.record.json
 
 
 # the detection head's 30 epochs of batch 128 cost too much for dozens of runs; 10 epochs of
@@ -165,18 +178,53 @@ def pretrain_and_evaluate(
     return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}, train_s
 
 
+def run_key(cfg, tasks: list[str], settings: EvalSettings, plan: list[StagePlan]) -> str:
+    """A digest of everything a run's record depends on: its resolved config, its tasks, its
+    evaluation settings, its FLOP plan and the code (`code_version`)."""
+    inputs = {
+        "config": asdict(cfg),
+        "tasks": tasks,
+        "evaluation": asdict(settings),
+        "plan": [asdict(stage) for stage in plan],
+        "code": code_version(),
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def kept_record(path: Path, key: str) -> dict | None:
+    """The record saved at `path` when it was made under `key`, else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["record"] if isinstance(saved, dict) and saved.get("key") == key else None
+
+
 def run_one(
-    method: str, data: str, seed: int, budget: Budget, plan: list[StagePlan], out: Path, log
-) -> dict:
-    """Pre-train (for the steps of `plan`) and evaluate one (method, data, seed); its record
-    for results.json."""
+    method: str,
+    data: str,
+    seed: int,
+    budget: Budget,
+    plan: list[StagePlan],
+    out: Path,
+    log,
+    resume: bool = False,
+) -> tuple[dict, bool]:
+    """Pre-train (for the steps of `plan`) and evaluate one (method, data, seed), or with
+    `resume` keep its finished record when it was made under the same key; (its record for
+    results.json, whether it was kept)."""
     run = out / data.replace(":", "_") / f"seed{seed}" / method
     cfg = method_config(method, data, seed, budget, plan)
-    start = time.perf_counter()
     settings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
-    metrics, train_s = pretrain_and_evaluate(
-        cfg, run, data, tasks_for(method, data, budget), settings
-    )
+    tasks = tasks_for(method, data, budget)
+    key, saved = run_key(cfg, tasks, settings, plan), run.with_name(run.name + RECORD_SUFFIX)
+    if resume and (kept := kept_record(saved, key)) is not None:
+        log(f"{data} seed {seed} {method}: kept from {saved.name} (same config, settings, code)")
+        return kept, True
+    saved.unlink(missing_ok=True)  # a stale record never outlives the run that replaces it
+    start = time.perf_counter()
+    metrics, train_s = pretrain_and_evaluate(cfg, run, data, tasks, settings)
     metrics = {k: v for k, v in metrics.items() if not k.endswith("/holdout_top1")}
     seconds = time.perf_counter() - start
     summary = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items())
@@ -202,7 +250,8 @@ def run_one(
         record["stages"] = [stage.record() for stage in ran]
     else:
         record["flops_per_step"] = ran[0].flops_per_step
-    return record
+    atomic_write_text(saved, json.dumps({"key": key, "record": record}, indent=1) + "\n")
+    return record, False
 
 
 def with_overrides(budget: Budget, train: list[str], evaluation: list[str]) -> Budget:
@@ -220,6 +269,11 @@ def with_overrides(budget: Budget, train: list[str], evaluation: list[str]) -> B
     return budget
 
 
+def finished_runs(out: Path) -> list[Path]:
+    """The records of finished runs under `out` (DATA/seedN/METHOD.record.json)."""
+    return sorted(out.glob(f"*/seed*/*{RECORD_SUFFIX}"))
+
+
 def run_ablation(
     budget_name: str,
     out: Path,
@@ -229,11 +283,24 @@ def run_ablation(
     equal: str = "flops",
     overrides: list[str] | None = None,
     eval_overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Every method on every data spec and seed of the budget, at equal training FLOPs
     (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "device": the name of
-    the device the runs trained on, "runs": [records]}. `overrides` (config) and
-    `eval_overrides` (evaluation settings) follow the budget's in every run."""
+    the device the runs trained on, "kept": how many finished runs `resume` kept, "runs":
+    [records]}. `overrides` (config) and `eval_overrides` (evaluation settings) follow the
+    budget's in every run. An `out` that holds finished runs needs `resume` (keep those whose
+    key is unchanged) or `overwrite` (run them all again); an OutDirError otherwise."""
+    if resume and overwrite:
+        raise ConfigError("--resume keeps finished runs and --overwrite runs them again: give one")
+    finished = finished_runs(out)
+    if finished and not (resume or overwrite):
+        raise OutDirError(
+            f"--out {out} holds {len(finished)} finished ablation runs; continue with --resume "
+            "(keeps those made with the same settings and code), run them all again with "
+            "--overwrite, or give another --out"
+        )
     budget = with_overrides(BUDGETS[budget_name], overrides or [], eval_overrides or [])
     seeds_of = {spec: seeds or count for spec, count in budget.seeds.items()}
     if data:
@@ -246,10 +313,19 @@ def run_ablation(
         plans[spec], flop_budget[spec] = plan_compute(budget, spec, methods, equal)
         steps = "  ".join(f"{m} {sum(s.steps for s in p)}" for m, p in plans[spec].items())
         log(f"{spec}: {flop_budget[spec] / 1e9:.4g} GFLOP of training per run; steps: {steps}")
-    runs = [
-        run_one(method, spec, seed, budget, plan, out, log)
-        for spec, count in seeds_of.items()
-        for seed in range(count)
-        for method, plan in plans[spec].items()
-    ]
-    return {"equal": equal, "flop_budget": flop_budget, "device": device, "runs": runs}
+    runs, kept = [], 0
+    for spec, count in seeds_of.items():
+        for seed in range(count):
+            for method, plan in plans[spec].items():
+                try:
+                    record, was_kept = run_one(method, spec, seed, budget, plan, out, log, resume)
+                except TrainingStopped:
+                    raise TrainingStopped(
+                        f"stopped by signal in {spec} seed {seed} {method}; the {len(runs)} "
+                        "runs finished before it are kept: continue with the same command and "
+                        "--resume"
+                    ) from None
+                runs.append(record)
+                kept += was_kept
+    return {"equal": equal, "flop_budget": flop_budget, "device": device, "kept": kept,
+            "runs": runs}  # fmt: skip

@@ -114,14 +114,21 @@ def paired_table(paired: dict, methods: list[str]) -> str:
 
 
 def provenance_lines(provenance: dict[str, Any]) -> str:
-    """The command, commit, date, machine and wall time, one Markdown line each."""
+    """The command, commit, date, machine and wall time, one Markdown line each (and how many
+    runs a --resume kept from an earlier command, when it kept any)."""
+    wall = f"- wall time: {provenance['wall_s'] / 60:.1f} min ({provenance['wall_s']:.0f} s)"
+    if provenance.get("kept_runs"):
+        wall += (
+            f" of this command; {provenance['kept_runs']} runs were kept from an earlier one "
+            "with the same config, settings and code (their own seconds are in results.json)"
+        )
     return "\n".join(
         [
             f"- command: `{provenance['command']}`",
             f"- commit: {provenance['commit']}",
             f"- date: {provenance['date']}",
             f"- machine: {provenance['cpu_cores']} CPU cores, device {provenance['device']}",
-            f"- wall time: {provenance['wall_s'] / 60:.1f} min ({provenance['wall_s']:.0f} s)",
+            wall,
         ]
     )
 

@@ -4,6 +4,7 @@ machine (CPU cores, device name). Never fails: a commit that cannot be found is 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def git_commit(directory: Path = PACKAGE_DIR) -> str:
         return "unknown"
     changes = _git(directory, "status", "--porcelain", "--untracked-files=no")
     return f"{commit} (uncommitted changes)" if changes else commit
+
+
+def code_version(directory: Path = PACKAGE_DIR) -> str:
+    """`git_commit(directory)`, and with uncommitted changes a digest of them (`git diff HEAD`
+    of the tracked files), so that two states of the code compare equal only when they are the
+    same code (as far as git can tell; "unknown" outside a checkout)."""
+    commit = git_commit(directory)
+    if not commit.endswith(" (uncommitted changes)"):
+        return commit
+    diff = _git(directory, "diff", "HEAD", "--no-ext-diff", "--", ":/") or ""
+    return f"{commit} {hashlib.sha256(diff.encode()).hexdigest()[:16]}"
 
 
 def device_name(device: torch.device) -> str:
