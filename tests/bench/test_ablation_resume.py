@@ -132,7 +132,7 @@ def test_finished_runs_are_not_overwritten_without_a_flag(resumed, tmp_path, mon
     assert calls == ["random"]
 
 
-def test_code_version_tells_uncommitted_states_apart(tmp_path):
+def test_code_version_tells_states_of_the_package_apart(tmp_path):
     def git(*args):
         command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
         return subprocess.run([*command, *args], check=True, capture_output=True, text=True)
@@ -140,20 +140,26 @@ def test_code_version_tells_uncommitted_states_apart(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("x = 1\n")
-    assert code_version(package) == "unknown"
+    one = code_version(package)
+    assert one.startswith("unknown ")  # outside a checkout the package's digest still counts
+    (package / "__init__.py").write_text("x = 2\n")
+    assert code_version(package) != one
+    (package / "__init__.py").write_text("x = 1\n")
+    assert code_version(package) == one  # the same files, the same version
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    assert code_version(package) == one  # caches are not the code
+    (package / "presets.yaml").write_text("a: 1\n")
+    with_file = code_version(package)
+    assert with_file != one  # a file added to the package is
     git("init", "-q")
-    git("add", "pkg/__init__.py")
+    git("add", "pkg")
     git("commit", "-q", "-m", "package")
     head = git("rev-parse", "HEAD").stdout.strip()
-    assert code_version(package) == head
+    assert code_version(package) == f"{head} {with_file.split()[-1]}"
     (package / "__init__.py").write_text("x = 2\n")
-    two = code_version(package)
-    assert two.startswith(f"{head} (uncommitted changes) ") and two != head
-    (package / "__init__.py").write_text("x = 3\n")
-    three = code_version(package)
-    assert three.startswith(f"{head} (uncommitted changes) ") and three != two
-    (package / "__init__.py").write_text("x = 2\n")
-    assert code_version(package) == two  # the same edit, the same version
+    edited = code_version(package)
+    assert edited.startswith(f"{head} (uncommitted changes) ") and edited != with_file
 
 
 def test_provenance_says_nothing_of_kept_runs_when_none_were_kept():

@@ -41,14 +41,15 @@ def git_commit(directory: Path = PACKAGE_DIR) -> str:
 
 
 def code_version(directory: Path = PACKAGE_DIR) -> str:
-    """`git_commit(directory)`, and with uncommitted changes a digest of them (`git diff HEAD`
-    of the tracked files), so that two states of the code compare equal only when they are the
-    same code (as far as git can tell; "unknown" outside a checkout)."""
-    commit = git_commit(directory)
-    if not commit.endswith(" (uncommitted changes)"):
-        return commit
-    diff = _git(directory, "diff", "HEAD", "--no-ext-diff", "--", ":/") or ""
-    return f"{commit} {hashlib.sha256(diff.encode()).hexdigest()[:16]}"
+    """`git_commit(directory)` and a digest of the package's own files (every file under
+    `directory` but caches): two states of the code compare equal only when the package is the
+    same, with uncommitted changes or outside a git checkout too."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return f"{git_commit(directory)} {digest.hexdigest()[:16]}"
 
 
 def device_name(device: torch.device) -> str:
