@@ -302,10 +302,9 @@ def _ablation(args: argparse.Namespace) -> int:
     )
     device, kept = ablation.pop("device"), ablation.pop("kept")
     wall_s = time.perf_counter() - start
-    report = {
-        "budget": args.budget,
-        "provenance": {**started, "device": device, "wall_s": wall_s, "kept_runs": kept},
-    }
+    made = {**started, "device": device, "wall_s": wall_s}
+    made |= {"kept_runs": len(kept), "kept_commits": sorted(set(kept))}
+    report = {"budget": args.budget, "provenance": made}
     report |= ablation
     print(write_results(out, report, list(METHODS), list(REMOVALS)))
     print(f"m3i: wrote {out / 'results.md'}, results.json and ablation.png", file=sys.stderr)

@@ -10,7 +10,7 @@ import pytest
 import m3i.bench.ablation as ablation
 from m3i.bench.ablation import METHODS, RECORD_SUFFIX
 from m3i.bench.ablation_report import provenance_lines
-from m3i.bench.provenance import code_version
+from m3i.bench.provenance import git_commit, package_digest
 from m3i.cli import main
 from m3i.train.loop import TrainingStopped
 
@@ -65,8 +65,13 @@ def test_a_stop_keeps_the_finished_runs_and_resume_runs_only_the_rest(resumed):
         method = name.removesuffix(RECORD_SUFFIX)
         assert next(r for r in results["runs"] if r["method"] == method) == saved["record"]
     assert results["provenance"]["kept_runs"] == 2
+    assert results["provenance"]["kept_commits"] == [git_commit()]
+    assert all(r["commit"] == git_commit() for r in results["runs"])
     markdown = (resumed["out"] / "results.md").read_text()
-    kept = "2 runs were kept from an earlier one with the same config, settings and code"
+    kept = (
+        "2 runs were kept from an earlier one with the same config, settings and package "
+        f"files, made at commit {git_commit()} (their own seconds are in results.json)"
+    )
     assert kept in markdown
 
 
@@ -88,7 +93,7 @@ def test_the_stop_message_says_how_to_continue(tmp_path, monkeypatch, capsys):
         # another FLOP plan (argparse keeps the last --equal): random init trains 0 steps in
         # both, so only its run is kept
         (["--equal", "flops"], "supervised"),
-        ("code", "random"),  # another state of the code
+        ("code", "random"),  # other package files
     ],
 )
 def test_a_run_made_under_other_settings_or_code_runs_again(
@@ -97,7 +102,7 @@ def test_a_run_made_under_other_settings_or_code_runs_again(
     out = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(resumed["out"]), str(out)], check=True)
     if change == "code":
-        monkeypatch.setattr(ablation, "code_version", lambda: "another commit")
+        monkeypatch.setattr(ablation, "package_digest", lambda: "0123456789abcdef")
         change = []
     calls = count_pretrains(monkeypatch, stop_at=1)
     assert main([*TINY, "--out", str(out), "--resume", *change]) == 143
@@ -122,7 +127,7 @@ def test_finished_runs_are_not_overwritten_without_a_flag(resumed, tmp_path, mon
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [
         f"m3i: error: --out {out} holds 8 finished ablation runs; continue with --resume "
-        "(keeps those made with the same settings and code), run them all again with "
+        "(keeps those made with the same settings and package files), run them all again with "
         "--overwrite, or give another --out"
     ]
     assert main([*TINY, "--out", str(out), "--resume", "--overwrite"]) == 2
@@ -132,34 +137,30 @@ def test_finished_runs_are_not_overwritten_without_a_flag(resumed, tmp_path, mon
     assert calls == ["random"]
 
 
-def test_code_version_tells_states_of_the_package_apart(tmp_path):
-    def git(*args):
-        command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
-        return subprocess.run([*command, *args], check=True, capture_output=True, text=True)
-
+def test_package_digest_changes_with_the_package_files_only(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("x = 1\n")
-    one = code_version(package)
-    assert one.startswith("unknown ")  # outside a checkout the package's digest still counts
+    one = package_digest(package)
+    assert len(one) == 16 and int(one, 16) >= 0
     (package / "__init__.py").write_text("x = 2\n")
-    assert code_version(package) != one
+    assert package_digest(package) != one
     (package / "__init__.py").write_text("x = 1\n")
-    assert code_version(package) == one  # the same files, the same version
+    assert package_digest(package) == one  # the same files, the same digest
     (package / "__pycache__").mkdir()
     (package / "__pycache__" / "x.pyc").write_bytes(b"cache")
-    assert code_version(package) == one  # caches are not the code
-    (package / "presets.yaml").write_text("a: 1\n")
-    with_file = code_version(package)
-    assert with_file != one  # a file added to the package is
-    git("init", "-q")
-    git("add", "pkg")
-    git("commit", "-q", "-m", "package")
-    head = git("rev-parse", "HEAD").stdout.strip()
-    assert code_version(package) == f"{head} {with_file.split()[-1]}"
-    (package / "__init__.py").write_text("x = 2\n")
-    edited = code_version(package)
-    assert edited.startswith(f"{head} (uncommitted changes) ") and edited != with_file
+    assert package_digest(package) == one  # caches are not the code
+    (tmp_path / "notes.md").write_text("outside the package\n")
+    assert package_digest(package) == one
+    (package / "presets").mkdir()
+    (package / "presets" / "m3i.yaml").write_text("a: 1\n")
+    assert package_digest(package) != one  # a file added to the package is
+    (package / "presets" / "m3i.yaml").unlink()
+    (package / "m3i.yaml").write_text("a: 1\n")
+    moved = package_digest(package)
+    (package / "m3i.yaml").unlink()
+    (package / "presets" / "m3i.yaml").write_text("a: 1\n")
+    assert package_digest(package) != moved  # and so is where it lies
 
 
 def test_provenance_says_nothing_of_kept_runs_when_none_were_kept():

@@ -14,11 +14,11 @@ config and `--eval-set` every run's evaluation settings, after the budget's (the
 runs on a CPU at a tiny size that way). Results are written by `m3i.bench.ablation_report`.
 
 Each finished run leaves its record beside its run directory (`RECORD_SUFFIX`), under a key of
-what its numbers depend on: its config, tasks, evaluation settings, FLOP plan and the code
-(`provenance.code_version`). `--resume` keeps every finished run whose key is unchanged and
-runs the rest, so an ablation that was stopped (or ran out of a machine's time) loses at most
-the run it was in; without `--resume` or `--overwrite`, an `--out` holding finished runs is
-refused before any work.
+what its numbers depend on: its config, tasks, evaluation settings, FLOP plan and the package's
+files (`provenance.package_digest`); the record names the git commit it was made at.
+`--resume` keeps every finished run whose key is unchanged and runs the rest, so an ablation
+that was stopped (or ran out of a machine's time) loses at most the run it was in; without
+`--resume` or `--overwrite`, an `--out` holding finished runs is refused before any work.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
-from m3i.bench.provenance import code_version, device_name
+from m3i.bench.provenance import device_name, git_commit, package_digest
 from m3i.config import ConfigError, load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
@@ -180,13 +180,13 @@ def pretrain_and_evaluate(
 
 def run_key(cfg, tasks: list[str], settings: EvalSettings, plan: list[StagePlan]) -> str:
     """A digest of everything a run's record depends on: its resolved config, its tasks, its
-    evaluation settings, its FLOP plan and the code (`code_version`)."""
+    evaluation settings, its FLOP plan and the package's files (`package_digest`)."""
     inputs = {
         "config": asdict(cfg),
         "tasks": tasks,
         "evaluation": asdict(settings),
         "plan": [asdict(stage) for stage in plan],
-        "code": code_version(),
+        "package": package_digest(),
     }
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -220,7 +220,7 @@ def run_one(
     tasks = tasks_for(method, data, budget)
     key, saved = run_key(cfg, tasks, settings, plan), run.with_name(run.name + RECORD_SUFFIX)
     if resume and (kept := kept_record(saved, key)) is not None:
-        log(f"{data} seed {seed} {method}: kept from {saved.name} (same config, settings, code)")
+        log(f"{data} seed {seed} {method}: kept from {saved.name} (same config, settings, files)")
         return kept, True
     saved.unlink(missing_ok=True)  # a stale record never outlives the run that replaces it
     start = time.perf_counter()
@@ -245,6 +245,7 @@ def run_one(
         "img_per_s": images / train_s if images else None,
         "steps": cfg.train.steps,
         "train_flops": sum(stage.train_flops for stage in ran),
+        "commit": git_commit(),
     }
     if cfg.stages:
         record["stages"] = [stage.record() for stage in ran]
@@ -288,8 +289,8 @@ def run_ablation(
 ) -> dict:
     """Every method on every data spec and seed of the budget, at equal training FLOPs
     (`equal="flops"`) or steps; {"equal", "flop_budget": {data: FLOPs}, "device": the name of
-    the device the runs trained on, "kept": how many finished runs `resume` kept, "runs":
-    [records]}. `overrides` (config) and `eval_overrides` (evaluation settings) follow the
+    the device the runs trained on, "kept": the commit of each finished run `resume` kept,
+    "runs": [records]}. `overrides` (config) and `eval_overrides` (evaluation settings) follow the
     budget's in every run. An `out` that holds finished runs needs `resume` (keep those whose
     key is unchanged) or `overwrite` (run them all again); an OutDirError otherwise."""
     if resume and overwrite:
@@ -298,7 +299,7 @@ def run_ablation(
     if finished and not (resume or overwrite):
         raise OutDirError(
             f"--out {out} holds {len(finished)} finished ablation runs; continue with --resume "
-            "(keeps those made with the same settings and code), run them all again with "
+            "(keeps those made with the same settings and package files), run them all again with "
             "--overwrite, or give another --out"
         )
     budget = with_overrides(BUDGETS[budget_name], overrides or [], eval_overrides or [])
@@ -313,7 +314,7 @@ def run_ablation(
         plans[spec], flop_budget[spec] = plan_compute(budget, spec, methods, equal)
         steps = "  ".join(f"{m} {sum(s.steps for s in p)}" for m, p in plans[spec].items())
         log(f"{spec}: {flop_budget[spec] / 1e9:.4g} GFLOP of training per run; steps: {steps}")
-    runs, kept = [], 0
+    runs, kept = [], []
     for spec, count in seeds_of.items():
         for seed in range(count):
             for method, plan in plans[spec].items():
@@ -326,6 +327,7 @@ def run_ablation(
                         "--resume"
                     ) from None
                 runs.append(record)
-                kept += was_kept
+                if was_kept:
+                    kept.append(record.get("commit", "unknown"))
     return {"equal": equal, "flop_budget": flop_budget, "device": device, "kept": kept,
             "runs": runs}  # fmt: skip

@@ -118,9 +118,11 @@ def provenance_lines(provenance: dict[str, Any]) -> str:
     runs a --resume kept from an earlier command, when it kept any)."""
     wall = f"- wall time: {provenance['wall_s'] / 60:.1f} min ({provenance['wall_s']:.0f} s)"
     if provenance.get("kept_runs"):
+        commits = ", ".join(provenance.get("kept_commits", []))
         wall += (
             f" of this command; {provenance['kept_runs']} runs were kept from an earlier one "
-            "with the same config, settings and code (their own seconds are in results.json)"
+            f"with the same config, settings and package files, made at commit {commits} (their "
+            "own seconds are in results.json)"
         )
     return "\n".join(
         [

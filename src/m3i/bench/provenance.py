@@ -40,16 +40,16 @@ def git_commit(directory: Path = PACKAGE_DIR) -> str:
     return f"{commit} (uncommitted changes)" if changes else commit
 
 
-def code_version(directory: Path = PACKAGE_DIR) -> str:
-    """`git_commit(directory)` and a digest of the package's own files (every file under
-    `directory` but caches): two states of the code compare equal only when the package is the
-    same, with uncommitted changes or outside a git checkout too."""
+def package_digest(directory: Path = PACKAGE_DIR) -> str:
+    """A digest of the package's own files (every file under `directory` but caches: the code,
+    its presets and its version): equal for two states of the package only when they hold the
+    same files, in or outside a git checkout, committed or not."""
     digest = hashlib.sha256()
     for path in sorted(directory.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
-    return f"{git_commit(directory)} {digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:
