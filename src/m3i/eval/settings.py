@@ -49,7 +49,9 @@ class DenseSettings:
 @dataclass
 class DetectSettings(DenseSettings):
     epochs: int = 30
-    hidden_dim: int = 128  # width of the light head's 3x3 convolution
+    # 0: a linear head per token (the default; a probe of what the tokens hold, as segment's);
+    # > 0: a 3x3 convolution of this width first (it learns shapes from random tokens too)
+    hidden_dim: int = 0
     max_detections: int = 10  # peaks kept per image
 
 
