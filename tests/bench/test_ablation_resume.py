@@ -4,11 +4,12 @@ overwritten by accident."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 
 import m3i.bench.ablation as ablation
-from m3i.bench.ablation import METHODS, RECORD_SUFFIX
+from m3i.bench.ablation import METHODS, RECORD_SUFFIX, data_dir, finished_runs
 from m3i.bench.ablation_report import provenance_lines
 from m3i.bench.provenance import git_commit, package_digest
 from m3i.cli import main
@@ -80,8 +81,8 @@ def test_the_stop_message_says_how_to_continue(tmp_path, monkeypatch, capsys):
     assert main([*TINY, "--out", str(tmp_path)]) == 143
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message == (
-        "m3i: stopped by signal in shapes seed 0 random; the 0 runs finished before it are "
-        "kept: continue with the same command and --resume"
+        "m3i: stopped by signal in shapes seed 0 random; the runs finished before it are kept: "
+        "continue with the same command with --resume"
     )
 
 
@@ -94,6 +95,8 @@ def test_the_stop_message_says_how_to_continue(tmp_path, monkeypatch, capsys):
         # both, so only its run is kept
         (["--equal", "flops"], "supervised"),
         ("code", "random"),  # other package files
+        ("device", "random"),  # another device
+        ("record", "random"),  # a record cut short (a disk that filled up, a hand edit)
     ],
 )
 def test_a_run_made_under_other_settings_or_code_runs_again(
@@ -103,7 +106,12 @@ def test_a_run_made_under_other_settings_or_code_runs_again(
     subprocess.run(["cp", "-r", str(resumed["out"]), str(out)], check=True)
     if change == "code":
         monkeypatch.setattr(ablation, "package_digest", lambda: "0123456789abcdef")
-        change = []
+    if change == "device":
+        monkeypatch.setattr(ablation, "device_name", lambda device: "NVIDIA H200")
+    if change == "record":
+        saved = out / "shapes" / "seed0" / f"random{RECORD_SUFFIX}"
+        saved.write_text(saved.read_text()[:100])
+    change = change if isinstance(change, list) else []
     calls = count_pretrains(monkeypatch, stop_at=1)
     assert main([*TINY, "--out", str(out), "--resume", *change]) == 143
     assert calls == [first_run_again]  # it was not kept: it was started again
@@ -135,6 +143,46 @@ def test_finished_runs_are_not_overwritten_without_a_flag(resumed, tmp_path, mon
     assert calls == []  # no work before either error
     assert main([*TINY, "--out", str(out), "--overwrite"]) == 143
     assert calls == ["random"]
+    assert records(out) == {}  # no old record outlives --overwrite, even when it is stopped
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "continue with the same command with --resume in place of --overwrite"
+    )
+
+
+def test_a_fresh_process_keeps_every_run(resumed, tmp_path):
+    """The key is the same in another process (no hash order or address in it)."""
+    out = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(resumed["out"]), str(out)], check=True)
+    command = [sys.executable, "-m", "m3i", *TINY, "--out", str(out), "--resume"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = [line for line in done.stderr.splitlines() if ": kept from " in line]
+    assert len(kept) == len(METHODS)
+
+
+def test_a_run_is_not_recorded_when_the_package_changed_under_it(tmp_path, monkeypatch, capsys):
+    digests = iter(["before", "after", "after"])
+    monkeypatch.setattr(ablation, "package_digest", lambda: next(digests))
+    count_pretrains(monkeypatch, stop_at=2)  # random init runs, then the stop comes
+    assert main([*TINY, "--out", str(tmp_path)]) == 143
+    assert records(tmp_path) == {}
+    assert (
+        f"m3i: the package's files changed during this command: random{RECORD_SUFFIX} is not "
+        "written" in capsys.readouterr().err
+    )
+
+
+def test_every_data_spec_gets_one_folder_that_the_refusal_finds(tmp_path):
+    assert data_dir("shapes") == "shapes" and data_dir("fashion-mnist") == "fashion-mnist"
+    spec = "fashion-mnist:/usr/share/datasets/fashion-mnist"
+    folder = data_dir(spec)
+    assert "/" not in folder
+    assert folder.startswith("fashion-mnist_usr_share_datasets_fashion-mnist-")
+    assert data_dir("fashion-mnist:/usr/share/datasets_fashion-mnist") != folder  # no collision
+    saved = tmp_path / folder / "seed0" / f"m3i{RECORD_SUFFIX}"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("{}")
+    assert finished_runs(tmp_path) == [saved]
 
 
 def test_package_digest_changes_with_the_package_files_only(tmp_path):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from m3i.cli import main
 from m3i.config import ConfigError, load_config, to_dict
 from m3i.train.checkpoint import check_resumable
+from m3i.train.loop import stop_signals
 from tests.tiny import TINY_M3I
 
 STEPS = 40
@@ -244,3 +245,23 @@ def test_training_caps_the_clip_logit_scale_after_every_step(tmp_path):
     pretrain(cfg, tmp_path, progress=False, resume=True)
     scale = torch.load(path, weights_only=True)["model"]["targets.text.logit_scale"]
     assert scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_a_signal_the_loop_did_not_answer_is_sent_again_when_the_block_ends():
+    """A SIGINT that arrives after the loop's last look (say, during the final save) is not
+    swallowed: it reaches the process once the old handler is back (here Python's, which
+    raises KeyboardInterrupt); one the loop answered with an exception is not sent twice."""
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals() as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes: the signal is only collected
+            assert received == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(RuntimeError, match="the loop's answer"):
+        with stop_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise RuntimeError("the loop's answer")
+    with stop_signals() as received:  # no signal: nothing is sent
+        pass
+    assert received == []

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
 from m3i.bench.provenance import device_name, git_commit, package_digest
@@ -178,18 +181,40 @@ def pretrain_and_evaluate(
     return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}, train_s
 
 
-def run_key(cfg, tasks: list[str], settings: EvalSettings, plan: list[StagePlan]) -> str:
+@dataclass(frozen=True)
+class Place:
+    """Where the runs of one command go and what their records are keyed by besides each run's
+    own settings."""
+
+    out: Path
+    device: str  # the name of the device the runs train on (provenance.device_name)
+    package: str  # package_digest() when the command started: the code this process runs
+    resume: bool = False
+
+
+def data_dir(data: str) -> str:
+    """One folder name per data spec: the spec itself when it is a plain name (shapes,
+    fashion-mnist), else its characters outside [A-Za-z0-9._-] replaced and a digest of it
+    added (a spec such as fashion-mnist:/some/dir stays one folder and never meets another)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", data).strip("_.")
+    if safe == data:
+        return data
+    return f"{safe}-{hashlib.sha256(data.encode()).hexdigest()[:8]}"
+
+
+def run_key(cfg, tasks: list[str], settings: EvalSettings, plan: list[StagePlan], place) -> str:
     """A digest of everything a run's record depends on: its resolved config, its tasks, its
-    evaluation settings, its FLOP plan and the package's files (`package_digest`)."""
+    evaluation settings, its FLOP plan, the device, torch's version and the package's files."""
     inputs = {
         "config": asdict(cfg),
         "tasks": tasks,
         "evaluation": asdict(settings),
         "plan": [asdict(stage) for stage in plan],
-        "package": package_digest(),
+        "device": place.device,
+        "torch": torch.__version__,
+        "package": place.package,
     }
-    text = json.dumps(inputs, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def kept_record(path: Path, key: str) -> dict | None:
@@ -202,24 +227,18 @@ def kept_record(path: Path, key: str) -> dict | None:
 
 
 def run_one(
-    method: str,
-    data: str,
-    seed: int,
-    budget: Budget,
-    plan: list[StagePlan],
-    out: Path,
-    log,
-    resume: bool = False,
+    method: str, data: str, seed: int, budget: Budget, plan: list[StagePlan], place: Place, log
 ) -> tuple[dict, bool]:
     """Pre-train (for the steps of `plan`) and evaluate one (method, data, seed), or with
-    `resume` keep its finished record when it was made under the same key; (its record for
-    results.json, whether it was kept)."""
-    run = out / data.replace(":", "_") / f"seed{seed}" / method
+    `place.resume` keep its finished record when it was made under the same key; (its record
+    for results.json, whether it was kept)."""
+    run = place.out / data_dir(data) / f"seed{seed}" / method
     cfg = method_config(method, data, seed, budget, plan)
     settings = load_settings(budget.evaluation + [f"data_seed={cfg.data.seed}"])
     tasks = tasks_for(method, data, budget)
-    key, saved = run_key(cfg, tasks, settings, plan), run.with_name(run.name + RECORD_SUFFIX)
-    if resume and (kept := kept_record(saved, key)) is not None:
+    key = run_key(cfg, tasks, settings, plan, place)
+    saved = run.with_name(run.name + RECORD_SUFFIX)
+    if place.resume and (kept := kept_record(saved, key)) is not None:
         log(f"{data} seed {seed} {method}: kept from {saved.name} (same config, settings, files)")
         return kept, True
     saved.unlink(missing_ok=True)  # a stale record never outlives the run that replaces it
@@ -251,7 +270,10 @@ def run_one(
         record["stages"] = [stage.record() for stage in ran]
     else:
         record["flops_per_step"] = ran[0].flops_per_step
-    atomic_write_text(saved, json.dumps({"key": key, "record": record}, indent=1) + "\n")
+    if package_digest() != place.package:  # the files no longer say which code made this run
+        log(f"the package's files changed during this command: {saved.name} is not written")
+    else:
+        atomic_write_text(saved, json.dumps({"key": key, "record": record}, indent=1) + "\n")
     return record, False
 
 
@@ -272,7 +294,7 @@ def with_overrides(budget: Budget, train: list[str], evaluation: list[str]) -> B
 
 def finished_runs(out: Path) -> list[Path]:
     """The records of finished runs under `out` (DATA/seedN/METHOD.record.json)."""
-    return sorted(out.glob(f"*/seed*/*{RECORD_SUFFIX}"))
+    return sorted(out.glob(f"*/seed*/*{RECORD_SUFFIX}"))  # data_dir() makes one folder per spec
 
 
 def run_ablation(
@@ -314,18 +336,27 @@ def run_ablation(
         plans[spec], flop_budget[spec] = plan_compute(budget, spec, methods, equal)
         steps = "  ".join(f"{m} {sum(s.steps for s in p)}" for m, p in plans[spec].items())
         log(f"{spec}: {flop_budget[spec] / 1e9:.4g} GFLOP of training per run; steps: {steps}")
+    place = Place(out, device, package_digest(), resume)
+    if overwrite:  # none of the old records may outlive this command, finished or stopped
+        for path in finished:
+            path.unlink()
+    hint = "the same command with --resume" + (" in place of --overwrite" if overwrite else "")
     runs, kept = [], []
     for spec, count in seeds_of.items():
         for seed in range(count):
             for method, plan in plans[spec].items():
+                where = f"{spec} seed {seed} {method}"
                 try:
-                    record, was_kept = run_one(method, spec, seed, budget, plan, out, log, resume)
+                    record, was_kept = run_one(method, spec, seed, budget, plan, place, log)
                 except TrainingStopped:
                     raise TrainingStopped(
-                        f"stopped by signal in {spec} seed {seed} {method}; the {len(runs)} "
-                        "runs finished before it are kept: continue with the same command and "
-                        "--resume"
+                        f"stopped by signal in {where}; the runs finished before it are kept: "
+                        f"continue with {hint}"
                     ) from None
+                except KeyboardInterrupt:
+                    log(f"interrupted in {where}; the runs finished before it are kept: "
+                        f"continue with {hint}")  # fmt: skip
+                    raise
                 runs.append(record)
                 if was_kept:
                     kept.append(record.get("commit", "unknown"))

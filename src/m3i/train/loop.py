@@ -123,7 +123,10 @@ def record_skip(metrics: MetricsLog, step: int, why: str, bad_in_a_row: int, max
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[list[int]]:
-    """Collect SIGTERM/SIGINT instead of dying mid-step (handlers only in the main thread)."""
+    """Collect SIGTERM/SIGINT instead of dying mid-step (handlers only in the main thread). A
+    signal that is still unanswered when the block ends without an exception (it came after the
+    loop's last look, e.g. during the final save) is sent again once the old handlers are back,
+    so that it stops the process as it would have without the block."""
     received: list[int] = []
     before = {}
     if threading.current_thread() is threading.main_thread():
@@ -134,6 +137,8 @@ def stop_signals() -> Iterator[list[int]]:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    if received:  # reached only when the block ended without an exception
+        signal.raise_signal(received[0])
 
 
 def mean_over_ranks(
