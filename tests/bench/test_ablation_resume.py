@@ -144,8 +144,11 @@ def test_finished_runs_are_not_overwritten_without_a_flag(resumed, tmp_path, mon
     assert main([*TINY, "--out", str(out), "--overwrite"]) == 143
     assert calls == ["random"]
     assert records(out) == {}  # no old record outlives --overwrite, even when it is stopped
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "continue with the same command with --resume in place of --overwrite"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("continue with the same command with --resume in place of --overwrite")
     )
 
 
