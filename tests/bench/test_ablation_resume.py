@@ -96,6 +96,7 @@ def test_the_stop_message_says_how_to_continue(tmp_path, monkeypatch, capsys):
         (["--equal", "flops"], "supervised"),
         ("code", "random"),  # other package files
         ("device", "random"),  # another device
+        ("torch", "random"),  # another torch release
         ("record", "random"),  # a record cut short (a disk that filled up, a hand edit)
     ],
 )
@@ -108,6 +109,8 @@ def test_a_run_made_under_other_settings_or_code_runs_again(
         monkeypatch.setattr(ablation, "package_digest", lambda: "0123456789abcdef")
     if change == "device":
         monkeypatch.setattr(ablation, "device_name", lambda device: "NVIDIA H200")
+    if change == "torch":
+        monkeypatch.setattr(ablation.torch, "__version__", "2.99.0+other")
     if change == "record":
         saved = out / "shapes" / "seed0" / f"random{RECORD_SUFFIX}"
         saved.write_text(saved.read_text()[:100])

@@ -170,10 +170,10 @@ def test_detect_probe_on_random_tokens_is_finite():
     assert set(result) == {"ap", "ap50"}
 
 
-@pytest.mark.parametrize("hidden_dim, changed", [(0, 1), (8, 9)])
+@pytest.mark.parametrize("hidden_dim, changed", [(DetectSettings().hidden_dim, 1), (8, 9)])
 def test_head_sees_one_cell_when_linear_and_its_3x3_neighbours_otherwise(hidden_dim, changed):
     """A change of one token moves the linear head's outputs at its own cell only, and the
-    3x3-conv head's at the 9 cells around it."""
+    3x3-conv head's at the 9 cells around it; the default probe is the linear one."""
     width, grid = 6, 5
     tokens = torch.randn(4, grid * grid, width, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def test_head_sees_one_cell_when_linear_and_its_3x3_neighbours_otherwise(hidden_
         (box2 - box).abs().amax(dim=(0, 1, 2)) > 0
     )
     assert differs.sum().item() == changed and differs[2, 2]
-    if hidden_dim == 0:  # affine in the tokens, with the two 1x1 convs' parameters only
+    if changed == 1:  # affine in the tokens, with the two 1x1 convs' parameters only
         linear_parameters = (width + 1) * SLOTS * (NUM_CATEGORIES + 4)  # weights and biases
         assert sum(p.numel() for p in head.parameters()) == linear_parameters
         with torch.no_grad():
