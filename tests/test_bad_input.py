@@ -204,7 +204,7 @@ def test_corrupt_images_are_found_before_training(tmp_path, capsys):
         capsys,
         pretrain_argv(tmp_path / "run", data=f"folder:{folder}"),
         str(broken),
-        "more than 1%",
+        "more than data.max_corrupt_fraction=0.01",
         "replace or remove them",
     )
     assert not (tmp_path / "run").exists()

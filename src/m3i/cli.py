@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--data",
-        help="shapes | fashion-mnist[:DIR] | folder:PATH | captions:FILE.jsonl | wds:PATTERN",
+        action="append",
+        help="shapes | fashion-mnist[:DIR] | folder:PATH | images:PATH | captions:FILE.jsonl | "
+        "wds:PATTERN; repeat it to mix sources (their shares: --set data.weights=[w1,w2,...])",
     )
     pre.add_argument("--out", help="run directory, new or empty (default runs/<preset>-<time>)")
     pre.add_argument(
@@ -165,7 +167,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     verb = "resuming" if args.resume else "pre-training"
 
     def started() -> None:
-        print(f"m3i: {verb} preset {cfg.preset!r} on {cfg.data.spec!r} in {out}", file=sys.stderr)
+        data = cfg.data.spec if isinstance(cfg.data.spec, str) else " + ".join(cfg.data.spec)
+        print(f"m3i: {verb} preset {cfg.preset!r} on {data!r} in {out}", file=sys.stderr)
 
     pretrain(
         cfg,
@@ -202,6 +205,7 @@ def final_evaluation(cfg, out: Path) -> None:
     """Run `monitor.final_eval` on the finished run: print one line per task and record it as
     soon as it is computed (Ctrl-C: an Interrupted saying which results were recorded)."""
     from m3i.data.base import DataError
+    from m3i.data.specs import eval_spec
     from m3i.eval.features import EvalError
     from m3i.eval.settings import EvalSettings
     from m3i.eval.tasks import evaluate_each, record_result
@@ -220,7 +224,7 @@ def final_evaluation(cfg, out: Path) -> None:
     )
     recorded = []
     try:
-        for result in evaluate_each(monitor.final_eval, out, cfg.data.spec, settings):
+        for result in evaluate_each(monitor.final_eval, out, eval_spec(cfg.data.spec), settings):
             print(f"m3i: {format_result(result)}", flush=True)
             if record_result(result):
                 recorded.append(result["task"])

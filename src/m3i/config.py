@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from m3i.data.mixing import count_a
+from m3i.data.specs import spec_list
 from m3i.data.views import ViewConfig
 from m3i.mi.targets import TARGETS
 from m3i.models.config import ATTENTIONS, ModelConfig
@@ -62,12 +63,20 @@ def targets_config() -> Any:
 
 @dataclass
 class DataConfig:
-    spec: str = "shapes"
-    num_train: int | None = None  # None: the source's own size
+    # one data spec, or a list of them: a mixture of sources (m3i.data.mixture)
+    spec: str | list[str] = "shapes"
+    # each source's share of the samples drawn, one per spec ([]: indexable sources in
+    # proportion to their sizes; a mixture with a wds: stream, equal shares)
+    weights: list[float] = field(default_factory=list)
+    num_train: int | None = None  # None: the source's own size (of each indexable source)
     image_size: int = 32  # side of generated `shapes` images
-    seed: int = 0  # which `shapes` dataset (independent of train.seed)
+    seed: int = 0  # which `shapes` dataset (independent of train.seed); the scans' sample
     workers: int = 0
-    verify: bool = True  # open every folder:/captions: image's header before training
+    verify: bool = True  # open every folder:/images:/captions: image's header before training
+    # a wds: stream stops when more than this share of its last 1,000 samples were unreadable
+    # (a file source: of all its images)
+    max_corrupt_fraction: float = 0.01
+    scan_samples: int = 10000  # samples of a wds: stream read at start-up (label prior, captions)
 
 
 @dataclass
@@ -176,6 +185,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if args and origin is not list:  # X | Y: the first that fits
+        for alternative in args:
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"config key {key!r} expects {names}, got {value!r}")
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads "1e-3" as a string
@@ -263,9 +280,10 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    data: str | None = None,
+    data: str | list[str] | None = None,
 ) -> Config:
-    """Resolve a config: defaults < preset (or file) < --data < key=value overrides. The
+    """Resolve a config: defaults < preset (or file) < --data (one spec, or several: a
+    mixture) < key=value overrides. The
     plug-ins a config file names are imported first, so that their sections exist."""
     if config_file is not None:
         path = Path(config_file)
@@ -283,7 +301,7 @@ def load_config(
         cfg = Config()
         _apply(cfg, preset_values(preset or "m3i"))
     if data is not None:
-        cfg.data.spec = data
+        cfg.data.spec = data if isinstance(data, str) or len(data) > 1 else data[0]
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
@@ -320,6 +338,7 @@ def validate(cfg: Config) -> None:
     problem = config_value_problem(cfg)
     if problem:
         raise ConfigError(problem)
+    specs = spec_list(cfg.data.spec)
     checks = [
         (
             set(cfg.plugins) <= IMPORTED,
@@ -356,6 +375,15 @@ def validate(cfg: Config) -> None:
             f"model.attention must be {' or '.join(ATTENTIONS)}, got {cfg.model.attention!r}",
         ),
         (cfg.train.first_batch >= 0, "train.first_batch must be >= 0"),
+        (
+            bool(specs) and all(isinstance(spec, str) and spec for spec in specs),
+            f"data.spec must be a data spec or a list of them, got {cfg.data.spec!r}",
+        ),
+        (
+            not cfg.data.weights or len(cfg.data.weights) == len(specs),
+            f"data.weights has {len(cfg.data.weights)} weights for {len(specs)} data sources "
+            f"{specs}; give one weight per --data, in the same order (or none)",
+        ),
         (
             cfg.model.img_size % cfg.model.patch_size == 0,
             f"model.img_size ({cfg.model.img_size}) must be a multiple of model.patch_size "

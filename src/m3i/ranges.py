@@ -90,6 +90,9 @@ CONFIG_RANGES: dict[str, Range] = {
     "data.image_size": COUNT,  # `shapes` itself asks for 16 or more
     "data.seed": NON_NEGATIVE,
     "data.workers": NON_NEGATIVE,
+    "data.weights": POSITIVE,
+    "data.max_corrupt_fraction": PROBABILITY,
+    "data.scan_samples": COUNT,
     "train.steps": NON_NEGATIVE,
     "train.batch_size": COUNT,
     "train.lr": POSITIVE,

@@ -164,9 +164,11 @@ def test_corrupt_images_are_skipped_counted_and_bounded(tmp_path: Path, caplog) 
     assert source.num_corrupt == 1  # counted once
     broken = tmp_path / "train" / "cat" / "010.png"
     broken.write_bytes(b"definitely not a png")
-    data_error(lambda: source[10], broken, "more than 1%")  # 2 > 1% of 100
+    data_error(lambda: source[10], broken, "more than data.max_corrupt_fraction=0.01")  # 2 of 100
 
-    data_error(open_source(f"folder:{tmp_path}").verify, last, "more than 1%")
+    data_error(
+        open_source(f"folder:{tmp_path}").verify, last, "more than data.max_corrupt_fraction=0.01"
+    )
     save_png(last, (100, 49, 7))
     checked = open_source(f"folder:{tmp_path}")
     assert checked.verify() == 1 == checked.num_corrupt
@@ -243,7 +245,7 @@ def test_captions_corrupt_image_rule(tmp_path: Path) -> None:
         train, [{"image": "good.png", "caption": "g"}, {"image": "gone.png", "caption": "x"}]
     )
     source = open_source(f"captions:{train}")
-    data_error(lambda: source[1], tmp_path / "gone.png", "more than 1%")
+    data_error(lambda: source[1], tmp_path / "gone.png", "more than data.max_corrupt_fraction=0.01")
     data_error(open_source(f"captions:{train}").verify, tmp_path / "gone.png")
 
 

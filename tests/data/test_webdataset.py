@@ -126,25 +126,34 @@ def test_stream_depends_on_seed_rank_and_start(shards: list[Path]) -> None:
 def test_captions_and_classes(shapes: ShapesDataset, shards: list[Path], tmp_path: Path) -> None:
     stream = WebDatasetStream(spec(shards), IDENTITY, 32, seed=0)
     assert stream.classes == CLASSES
-    assert stream.captions(10) == shapes.captions(10)
-    assert stream.captions() == shapes.captions()
+    assert sorted(stream.scan(1000).captions) == sorted(shapes.captions())
     paths = write_shards(Unlabelled(), str(tmp_path / "u-%02d.tar"), 2)
     unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, 32, seed=0)
     assert len(paths) == 2 and unlabelled.classes is None
-    assert unlabelled.captions() == ["caption 0", "caption 2"]
+    assert sorted(unlabelled.scan(1000).captions) == ["caption 0", "caption 2"]
     for item in take(unlabelled, 6):
         level = round((item["view1"] * STD + MEAN)[0, 0, 0].item() * 255 / 40)
         assert item["label"].item() == -1
         assert item["caption"] == ("" if level == 1 else f"caption {level}")
 
 
-def test_labels_in_shard_order_without_decoding(
+def test_the_scan_reads_a_bounded_sample_of_whole_shards_in_a_seeded_order(
     shapes: ShapesDataset, shards: list[Path], tmp_path: Path
 ) -> None:
-    assert WebDatasetStream(spec(shards), IDENTITY, 32, seed=0).labels() == shapes.labels()
+    stream = WebDatasetStream(spec(shards), IDENTITY, 32, seed=0)
+    assert sorted(stream.scan(1000).labels) == sorted(shapes.labels())  # all 24: every shard
+    by_shard = [shapes.labels()[8 * k : 8 * k + 8] for k in range(3)]  # 8 samples a shard
+    firsts = set()
+    for seed in range(6):
+        scan = stream.scan(8, seed)  # one whole shard, the one the seed drew first
+        assert scan.labels in by_shard
+        assert stream.scan(8, seed) == scan  # a function of the seed
+        firsts.add(by_shard.index(scan.labels))
+    assert len(firsts) > 1  # not always the first shard
+    assert len(stream.scan(12).labels) == 12  # the bound, across shards
     write_shards(Unlabelled(), str(tmp_path / "u-%02d.tar"), 2)
     unlabelled = WebDatasetStream(f"{tmp_path}/u-{{00..01}}.tar", IDENTITY, 32, seed=0)
-    assert unlabelled.labels() == [-1, -1, -1]
+    assert unlabelled.scan(1000).labels == [-1, -1, -1]
 
 
 def test_grayscale_jpeg_becomes_rgb(tmp_path: Path) -> None:

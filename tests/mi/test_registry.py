@@ -21,8 +21,12 @@ class Source:
     """A training source as the targets see it: classes, every sample's label, captions."""
 
     classes: list[str] | None
-    sample_labels: list[int] = field(default_factory=list)
+    sample_labels: list[int] = field(default_factory=lambda: [-1])
     sample_captions: list[str] = field(default_factory=list)
+    name: str = "shapes"
+
+    def __len__(self) -> int:
+        return len(self.sample_labels)
 
     def labels(self) -> list[int]:
         return self.sample_labels
@@ -33,7 +37,7 @@ class Source:
 
 def test_the_category_target_refuses_data_without_labels():
     cfg = load_config("supervised", overrides=TINY)
-    with pytest.raises(TrainingError, match="targets.category needs labels, and data 'shapes' has"):
+    with pytest.raises(TrainingError, match="targets.category needs labels, and no sample of"):
         build_model(cfg, Source(classes=None))
     with pytest.raises(TrainingError, match="no sample of data 'shapes' has one"):
         build_model(cfg, Source(classes=["a", "b"], sample_labels=[-1, -1]))

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from m3i.config import load_config
-from m3i.train import trainer
+from m3i.data.stream import BatchStream
 from m3i.train.input_rate import InputRateCheck, usable_cores, watch_input_rate
 from m3i.train.pretrain import pretrain
 
@@ -71,13 +71,13 @@ def test_the_wrapped_stream_is_timed_and_passed_through(wait_s, step_s, warned):
 
 
 def test_pretrain_with_a_slow_source_warns_once(tmp_path, monkeypatch, caplog):
-    def slowed(*args, **kwargs):
-        for batch in training_stream(*args, **kwargs):
-            time.sleep(0.2)
-            yield batch
+    take = BatchStream.__next__
 
-    training_stream = trainer.training_stream
-    monkeypatch.setattr(trainer, "training_stream", slowed)
+    def slowed(self):
+        time.sleep(0.2)
+        return take(self)
+
+    monkeypatch.setattr(BatchStream, "__next__", slowed)
     overrides = ["model.depth=1", "model.img_size=16", "model.patch_size=8", "data.num_train=64"]
     overrides += ["train.batch_size=8", "train.steps=16", "data.image_size=16"]
     overrides += ["monitor.every=0", "monitor.final_eval=[]"]

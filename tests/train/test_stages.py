@@ -4,10 +4,10 @@ overrides in every stage (or a one-line refusal), warm-up and steps per stage.""
 import pytest
 import torch
 
-import m3i.train.batches
 import m3i.train.step
 from m3i.cli import main
 from m3i.config import ConfigError, load_config
+from m3i.data.stream import BatchStream
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_configs
 from tests.tiny import TINY_M3I
@@ -29,20 +29,20 @@ def spy(monkeypatch):
     """Every batch the runs read ("index" and "view1") and every mix drawn (image A's
     positions), in order."""
     seen = {"index": [], "view1": [], "positions_a": []}
-    stream, split = m3i.train.batches.batches, m3i.train.step.split_positions
+    take, split = BatchStream.__next__, m3i.train.step.split_positions
 
-    def batches(*args, **kwargs):
-        for batch in stream(*args, **kwargs):
-            seen["index"].append(batch.indices.tolist())
-            seen["view1"].append(batch.views[0].image.clone())
-            yield batch
+    def next_batch(self):
+        batch = take(self)
+        seen["index"].append(batch.indices.tolist())
+        seen["view1"].append(batch.views[0].image.clone())
+        return batch
 
     def split_positions(*args, **kwargs):
         positions_a, positions_b = split(*args, **kwargs)
         seen["positions_a"].append(positions_a.clone())
         return positions_a, positions_b
 
-    monkeypatch.setattr(m3i.train.batches, "batches", batches)
+    monkeypatch.setattr(BatchStream, "__next__", next_batch)
     monkeypatch.setattr(m3i.train.step, "split_positions", split_positions)
     return seen
 

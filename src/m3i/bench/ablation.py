@@ -102,8 +102,13 @@ BUDGETS = {
     # are left to `gpu`
     "full": Budget(
         train=["train.steps=80", "train.batch_size=32", "data.num_train=5000"],
-        evaluation=["num_train=2000", "num_val=1000", "segment.epochs=10", "detect.epochs=6",
-                    "detect.batch_size=32"],  # fmt: skip
+        evaluation=[
+            "num_train=2000",
+            "num_val=1000",
+            "segment.epochs=10",
+            "detect.epochs=6",
+            "detect.batch_size=32",
+        ],  # fmt: skip
         seeds={"shapes": 3, "fashion-mnist": 3},
         removals=(),
     ),

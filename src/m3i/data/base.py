@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class Sample:
     image: torch.Tensor  # uint8, (3, H, W), RGB
     label: int  # class index, -1 when the sample has no label
     caption: str  # "" when the sample has no caption
+    skipped: int = field(default=0, kw_only=True)  # unreadable samples passed over to reach it
 
 
 class ImageSource(torch.utils.data.Dataset):
@@ -37,6 +38,9 @@ class ImageSource(torch.utils.data.Dataset):
 
     classes: list[str] | None
     name: str
+    # True when the class names are only the numbers 0..C-1 (a captions: file's labels): there
+    # is no name to match them by when two labelled sources are mixed
+    numbered_classes: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -29,13 +29,17 @@ class View:
 
 @dataclass
 class Batch:
-    """N samples: their views (view 1 first), labels (-1: none), captions ("" if none) and
-    their indices in the source; labels, captions and indices are None where nothing made them."""
+    """N samples: their views (view 1 first), labels (-1: none), captions ("" if none), their
+    indices in their source and which source of the run's mixture each came from; labels,
+    captions, indices and sources are None where nothing made them. `skipped` counts the
+    unreadable samples passed over to make the batch."""
 
     views: list[View]
     labels: torch.Tensor | None = None  # (N,) int64
     captions: list[str] | None = None
     indices: torch.Tensor | None = None  # (N,) int64
+    sources: torch.Tensor | None = None  # (N,) int64, 0.. in the order the sources were given
+    skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.views[0].image)
@@ -49,18 +53,22 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device` (captions stay a list of strings)."""
-        labels, indices = (
+        labels, indices, sources = (
             None if x is None else x.to(device, non_blocking=True)
-            for x in (self.labels, self.indices)
+            for x in (self.labels, self.indices, self.sources)
         )
-        return Batch([view.to(device) for view in self.views], labels, self.captions, indices)
+        views = [view.to(device) for view in self.views]
+        return Batch(views, labels, self.captions, indices, sources, self.skipped)
 
     def rows(self, rows: slice) -> Batch:
-        """The samples `rows` of the batch."""
-        labels, captions, indices = (
-            None if x is None else x[rows] for x in (self.labels, self.captions, self.indices)
+        """The samples `rows` of the batch (`skipped` stays with the first rows)."""
+        labels, captions, indices, sources = (
+            None if x is None else x[rows]
+            for x in (self.labels, self.captions, self.indices, self.sources)
         )
-        return Batch([view.rows(rows) for view in self.views], labels, captions, indices)
+        skipped = self.skipped if rows.start in (None, 0) else 0
+        views = [view.rows(rows) for view in self.views]
+        return Batch(views, labels, captions, indices, sources, skipped)
 
     def split(self, parts: int) -> list[Batch]:
         """`parts` equal consecutive slices (gradient accumulation's micro-batches)."""
@@ -70,7 +78,7 @@ class Batch:
 
 def collate(items: Sequence[dict[str, torch.Tensor | str]]) -> Batch:
     """The DataLoader's collate_fn: view items (view1, box1, flip1, view2, ..., label, caption,
-    index) stacked into a Batch."""
+    index, source, skipped) stacked into a Batch."""
     first = items[0]
 
     def stack(key: str) -> torch.Tensor | None:
@@ -81,4 +89,5 @@ def collate(items: Sequence[dict[str, torch.Tensor | str]]) -> Batch:
         View(*(stack(f"{k}{n}") for k in ("view", "box", "flip"))) for n in range(1, count + 1)
     ]
     captions = [item["caption"] for item in items] if "caption" in first else None
-    return Batch(views, stack("label"), captions, stack("index"))
+    skipped = sum(int(item["skipped"]) for item in items if "skipped" in item)
+    return Batch(views, stack("label"), captions, stack("index"), stack("source"), skipped)

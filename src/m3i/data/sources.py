@@ -37,7 +37,7 @@ _FASHION_TEMPLATES = [
     "a photo of {}", "a grayscale picture of {}", "a low resolution photo of {}",
     "a black and white image of {}", "a product photo of {}", "a small picture of {}",
 ]  # fmt: skip
-_MAX_CORRUPT_FRACTION = 0.01
+MAX_CORRUPT_FRACTION = 0.01  # the default of data.max_corrupt_fraction
 
 
 def _check_index(index: int, length: int) -> None:
@@ -132,7 +132,10 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 
 
 class ImageFiles(ImageSource):
-    """Images read lazily from files; corrupt files are skipped, counted and bounded at 1%."""
+    """Images read lazily from files; corrupt files are skipped, counted and bounded at
+    `max_corrupt_fraction` (1%) of the source."""
+
+    max_corrupt_fraction = MAX_CORRUPT_FRACTION
 
     def __init__(
         self,
@@ -153,8 +156,10 @@ class ImageFiles(ImageSource):
         return len(self._files)
 
     def __getitem__(self, index: int) -> Sample:
-        """The sample at ``index``, or the next readable one (wrapping) if that file is corrupt."""
+        """The sample at ``index``, or the next readable one (wrapping) if that file is corrupt;
+        its `skipped` counts the unreadable files passed over."""
         _check_index(index, len(self))
+        skipped = 0
         while True:
             if index not in self._corrupt:
                 try:
@@ -162,8 +167,10 @@ class ImageFiles(ImageSource):
                 except IMAGE_ERRORS as error:
                     self._mark_corrupt(index, error)
                 else:
-                    return Sample(image, self._labels[index], self._captions[index])
-            index = (index + 1) % len(self)
+                    return Sample(
+                        image, self._labels[index], self._captions[index], skipped=skipped
+                    )
+            index, skipped = (index + 1) % len(self), skipped + 1
 
     @property
     def num_corrupt(self) -> int:
@@ -176,9 +183,18 @@ class ImageFiles(ImageSource):
     def labels(self) -> list[int]:
         return list(self._labels)
 
+    def corrupt(self) -> list[int]:
+        """The indices of the images found unreadable so far, in order."""
+        return sorted(self._corrupt)
+
+    def set_corrupt(self, indices: list[int]) -> None:
+        """Mark images that an earlier `verify` (another rank's, or a cached one) found
+        unreadable, so that reading passes over them without trying them."""
+        self._corrupt.update(indices)
+
     def verify(self, progress: bool = False) -> int:
         """Read every image's header and check its data (PIL verify), with a progress bar if
-        `progress`; same 1% rule as lazy loading."""
+        `progress`; same rule as lazy loading."""
         files = tqdm(self._files, f"checking {self.name}", disable=not progress, unit="image")
         for index, path in enumerate(files):
             if index in self._corrupt:
@@ -197,10 +213,11 @@ class ImageFiles(ImageSource):
             "%s: skipped corrupt image %s (%s); %d of %d corrupt so far",
             self.name, path, error, len(self._corrupt), len(self),
         )  # fmt: skip
-        if len(self._corrupt) > _MAX_CORRUPT_FRACTION * len(self):
+        if len(self._corrupt) > self.max_corrupt_fraction * len(self):
             raise DataError(
                 f"{path}: unreadable image ({error}); {len(self._corrupt)} of {len(self)} "
-                f"images in {self.name} are corrupt, more than 1%; replace or remove them"
+                f"images in {self.name} are corrupt, more than data.max_corrupt_fraction="
+                f"{self.max_corrupt_fraction:g}; replace or remove them"
             )
 
 
@@ -235,12 +252,44 @@ def open_folder(root: str, split: str, num_samples: int | None, seed: int, name:
         labels += [classes.index(class_dir.name)] * len(found)
     if not files:
         raise DataError(f"{split_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); {layout}")
-    keep = _take(len(files), num_samples, name)
-    if keep < len(files):  # files are grouped by class: take a seeded random subset
-        chosen = sorted(random.Random(seed).sample(range(len(files)), keep))
-        files = [files[index] for index in chosen]
-        labels = [labels[index] for index in chosen]
+    files, labels = _subset(files, labels, _take(len(files), num_samples, name), seed)
     return ImageFiles(name, files, labels, [""] * len(files), classes)
+
+
+def _subset(
+    files: list[Path], labels: list[int], keep: int, seed: int
+) -> tuple[list[Path], list[int]]:
+    """`keep` of the files (and their labels), a seeded random subset in file order: files
+    grouped by folder would make the first `keep` one folder's."""
+    if keep == len(files):
+        return files, labels
+    chosen = sorted(random.Random(seed).sample(range(len(files)), keep))
+    return [files[index] for index in chosen], [labels[index] for index in chosen]
+
+
+def open_images(root: str, split: str, num_samples: int | None, seed: int, name: str) -> ImageFiles:
+    """images:PATH: every image under PATH, recursively, with no label and no caption (the
+    plain-image share of a mixture, for the self-supervised targets); a train split only."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"{base}: no such folder; images:PATH needs a folder of image files")
+    if split != "train":
+        raise DataError(
+            f"{name} has no {split} split: plain images carry no labels to evaluate on; "
+            "evaluate on a labelled spec (folder:PATH with val/, fashion-mnist, shapes)"
+        )
+    files = sorted(
+        path
+        for path in base.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+    if not files:
+        raise DataError(
+            f"{base}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it; images:PATH reads "
+            "every image file under PATH, in any sub-folder"
+        )
+    files, _ = _subset(files, [-1] * len(files), _take(len(files), num_samples, name), seed)
+    return ImageFiles(name, files, [-1] * len(files), [""] * len(files), None)
 
 
 _LINE_FORMAT = 'each line must be {"image": "a.jpg", "caption": "...", "label": 0 (optional)}'
@@ -317,4 +366,6 @@ def open_captions(arg: str, split: str, num_samples: int | None, name: str) -> I
                 )
     rows = rows[: _take(len(rows), num_samples, name)]
     files, captions, labels, _ = (list(column) for column in zip(*rows, strict=True))
-    return ImageFiles(name, files, labels, captions, classes)
+    source = ImageFiles(name, files, labels, captions, classes)
+    source.numbered_classes = True
+    return source

@@ -201,8 +201,10 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.source[index]
-        return view_item(
+        item = view_item(
             sample.image, sample.label, sample.caption, index, self.cfg, self.size,
             self.generator(index), self.num_views,
             partial(self.source.describe_view, index, sample),
         )  # fmt: skip
+        item["skipped"] = torch.tensor(sample.skipped, dtype=torch.int64)
+        return item

@@ -4,13 +4,20 @@ A shard sample holds ``KEY.png`` (or ``KEY.jpg``), optional ``KEY.txt`` (caption
 ``KEY.cls`` (label as text); ``classes.txt`` beside the shards lists the class names. The stream
 resamples shards with replacement from a seeded RNG, so it is infinite and a function of
 (seed, rank, DataLoader worker, start step) only: a resumed run calls ``set_start(step)``.
+
+A sample whose image cannot be read is skipped, named once in the log and counted (the next
+item's ``skipped``); the stream stops with one line only when more than
+``max_corrupt_fraction`` of the last ``CORRUPT_WINDOW`` samples it read were unreadable.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import random
+from collections import deque
 from collections.abc import Iterator
-from itertools import islice
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +27,26 @@ from PIL import Image
 
 from m3i.data.base import DataError, ImageSource
 from m3i.data.images import IMAGE_ERRORS, rgb_tensor
+from m3i.data.sources import MAX_CORRUPT_FRACTION
 from m3i.data.views import ViewConfig, view_item
 from m3i.io import atomic_write, atomic_write_text
+
+log = logging.getLogger("m3i.data")
 
 VALID_SPEC = "wds:/path/shard-{000000..000099}.tar"
 SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held by the shuffle buffer of each worker
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 JPEG_QUALITY = 90  # of the jpg images write_shards writes
+CORRUPT_WINDOW = 1000  # the last samples read, of which at most max_corrupt_fraction may be bad
+
+
+@dataclass
+class StreamScan:
+    """What a bounded read of a stream's shards found, without decoding an image: the label
+    of each sample read (-1: none) and its non-empty captions."""
+
+    labels: list[int]
+    captions: list[str]
 
 
 def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
@@ -132,6 +152,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         if classes_file.is_file():
             self.classes = [line for line in classes_file.read_text().splitlines() if line]
         self.name = f"wds:{spec_arg}"
+        self.max_corrupt_fraction = MAX_CORRUPT_FRACTION
         self.cfg = cfg
         self.size = size
         self.seed = seed
@@ -143,25 +164,26 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         """Reseed shard resampling, shuffling and views for a run that starts at ``step``."""
         self.start = step
 
-    def captions(self, limit: int | None = None) -> list[str]:
-        """Non-empty captions of the first shards in order (at most ``limit``); no image is read."""
+    def scan(self, limit: int, seed: int = 0) -> StreamScan:
+        """Labels and captions of at most `limit` samples, read from whole shards in a seeded
+        random order (not every shard in full, and not the first shards only: a corpus written
+        class by class would give those one class); no image is decoded."""
+        keep = (".cls", ".txt", *(f".{key}" for key in IMAGE_KEYS))
+        urls = list(self.urls)
+        random.Random(seed).shuffle(urls)
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.tarfile_to_samples(select_files=lambda name: name.endswith(".txt")),
-        )
-        found = (sample["txt"].decode("utf-8") for sample in pipeline)
-        return list(islice((caption for caption in found if caption), limit))
-
-    def labels(self) -> list[int]:
-        """Every sample's label (-1: none), shard by shard in order; no image is decoded.
-
-        Shards are resampled uniformly, so these are the stream's class frequencies."""
-        keep = (".cls", *(f".{key}" for key in IMAGE_KEYS))
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
+            wds.SimpleShardList(urls),
             wds.tarfile_to_samples(select_files=lambda name: name.endswith(keep)),
         )
-        return [int(sample["cls"]) if "cls" in sample else -1 for sample in pipeline]
+        labels, captions = [], []
+        for sample in pipeline:
+            if len(labels) == limit:
+                break
+            labels.append(int(sample["cls"]) if "cls" in sample else -1)
+            caption = sample.get("txt", b"").decode("utf-8")
+            if caption:
+                captions.append(caption)
+        return StreamScan(labels, captions)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
         info = torch.utils.data.get_worker_info()
@@ -174,9 +196,39 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             wds.tarfile_to_samples(),
             wds.shuffle(SHUFFLE_BUFFER, seed=_seed(*stream, 1)),
         )
+        window: deque[bool] = deque(maxlen=CORRUPT_WINDOW)  # the last samples read: unreadable?
+        named: set[str] = set()
+        skipped = 0
         for counter, sample in enumerate(pipeline):
+            try:
+                image = _decode(sample)
+            except DataError as error:
+                window.append(True)
+                skipped += 1
+                self._check_window(window, error)
+                where = f"{sample['__url__']}:{sample['__key__']}"
+                if where not in named:
+                    named.add(where)
+                    log.warning("skipped an unreadable sample: %s", error)
+                continue
+            window.append(False)
             generator = torch.Generator().manual_seed(_seed(*stream, 2, counter))
             label = int(sample["cls"]) if "cls" in sample else -1
             caption = sample.get("txt", b"").decode("utf-8")
             index = (counter * num_workers + worker) * self.world_size + self.rank
-            yield view_item(_decode(sample), label, caption, index, self.cfg, self.size, generator)
+            item = view_item(image, label, caption, index, self.cfg, self.size, generator)
+            item["skipped"] = torch.tensor(skipped, dtype=torch.int64)
+            skipped = 0
+            yield item
+
+    def _check_window(self, window: deque[bool], error: DataError) -> None:
+        """Stop when more than max_corrupt_fraction of the last CORRUPT_WINDOW samples read
+        were unreadable (counted against the whole window, so one bad sample early is not
+        more than 1%)."""
+        bad = sum(window)
+        if bad > self.max_corrupt_fraction * CORRUPT_WINDOW:
+            raise DataError(
+                f"{error} (the last of {bad} unreadable samples among the last {len(window)} "
+                f"read, more than data.max_corrupt_fraction={self.max_corrupt_fraction:g} of "
+                f"{CORRUPT_WINDOW}); rewrite the damaged shards or raise data.max_corrupt_fraction"
+            )

@@ -20,6 +20,7 @@ import yaml
 from m3i.data.base import ImageSource
 from m3i.data.shapes import ShapesDataset
 from m3i.data.shapes_detect import ShapesDetection
+from m3i.data.specs import eval_spec
 from m3i.eval.features import (
     EvalError,
     Features,
@@ -266,12 +267,13 @@ def check_task(task: str) -> None:
 
 
 def default_data(checkpoint: str | Path) -> str:
-    """The data spec a run was trained on (its config.yaml), else `shapes`."""
+    """The data spec a run was trained on (its config.yaml; of a mixture, the first source
+    with labelled splits: m3i.data.specs.eval_spec), else `shapes`."""
     config = backbone_path(checkpoint).parent / "config.yaml"
     if config.is_file():
         spec = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("spec")
-        if isinstance(spec, str):
-            return spec
+        if isinstance(spec, str) or (isinstance(spec, list) and spec):
+            return eval_spec(spec)
     return "shapes"
 
 

@@ -1,46 +1,79 @@
-"""The data of a run: its training source and this rank's batch stream from any step on."""
+"""The data of a run: its mixture of training sources (scanned once) and this rank's batch
+stream from any step on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import torch
 
 from m3i import runtime
 from m3i.config import Config
-from m3i.data.base import ImageSource
-from m3i.data.specs import open_source
-from m3i.data.stream import batches, stream_batches
+from m3i.data.mixture import Mixture
+from m3i.data.scan import SCAN_FILE, Source, shared_scans
+from m3i.data.specs import is_stream, open_source, spec_list
+from m3i.data.stream import PART_SEED_STRIDE, BatchStream, mixture_batches
 from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 
 
-def training_stream(
-    cfg: Config, source: ImageSource | WebDatasetStream, step: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
+def training_stream(cfg: Config, mixture: Mixture, step: int, device: torch.device) -> BatchStream:
     """This rank's batches of a run from its step `step` on: global batch number
-    train.first_batch + step onwards (a `wds:` stream is reseeded there instead)."""
+    train.first_batch + step onwards (`wds:` streams are reseeded there)."""
     first = cfg.train.first_batch + step
-    if isinstance(source, WebDatasetStream):
-        source.set_start(first)
-        return stream_batches(source, cfg.train.batch_size, cfg.data.workers, device)
-    dataset = ViewDataset(source, cfg.views, cfg.model.img_size, seed=cfg.train.seed)
-    return batches(dataset, cfg.train.batch_size, cfg.train.seed, cfg.data.workers, device, first)
-
-
-def training_source(cfg: Config) -> ImageSource | WebDatasetStream:
-    """The run's training data: a `wds:` shard stream (this rank's), or an indexable source."""
-    kind, _, arg = cfg.data.spec.partition(":")
-    if kind == "wds":
-        return WebDatasetStream(
-            arg, cfg.views, cfg.model.img_size, cfg.train.seed, runtime.rank(),
-            runtime.world_size(),
-        )  # fmt: skip
-    return open_source(
-        cfg.data.spec,
-        "train",
-        num_samples=cfg.data.num_train,
-        image_size=cfg.data.image_size,
-        seed=cfg.data.seed,
+    parts: list[torch.utils.data.Dataset] = []
+    for number, source in enumerate(mixture.sources):
+        if isinstance(source, WebDatasetStream):
+            source.set_start(first)
+            parts.append(source)
+        else:
+            seed = cfg.train.seed + number * PART_SEED_STRIDE
+            parts.append(ViewDataset(source, cfg.views, cfg.model.img_size, seed=seed))
+    return mixture_batches(
+        parts,
+        mixture.weights,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        cfg.data.workers,
+        device,
+        first,
+        mixture.label_maps,
     )
+
+
+def open_training_source(cfg: Config, spec: str) -> Source:
+    """One source of the run's data: a `wds:` shard stream (this rank's), or the train split of
+    an indexable source (data.num_train of it)."""
+    if is_stream(spec):
+        source: Source = WebDatasetStream(
+            spec.partition(":")[2], cfg.views, cfg.model.img_size, cfg.train.seed,
+            runtime.rank(), runtime.world_size(),
+        )  # fmt: skip
+    else:
+        source = open_source(
+            spec,
+            "train",
+            num_samples=cfg.data.num_train,
+            image_size=cfg.data.image_size,
+            seed=cfg.data.seed,
+        )
+    source.max_corrupt_fraction = cfg.data.max_corrupt_fraction
+    return source
+
+
+def training_source(cfg: Config, run_dir: Path | None = None, progress: bool = False) -> Mixture:
+    """The run's training data: the mixture of its specs, with their start-up scans made once
+    (by rank 0, cached in `run_dir` when given, m3i.data.scan)."""
+    specs = spec_list(cfg.data.spec)
+    sources = [open_training_source(cfg, spec) for spec in specs]
+    data = cfg.data
+    key = {
+        "specs": specs,
+        "num_train": data.num_train,
+        "image_size": data.image_size,
+        "verify": data.verify,
+        "limit": data.scan_samples,
+        "seed": data.seed,
+    }
+    cache = None if run_dir is None else run_dir / SCAN_FILE
+    return Mixture(sources, data.weights, shared_scans(sources, key, cache, data.verify, progress))

@@ -36,6 +36,7 @@ RESUMABLE = (
     "train.dist_timeout",
     "data.workers",
     "data.verify",
+    "data.max_corrupt_fraction",
     "monitor.",
 )
 

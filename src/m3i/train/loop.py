@@ -16,8 +16,8 @@ import torch
 
 from m3i import runtime
 from m3i.config import Config, to_dict
-from m3i.data.base import ImageSource
-from m3i.data.webdataset import WebDatasetStream
+from m3i.data.mixture import Mixture
+from m3i.data.scan import Source
 from m3i.mi.targets import TARGETS, DataInfo, RunContext
 from m3i.train import sharding
 from m3i.train.checkpoint import (
@@ -52,10 +52,11 @@ def mask_seed(seed: int, rank: int, first_batch: int) -> int:
     return seed + rank + MASK_SEED_STRIDE * first_batch
 
 
-def target_run_context(cfg: Config, source: ImageSource | WebDatasetStream) -> RunContext:
-    """What the active targets take from the training data (each spec's `prepare`), after
-    each has checked that the data has what it needs."""
-    data = DataInfo(cfg.data.spec, source)
+def target_run_context(cfg: Config, source: Mixture | Source) -> RunContext:
+    """What the active targets take from the training data (a mixture, or one source: each
+    spec's `prepare`), after each has checked that the data has what it needs."""
+    mixture = source if isinstance(source, Mixture) else Mixture([source], [])
+    data = DataInfo(cfg.data.spec, mixture)
     given = {"num_classes": len(data.classes)}
     for name, section in cfg.active_targets().items():
         spec = TARGETS[name]
@@ -66,7 +67,7 @@ def target_run_context(cfg: Config, source: ImageSource | WebDatasetStream) -> R
     return RunContext(**given)
 
 
-def build_model(cfg: Config, source: ImageSource | WebDatasetStream) -> M3IModel:
+def build_model(cfg: Config, source: Mixture | Source) -> M3IModel:
     model = M3IModel(cfg, target_run_context(cfg, source))
     if cfg.init:
         model.backbone.load(cfg.init)
@@ -77,10 +78,17 @@ def build_model(cfg: Config, source: ImageSource | WebDatasetStream) -> M3IModel
 
 
 def save_run(
-    model: M3IModel, optimise: Optimise, cfg: Config, step: int, out_dir: Path, final: bool
+    model: M3IModel,
+    optimise: Optimise,
+    cfg: Config,
+    step: int,
+    out_dir: Path,
+    final: bool,
+    skipped: int = 0,
 ) -> None:
-    """backbone.safetensors (timm state dict) and a checkpoint (everything to resume), written
-    by rank 0 with every rank's RNG state; every rank calls it (sharded states are gathered)."""
+    """backbone.safetensors (timm state dict) and a checkpoint (everything to resume, and the
+    unreadable samples `skipped` so far), written by rank 0 with every rank's RNG state; every
+    rank calls it (sharded states are gathered)."""
     rngs = [None] * runtime.world_size()
     if runtime.is_distributed():
         torch.distributed.all_gather_object(rngs, rng_state())
@@ -104,6 +112,7 @@ def save_run(
         "optimizer": optimizer_state,
         "scaler": optimise.scaler.state_dict(),
         "rng": rngs,
+        "data_skipped": skipped,
     }
     save_checkpoint(state, out_dir, cfg.train.keep_checkpoints)
 
@@ -144,12 +153,15 @@ def stop_signals() -> Iterator[list[int]]:
 def mean_over_ranks(
     loss: torch.Tensor, monitors: dict[str, torch.Tensor]
 ) -> tuple[float, dict[str, float]]:
-    """The logged loss and monitors: means over ranks (each rank's are over its own batch)."""
+    """The logged loss and monitors: means over ranks (each rank's are over its own batch) of
+    the ranks where they are finite (a target with no sample on a rank has a NaN figure there;
+    NaN where no rank has one)."""
     values = torch.stack([loss.detach().float(), *(v.detach().float() for v in monitors.values())])
+    finite = torch.isfinite(values)
+    sums = torch.stack([torch.where(finite, values, 0.0), finite.float()])
     if runtime.is_distributed():
-        torch.distributed.all_reduce(values)
-        values /= runtime.world_size()
-    loss_value, *rest = values.tolist()
+        torch.distributed.all_reduce(sums)
+    loss_value, *rest = (sums[0] / sums[1]).tolist()
     return loss_value, dict(zip(monitors, rest, strict=True))
 
 

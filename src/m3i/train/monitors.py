@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from m3i.config import Config
+from m3i.data.specs import eval_spec
 from m3i.data.views import ViewConfig, eval_transform
 from m3i.eval.features import EvalError, open_split
 from m3i.eval.knn import knn_scores, topk_accuracy
@@ -51,7 +52,7 @@ class TrainingMonitor:
     def _open(cfg: Config, split: str, count: int):
         data = cfg.data
         try:
-            return open_split(data.spec, split, count, data.image_size, data.seed)
+            return open_split(eval_spec(data.spec), split, count, data.image_size, data.seed)
         except EvalError as err:  # no val split: train without the kNN monitor
             log.warning("no online kNN monitor: %s", err)
             return None

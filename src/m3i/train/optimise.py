@@ -77,8 +77,9 @@ class Optimise:
                 self.scaler.scale(loss / len(parts)).backward()
             losses.append(loss.detach())
             for key, value in part_monitors.items():
-                monitors[key] = monitors.get(key, 0) + value.detach() / len(parts)
+                monitors.setdefault(key, []).append(value.detach())
         loss = torch.stack(losses).mean()
+        monitors = {key: finite_mean(values) for key, values in monitors.items()}
         if runtime.any_rank(not torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, monitors, f"non-finite loss {loss.item()} (on some rank)")
@@ -97,3 +98,11 @@ class Optimise:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return StepResult(loss, monitors)
+
+
+def finite_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the finite values (a micro-batch without a target's samples has a NaN
+    figure for it); NaN when none is finite."""
+    stacked = torch.stack([value.float() for value in values])
+    finite = torch.isfinite(stacked)
+    return torch.where(finite, stacked, 0.0).sum() / finite.sum()

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from m3i import runtime
+from m3i.data.scan import SCAN_FILE
 from m3i.io import TEMPORARY_NAME, OutDirError, writable_dir
 from m3i.train.checkpoint import HISTORY
 from m3i.train.metrics import heal_metrics
@@ -18,7 +19,7 @@ log = logging.getLogger("m3i.train")
 # every name `m3i pretrain`, `m3i eval` and `m3i report` write into a run directory
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "backbone.safetensors", "checkpoint.pt", "tokenizer.json",
-     "eval.jsonl"}
+     "eval.jsonl", SCAN_FILE}
 )  # fmt: skip
 RUN_DIRS = frozenset({HISTORY, "stages", "report", "tensorboard"})
 # the names only a run writes: a directory holding one of them holds a run (a config.yaml or an
@@ -101,9 +102,11 @@ def heal(out_dir: Path) -> None:
 
 def remove_if_empty(out_dir: Path) -> None:
     """Remove a run directory this run created if the run failed before writing any file into
-    it (bad input found after the probe, e.g. while building the model): a failed start leaves
-    nothing behind. A directory holding any file is kept as it is."""
-    if out_dir.is_dir() and not any(p.is_file() for p in out_dir.rglob("*")):
+    it but its data scan (bad input found after the probe, e.g. while building the model): a
+    failed start leaves nothing behind. A directory holding any other file is kept as it is."""
+    if out_dir.is_dir() and not any(
+        p.is_file() and p != out_dir / SCAN_FILE for p in out_dir.rglob("*")
+    ):
         shutil.rmtree(out_dir, ignore_errors=True)
 
 

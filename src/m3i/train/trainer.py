@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from m3i import runtime
 from m3i.config import Config, dump_yaml, to_dict
-from m3i.data.base import DataError, ImageSource
+from m3i.data.base import DataError
 from m3i.data.batch import Batch
+from m3i.data.stream import SourceDraws
 from m3i.io import atomic_write_text
 from m3i.mi.targets import TARGETS
 from m3i.models.backbone import Backbone
@@ -57,11 +59,21 @@ class Trainer:
     optimise: Optimise
     scheduler: CosineLRScheduler
     stream: Iterator[Batch]  # this rank's batches from step start + 1 on
+    draws: SourceDraws  # which source each sample of every global batch is drawn from
+    drawn_before: np.ndarray  # samples drawn from each source before step 1 (earlier stages)
+    skipped: int  # unreadable samples skipped (all ranks, before a resume included), counted
     metrics: MetricsLog
     monitor: TrainingMonitor | None  # rank 0's collapse monitors and online kNN, if any
     full: Backbone | None  # under FSDP, an unsharded copy of the backbone for the monitors
     start: int  # the steps already done (resumed from a checkpoint), else 0
     progress: bool
+    skipped_here: int = 0  # this rank's skips not yet in `skipped`
+
+    def count_skipped(self) -> int:
+        """`skipped` with every rank's skips since the last count (all ranks call it)."""
+        self.skipped += int(runtime.sum_over_ranks(torch.tensor(self.skipped_here)))
+        self.skipped_here = 0
+        return self.skipped
 
     def run(self) -> Path:
         """Step from `start` to train.steps: optimise, schedules, logs, checkpoints, signals."""
@@ -83,6 +95,7 @@ class Trainer:
                 logged = monitor_now or step % cfg.train.log_every == 0 or step == steps
                 model.measure_information = logged  # the Gaussian estimates only when logged
                 batch = next(self.stream)
+                self.skipped_here += batch.skipped
                 result = self.optimise(batch)
                 self.scheduler.step_update(step)
                 if result.skipped:
@@ -102,17 +115,29 @@ class Trainer:
                     bar.set_postfix(self.log(step, result, momentum, speed, monitor_now))
                     seen, tick = 0, time.perf_counter()
                 if should_stop(received):
-                    save_run(model, self.optimise, cfg, step, self.out_dir, final=False)
+                    self.save(step, final=False)
                     raise TrainingStopped(
                         f"stopped by signal at step {step}; checkpoint written; continue with "
                         f"`m3i pretrain --resume {self.out_dir}`"
                     )
                 if step % cfg.train.checkpoint_every == 0 and step != steps:
-                    save_run(model, self.optimise, cfg, step, self.out_dir, final=False)
-            save_run(model, self.optimise, cfg, steps, self.out_dir, final=True)
+                    self.save(step, final=False)
+            self.save(steps, final=True)
         if runtime.is_distributed():
             torch.distributed.barrier()  # rank 0's files exist before any rank goes on
         return self.out_dir
+
+    def save(self, step: int, final: bool) -> None:
+        """The run's files at `step` (every rank calls it)."""
+        skipped = self.count_skipped()
+        save_run(self.model, self.optimise, self.cfg, step, self.out_dir, final, skipped)
+
+    def data_record(self, step: int) -> dict[str, int]:
+        """`data/samples/K`: samples drawn from source K by steps 1..step (all ranks);
+        `data/skipped`: unreadable samples skipped so far (every rank calls it)."""
+        drawn = self.draws.before(self.cfg.train.first_batch + step) - self.drawn_before
+        record = {f"data/samples/{k}": int(n) for k, n in enumerate(drawn)}
+        return {**record, "data/skipped": self.count_skipped()}
 
     def log(
         self, step: int, result: StepResult, momentum: float, img_per_s: float, monitor_now: bool
@@ -128,6 +153,7 @@ class Trainer:
             "img_per_s": img_per_s,
         }
         record.update(monitors)
+        record.update(self.data_record(step))
         if monitor_now:
             backbone = sharding.monitored_backbone(self.model, self.cfg, self.full)
             if self.monitor is not None:  # rank 0 only
@@ -208,10 +234,10 @@ def setup(
     if state is not None:
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    source = training_source(cfg)
-    model = runtime.sync_batch_norm(build_model(cfg, source).to(device), device)
-    if cfg.data.verify and isinstance(source, ImageSource):  # corrupt files: now, not mid-run
-        source.verify(progress=progress and main)
+    mixture = training_source(cfg, out_dir, progress=progress and main)  # scanned once
+    if main and len(mixture.sources) > 1:
+        log.info("data: %s", mixture.describe())
+    model = runtime.sync_batch_norm(build_model(cfg, mixture).to(device), device)
     monitor = training_monitor(cfg, device)
     forward, full = distribute(model, cfg, device, monitored=monitor is not None)
     optimizer = build_optimizer(model, cfg.train, device)
@@ -223,9 +249,11 @@ def setup(
     if main:
         write_run_files(model, cfg, out_dir)
     metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
-    stream = training_stream(cfg, source, start, device)
+    batches = training_stream(cfg, mixture, start, device)
+    stream: Iterator[Batch] = batches
     if main:  # one warning line if the input cannot keep up with the step
-        stream = watch_input_rate(stream, cfg.train.batch_size, cfg.data.workers)
+        stream = watch_input_rate(batches, cfg.train.batch_size, cfg.data.workers)
+    skipped = state.get("data_skipped", 0) if state is not None else 0
     seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
     if state is not None:
         scheduler.step_update(start)
@@ -241,8 +269,10 @@ def setup(
         if monitor is not None:
             metrics.write({"step": 0, **monitor(backbone)})
     return Trainer(
-        cfg, out_dir, model, optimise, scheduler, stream, metrics, monitor, full, start, progress
-    )
+        cfg, out_dir, model, optimise, scheduler, stream, batches.draws,
+        batches.draws.before(cfg.train.first_batch), skipped, metrics,
+        monitor, full, start, progress,
+    )  # fmt: skip
 
 
 def train_one(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> Path:

@@ -77,8 +77,10 @@ class StepContext:
 
 
 def zero_bound(like: torch.Tensor) -> Bound:
-    """No sample carries this target in the batch: a zero loss that keeps the graph connected."""
-    return Bound(like.sum() * 0.0, torch.zeros((), device=like.device))
+    """No sample carries this target in the batch: a zero loss that keeps the graph connected
+    (no gradient), and no figure (NaN: the log writes null, and means over micro-batches and
+    ranks leave it out rather than count a 0)."""
+    return Bound(like.sum() * 0.0, torch.full((), float("nan"), device=like.device))
 
 
 def mean_bound(bounds: list[Bound]) -> Bound:

@@ -48,6 +48,8 @@ class CategoryTarget(Target):
         return self.head(pooled) @ self.class_embedding.t()
 
     def forward(self, ctx: StepContext) -> Bound:
+        """Cross-entropy and H(Y) - CE over the labelled images of the batch only (no labelled
+        image: no gradient and a NaN figure, which the log writes as null)."""
         logits = torch.cat([self.logits(s.pooled) for s in ctx.streams.values()])
         labels = torch.cat([ctx.batch.labels[s.samples] for s in ctx.streams.values()])
         labelled = labels >= 0
@@ -56,37 +58,25 @@ class CategoryTarget(Target):
         return boltzmann(logits[labelled], labels[labelled], self.label_entropy)
 
 
-def label_counts(data: DataInfo) -> torch.Tensor:
-    """How many training samples each class has (-1, unlabelled, not counted)."""
-    labels = torch.tensor(data.labels, dtype=torch.long)
-    return torch.bincount(labels[labels >= 0], minlength=len(data.classes))
-
-
 def check_data(cfg: Any, data: DataInfo) -> str | None:
     """Refuse data without labels."""
-    if not data.classes:
-        return (
-            f"targets.category needs labels, and data {data.spec!r} has none; "
-            "set targets.category.weight=0 or use labelled data"
-        )
-    if label_counts(data).sum() == 0:
+    if not data.classes or data.label_prior is None:
         return (
             f"targets.category needs labels, and no sample of data {data.spec!r} has one; "
-            "set targets.category.weight=0 or use labelled data"
+            "set targets.category.weight=0 or add labelled data (e.g. --data folder:PATH)"
         )
     return None
 
 
 def prepare(cfg: Any, data: DataInfo) -> dict[str, Any]:
-    """The label prior: the class frequencies of the training samples."""
+    """The label prior: the class frequencies of the labelled samples as the run draws them."""
     if len(data.classes) == 1:
         log.warning(
             "data %r has one class: targets.category can learn nothing (its loss is always "
             "0); set targets.category.weight=0 or use data with two classes or more",
             data.spec,
         )
-    counts = label_counts(data)
-    return {"label_prior": counts.double() / counts.sum()}
+    return {"label_prior": data.label_prior}
 
 
 SPEC = register(

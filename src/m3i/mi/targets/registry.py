@@ -10,39 +10,43 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from m3i.mi.targets.base import RunContext, Target, TargetConfig
 
 
-class TrainingSource(Protocol):
-    """What a training source (ImageSource, WebDatasetStream) tells the targets."""
+class TrainingData(Protocol):
+    """What a run's training data (m3i.data.mixture.Mixture) tells the targets."""
 
-    classes: list[str] | None
+    classes: list[str]
 
-    def labels(self) -> list[int]: ...
+    def label_prior(self) -> torch.Tensor | None: ...
 
-    def captions(self) -> list[str]: ...
+    def all_captions(self) -> list[str]: ...
 
 
 class DataInfo:
-    """What the training data offers the targets: its classes, and its labels and captions,
-    each read once, on first use."""
+    """What the training data offers the targets: its classes, the label prior as the data is
+    drawn and its captions, each read once, on first use; `spec` names the data in messages."""
 
-    def __init__(self, spec: str, source: TrainingSource) -> None:
-        self.spec, self.source = spec, source
+    def __init__(self, spec: str | list[str], data: TrainingData) -> None:
+        self.spec = spec if isinstance(spec, str) else " + ".join(spec)
+        self.data = data
 
     @property
     def classes(self) -> list[str]:
-        return list(self.source.classes or [])
+        return list(self.data.classes or [])
 
     @cached_property
-    def labels(self) -> list[int]:
-        """Every training sample's label (-1: none)."""
-        return self.source.labels()
+    def label_prior(self) -> torch.Tensor | None:
+        """(num_classes,) the labels' frequencies as the run draws them; None without any
+        labelled sample."""
+        return self.data.label_prior()
 
     @cached_property
     def captions(self) -> list[str]:
-        """The non-empty captions of the training samples."""
-        return self.source.captions()
+        """The non-empty captions of the training samples (a stream's: its scan's sample)."""
+        return self.data.all_captions()
 
 
 def no_config_problem(section: Any, cfg: Any) -> str | None:

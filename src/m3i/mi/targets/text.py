@@ -141,11 +141,12 @@ def check_config(text: TextTargetConfig, cfg: Any) -> str | None:
 
 
 def check_data(text: TextTargetConfig, data: DataInfo) -> str | None:
-    """A BPE tokenizer is trained on the run's captions: refuse data without any."""
-    if text.tower == "scratch" and text.tokenizer == "bpe" and not data.captions:
+    """Refuse data without any caption: the target would learn from no sample (and a BPE
+    tokenizer is trained on the run's captions)."""
+    if not data.captions:
         return (
             f"targets.text needs captions, and data {data.spec!r} has none; "
-            "set targets.text.weight=0 or use data with captions (shapes, captions:FILE)"
+            "set targets.text.weight=0 or add data with captions (captions:FILE, wds: with txt)"
         )
     return None
 
