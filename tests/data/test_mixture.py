@@ -16,7 +16,7 @@ from m3i.data import scan as scan_module
 from m3i.data.base import DataError, ImageSource, Sample
 from m3i.data.mixture import Mixture, merge_classes, mixture_weights
 from m3i.data.scan import SCAN_FILE, shared_scans
-from m3i.data.specs import open_source
+from m3i.data.specs import eval_spec, open_source
 from m3i.data.stream import MixtureStream, SourceDraws, mixture_batches
 from m3i.data.webdataset import WebDatasetStream
 from tests.mixture_data import caption_shards, plain_images
@@ -291,3 +291,10 @@ def test_a_mixture_stream_counts_the_skipped_samples_in_its_batches(tmp_path):
     got = list(islice(mixture_batches([stream], [1.0], 8, 0, 0, CPU), 5))
     assert sum(batch.skipped for batch in got) == expected > 0
     assert isinstance(MixtureStream([stream], [1.0], 0, 8), torch.utils.data.IterableDataset)
+
+
+def test_a_mixture_is_evaluated_on_its_first_source_with_labelled_splits():
+    assert eval_spec(["wds:/cc/{0..9}.tar", "images:/raw", "folder:/in", "shapes"]) == "folder:/in"
+    assert eval_spec(["images:/raw", "fashion-mnist"]) == "fashion-mnist"
+    assert eval_spec("wds:/cc/{0..9}.tar") == "wds:/cc/{0..9}.tar"  # alone: its own refusal
+    assert eval_spec(["wds:/a.tar", "images:/raw"]) == "wds:/a.tar"

@@ -186,3 +186,28 @@ def test_bad_mixtures_are_refused_in_one_line(sources, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines[-1].startswith("m3i: error: ") and words in lines[-1], lines
         assert not out.exists()
+
+
+def test_the_skipped_count_goes_on_across_a_resume(sources, tmp_path):
+    """A labelled folder with an unreadable image (found while reading: data.verify=false):
+    4 steps then a resume to 8 count the skips of an 8-step run, the first 4 steps' included."""
+    folder = tmp_path / "in"
+    subprocess.run(["cp", "-r", sources["labelled"].partition(":")[2], str(folder)], check=True)
+    for path in sorted((folder / "train").rglob("*.png"))[::12]:  # 4 of 48
+        path.write_bytes(b"not a png")
+    values = [*TINY, "train.batch_size=8", "train.log_every=2", "targets.text.weight=0"]
+    values += ["data.verify=false", "data.max_corrupt_fraction=0.1"]
+    data = ["--data", f"folder:{folder}", "--data", sources["plain"]]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert (
+        main(["pretrain", "--quiet", "--out", str(whole), *data, *sets([*values, "train.steps=8"])])
+        == 0
+    )
+    assert (
+        main(["pretrain", "--quiet", "--out", str(part), *data, *sets([*values, "train.steps=4"])])
+        == 0
+    )
+    assert records(part)[-1]["data/skipped"] > 0
+    assert main(["pretrain", "--quiet", "--resume", str(part), "--set=train.steps=8"]) == 0
+    assert records(part)[-1]["step"] == records(whole)[-1]["step"] == 8
+    assert records(part)[-1]["data/skipped"] == records(whole)[-1]["data/skipped"]
