@@ -1,9 +1,9 @@
 """What a mixture buys: M3I on labelled + plain + captioned sources against supervised training
-on the labelled share alone, at equal training FLOPs (issue 24, item 5; docs/mixtures.md).
+on the labelled share alone, at equal training FLOPs (docs/mixtures.md).
 
 The data is Fashion-MNIST's training set, split once with `--data-seed`:
-- `labelled/`: `--labelled` (10%) of the images, the same number from each class, with their
-  labels, as an ImageNet-layout folder; its val/ holds the 10,000 test images (the probes');
+- `labelled/`: `--labelled` (10%) of each class's images (a seeded draw), with their labels,
+  as an ImageNet-layout folder; its val/ holds the 10,000 test images;
 - `plain/`: the other 90%, as plain images (`images:`);
 - `captioned.jsonl`: the same 90% again, each with its class-name caption (the `fashion-mnist`
   source's: one of six templates around the class noun) and no label (`captions:`).

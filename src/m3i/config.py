@@ -185,7 +185,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
-    if args and origin is not list:  # X | Y: the first that fits
+    if args:  # X | Y: the first that fits
         for alternative in args:
             try:
                 return _coerce(key, value, alternative)
@@ -301,7 +301,7 @@ def load_config(
         cfg = Config()
         _apply(cfg, preset_values(preset or "m3i"))
     if data is not None:
-        cfg.data.spec = data if isinstance(data, str) or len(data) > 1 else data[0]
+        cfg.data.spec = data if isinstance(data, str) or len(data) != 1 else data[0]
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg

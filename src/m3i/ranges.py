@@ -91,7 +91,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "data.seed": NON_NEGATIVE,
     "data.workers": NON_NEGATIVE,
     "data.weights": POSITIVE,
-    "data.max_corrupt_fraction": PROBABILITY,
+    "data.max_corrupt_fraction": Range(0, 1, high_open=True),  # 1: all unreadable, no sample
     "data.scan_samples": COUNT,
     "train.steps": NON_NEGATIVE,
     "train.batch_size": COUNT,

@@ -5,6 +5,7 @@ refusals."""
 import json
 import logging
 import math
+from collections import Counter, deque
 from itertools import islice
 
 import numpy as np
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 from m3i import runtime
-from m3i.data import scan as scan_module
 from m3i.data.base import DataError, ImageSource, Sample
 from m3i.data.mixture import Mixture, merge_classes, mixture_weights
-from m3i.data.scan import SCAN_FILE, shared_scans
+from m3i.data.scan import SCAN_FILE, ScanCache, scan_key, shared_stream_scans, shared_verify
+from m3i.data.shapes import ShapesDataset
 from m3i.data.specs import eval_spec, open_source
-from m3i.data.stream import MixtureStream, SourceDraws, mixture_batches
+from m3i.data.stream import SourceDraws, mixture_batches
 from m3i.data.webdataset import WebDatasetStream
 from tests.mixture_data import caption_shards, plain_images
 
@@ -76,7 +77,7 @@ def test_draw_counts_follow_the_weights_within_binomial_tolerance():
     for count, p in zip(counts, weights, strict=True):
         assert abs(count - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)), (count, n * p)
     assert counts.sum() == n
-    assert np.array_equal(draws.before(batches), counts)
+    assert np.array_equal(draws.counts_before(batches), counts)
     per_batch = {tuple(np.bincount(draws(b), minlength=3)) for b in range(20)}
     assert len(per_batch) > 1  # each slot is drawn, not a fixed quota per batch
 
@@ -84,11 +85,11 @@ def test_draw_counts_follow_the_weights_within_binomial_tolerance():
 def test_draws_are_a_function_of_the_seed_and_the_batch_alone():
     a, b = SourceDraws([1, 1], seed=3, size=32), SourceDraws([1, 1], seed=3, size=32)
     assert np.array_equal(a(17), b(17))
-    assert np.array_equal(a.before(40), b.before(40))
+    assert np.array_equal(a.counts_before(40), b.counts_before(40))
     assert not np.array_equal(a(17), SourceDraws([1, 1], seed=4, size=32)(17))
     assert not np.array_equal(a(17), a(18))
     one = SourceDraws([5.0], seed=0, size=8)
-    assert np.array_equal(one(3), np.zeros(8)) and one.before(5).tolist() == [40]
+    assert np.array_equal(one(3), np.zeros(8)) and one.counts_before(5).tolist() == [40]
 
 
 def stream_items(parts, weights, batch_size, batches, start=0, maps=None, workers=0):
@@ -232,31 +233,53 @@ def test_the_scans_are_made_once_and_cached_in_the_run_folder(tmp_path, monkeypa
     spec = caption_shards(tmp_path / "cc", 6, 3)
     stream = WebDatasetStream(spec.partition(":")[2], None, 16, seed=0)
     calls = []
-    real = scan_module.scan_source
+    real = WebDatasetStream.scan
     monkeypatch.setattr(
-        scan_module, "scan_source", lambda *args: calls.append(args[0]) or real(*args)
+        WebDatasetStream, "scan", lambda self, *args: calls.append(args) or real(self, *args)
     )
-    key = {"specs": [spec], "limit": 4, "seed": 0}
-    (first,) = shared_scans([stream], key, tmp_path / SCAN_FILE)
+    key = scan_key([stream], {"specs": [spec], "limit": 4})
+    cache = ScanCache(tmp_path / SCAN_FILE, key)
+    (first,) = shared_stream_scans([stream], cache, 4, 0)
     assert len(first.labels) == 4 and len(first.captions) == 4  # the bounded sample
     assert len(calls) == 1
     saved = json.loads((tmp_path / SCAN_FILE).read_text())
-    assert saved["key"] == key
-    (again,) = shared_scans([stream], key, tmp_path / SCAN_FILE)
+    assert saved["key"] == key and saved["key"]["sources"][0][1] == 2  # two shards
+    (again,) = shared_stream_scans([stream], cache, 4, 0)
     assert again == first and len(calls) == 1  # read back, not scanned again
-    shared_scans([stream], {**key, "limit": 5}, tmp_path / SCAN_FILE)
+    other = ScanCache(tmp_path / SCAN_FILE, {**key, "limit": 5})
+    shared_stream_scans([stream], other, 5, 0)
     assert len(calls) == 2  # another key: scanned again
+    more = caption_shards(tmp_path / "cc", 9, 3)  # a third shard under the same folder
+    grown = WebDatasetStream(more.partition(":")[2], None, 16, seed=0)
+    assert scan_key([grown], {"limit": 5}) != scan_key([stream], {"limit": 5})
 
 
-def test_a_scan_marks_the_unreadable_files_and_skipping_them_is_counted(tmp_path):
+def test_the_stream_scan_takes_a_share_of_every_shard(tmp_path):
+    """The bounded scan takes as many samples from each shard (the start of each), so that
+    shards written class by class would still show every class."""
+    spec = caption_shards(tmp_path / "cc", 40, 10)  # 4 shards of 10
+    stream = WebDatasetStream(spec.partition(":")[2], None, 16, seed=0)
+    scan = stream.scan(8, seed=0)
+    captions = ShapesDataset("train", 40, 32, 3).captions()  # caption_shards' images
+    shard_of = {caption: index // 10 for index, caption in enumerate(captions)}
+    per_shard = Counter(shard_of[caption] for caption in scan.captions)
+    assert len(scan.labels) == 8 and per_shard == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert stream.scan(3, seed=1).labels == [-1, -1, -1]  # 3 shards, one sample each
+
+
+def test_the_images_are_checked_in_shares_and_skipping_them_is_counted(tmp_path):
     root = plain_images(tmp_path / "plain", 200)
     broken = sorted(root.rglob("*.png"))[5]
     broken.write_bytes(b"not a png")
     source = open_source(f"images:{root}")
-    (scan,) = shared_scans([source], {"limit": 1, "seed": 0}, None, verify=True)
-    assert scan.corrupt == [5]
+    cache = ScanCache(tmp_path / SCAN_FILE, scan_key([source], {}))
+    shared_verify([source], cache)
+    assert source.corrupt_indices() == [5]
+    (found,) = json.loads((tmp_path / SCAN_FILE).read_text())["corrupt"]
+    assert [index for index, _ in found] == [5]
     fresh = open_source(f"images:{root}")
-    fresh.set_corrupt(scan.corrupt)  # as another rank gets it
+    shared_verify([fresh], cache)  # as a resume: from the cache, no image read
+    assert fresh.corrupt_indices() == [5]
     assert fresh[5].skipped == 1 and fresh[4].skipped == 0
     assert torch.equal(fresh[5].image, fresh[6].image)
 
@@ -283,14 +306,53 @@ def _views():
     return ViewConfig()
 
 
-def test_a_mixture_stream_counts_the_skipped_samples_in_its_batches(tmp_path):
+def test_the_skipped_counts_are_the_reads_missing_from_the_stream(tmp_path):
+    """An item's `index` numbers the samples its reader read, skipped ones included: the
+    indices missing between the items are the unreadable reads, which `skipped` must count."""
     spec = caption_shards(tmp_path / "cc", 16, 4, truncated=(5,))
     stream = WebDatasetStream(spec.partition(":")[2], _views(), 16, seed=0)
-    items = list(islice(iter(stream), 40))
-    expected = sum(int(item["skipped"]) for item in items)
     got = list(islice(mixture_batches([stream], [1.0], 8, 0, 0, CPU), 5))
-    assert sum(batch.skipped for batch in got) == expected > 0
-    assert isinstance(MixtureStream([stream], [1.0], 0, 8), torch.utils.data.IterableDataset)
+    indices = [i for batch in got for i in batch.indices.tolist()]
+    missing = set(range(indices[-1])) - set(indices)
+    assert sum(batch.skipped for batch in got) == len(missing) > 0
+
+
+def test_the_window_stops_only_past_its_share_of_the_last_reads():
+    stream = WebDatasetStream.__new__(WebDatasetStream)
+    stream.max_corrupt_fraction = 0.01  # more than 10 of the last 1,000
+    error = DataError("x.tar: sample 7: unreadable image")
+    window = deque([False] * 990 + [True] * 10, maxlen=1000)
+    stream._check_window(window, error)  # 10 of the last 1,000: allowed
+    window.append(True)  # 11
+    with pytest.raises(DataError, match="11 unreadable samples among the last 1000 read"):
+        stream._check_window(window, error)
+    old = deque([True] * 11 + [False] * 989, maxlen=1000)
+    old.append(False)  # the oldest unreadable one leaves the window: 10
+    stream._check_window(old, error)
+    early = deque([True] * 10, maxlen=1000)  # the first 10 reads all bad: not yet past 10
+    stream._check_window(early, error)
+
+
+def test_a_labelled_stream_without_class_names_counts_as_unlabelled_in_a_mixture():
+    parts = [Items(4, lambda index: 1), Items(4, lambda index: 3)]
+    got, _ = stream_items(parts, [0.5, 0.5], 8, 3, maps=[[5, 6], None])
+    for batch in got:
+        expected = [6 if source == 0 else -1 for source in batch.sources.tolist()]
+        assert batch.labels.tolist() == expected
+
+
+def test_a_source_alone_reads_its_seeded_permutations_in_whole_batches():
+    """The order single-source runs have always read: global batch b is slice b % per_epoch of
+    torch.randperm(n, generator seeded seed * 1000003 + epoch), the tail dropped."""
+    seed, n, size = 5, 10, 4  # 2 batches per epoch, 2 samples dropped
+    got, _ = stream_items([Items(n)], [1.0], size, 6)
+    expected = []
+    for epoch in range(3):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        expected += [order[0:4].tolist(), order[4:8].tolist()]
+    stream = mixture_batches([Items(n)], [1.0], size, seed, 0, CPU)
+    assert [next(stream).indices.tolist() for _ in range(6)] == expected
+    assert len(got) == 6
 
 
 def test_a_mixture_is_evaluated_on_its_first_source_with_labelled_splits():

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -73,28 +72,35 @@ def test_the_readme_recipe_runs_and_evaluates(sources, tmp_path, capsys):
     assert result["task"] == "knn" and result["data"] == sources["labelled"]
     scan = json.loads((out / "data_scan.json").read_text())
     assert scan["key"]["specs"] == [sources["labelled"], sources["shards"]]
-    assert len(scan["sources"][1]["captions"]) == 8  # the shards' captions: the tokenizer's
+    assert len(scan["streams"][1]["captions"]) == 8  # the shards' captions: the tokenizer's
+    assert [index for index, _ in scan["corrupt"][0]] == []  # the folder's images, checked
     assert "m3i: knn on " + sources["labelled"] in capsys.readouterr().out
 
 
-def test_the_logged_counts_are_the_sources_of_the_batches_drawn(sources):
-    cfg = load_config(
-        "m3i",
-        overrides=[*TINY, "train.batch_size=8", "data.weights=[1,2,1]"],
-        data=[sources["labelled"], sources["plain"], sources["captioned"]],
-    )
-    mixture = training_source(cfg)
-    stream = training_stream(cfg, mixture, 0, torch.device("cpu"))
+def test_the_logged_counts_are_the_sources_of_the_batches_read(sources, tmp_path):
+    """data/samples/K in metrics.jsonl against the sources of the batches the run reads (its
+    stream read again; a run starting at global batch 5, as a later stage does), and each
+    sample with its source's modality."""
+    out = tmp_path / "run"
+    values = [*TINY, "train.batch_size=8", "train.steps=6", "train.log_every=1"]
+    values += ["train.first_batch=5", "data.weights=[1,2,1]"]
+    argv = ["pretrain", "--quiet", "--out", str(out)]
+    for name in ("labelled", "plain", "captioned"):
+        argv += ["--data", sources[name]]
+    assert main([*argv, *sets(values)]) == 0
+    cfg = load_config(config_file=out / "config.yaml")
+    stream = training_stream(cfg, training_source(cfg), 0, torch.device("cpu"))
     counts = np.zeros(3, dtype=np.int64)
-    for step, batch in enumerate(islice(stream, 12), start=1):
+    modality = {0: "label", 1: "none", 2: "caption"}
+    for record, batch in zip(records(out), stream, strict=False):
         counts += np.bincount(batch.sources.numpy(), minlength=3)
-        assert np.array_equal(stream.draws.before(step), counts)
-        modality = {0: "label", 1: "none", 2: "caption"}
+        assert [record[f"data/samples/{k}"] for k in range(3)] == counts.tolist()
         for source, label, caption in zip(
             batch.sources.tolist(), batch.labels.tolist(), batch.captions, strict=True
         ):
             kind = "label" if label >= 0 else "caption" if caption else "none"
             assert kind == modality[source]  # each sample keeps its source's modality
+    assert record["step"] == 6 and counts.sum() == 6 * 8
 
 
 def test_a_batch_without_labels_logs_a_null_category_figure(sources, tmp_path):
@@ -105,11 +111,11 @@ def test_a_batch_without_labels_logs_a_null_category_figure(sources, tmp_path):
     argv += ["--data", sources["plain"], *sets(values)]
     assert main(argv) == 0
     cfg = load_config(config_file=out / "config.yaml")
-    draws = training_stream(cfg, training_source(cfg), 0, torch.device("cpu")).draws
+    stream = training_stream(cfg, training_source(cfg), 0, torch.device("cpu"))
     nulls = 0
-    for record in records(out):
-        labelled = int(np.count_nonzero(draws(record["step"] - 1) == 0))
-        assert (record["mi/category"] is None) == (labelled == 0), record
+    for record, batch in zip(records(out), stream, strict=False):
+        labelled = bool((batch.labels >= 0).any())
+        assert (record["mi/category"] is None) == (not labelled), record
         assert record["loss/intra_view"] is not None  # the dense targets train on every batch
         nulls += record["mi/category"] is None
     assert 0 < nulls < 12  # both cases came up

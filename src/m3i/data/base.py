@@ -33,6 +33,15 @@ class Sample:
     skipped: int = field(default=0, kw_only=True)  # unreadable samples passed over to reach it
 
 
+@dataclass
+class SourceScan:
+    """What a start-up scan knows of a source's samples without decoding an image: the label of
+    each sample read (-1: none) and the non-empty captions (m3i.data.scan)."""
+
+    labels: list[int] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+
+
 class ImageSource(torch.utils.data.Dataset):
     """Base class of every source: indexable samples plus class names and cheap captions."""
 

@@ -24,8 +24,8 @@ from functools import cached_property
 
 import torch
 
-from m3i.data.base import DataError
-from m3i.data.scan import Source, SourceScan
+from m3i.data.base import DataError, SourceScan
+from m3i.data.scan import Source
 from m3i.data.webdataset import WebDatasetStream
 
 
@@ -55,11 +55,12 @@ def merge_classes(sources: Sequence[Source]) -> ClassMerge:
             f"{other.name!r} has other classes ({len(other.classes)}): numbers are no names "
             "to match classes by; give both the same class list, or mix only one labelled source"
         )
-    classes: list[str] = []
+    index: dict[str, int] = {}  # class name -> mixture class, in order of first appearance
     for source in labelled:
-        classes += [name for name in source.classes if name not in classes]
-    maps = [[classes.index(name) for name in s.classes] if s.classes else None for s in sources]
-    return ClassMerge(classes, maps)
+        for name in source.classes:
+            index.setdefault(name, len(index))
+    maps = [[index[name] for name in s.classes] if s.classes else None for s in sources]
+    return ClassMerge(list(index), maps)
 
 
 def mixture_weights(sources: Sequence[Source], weights: Sequence[float]) -> list[float]:

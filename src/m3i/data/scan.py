@@ -1,27 +1,31 @@
-"""The start-up scans of a run's sources, done once: rank 0 scans, the other ranks get its
-result, and the run folder caches it (`data_scan.json`), so that a resume reuses it.
+"""The start-up scans of a run's sources, each done once per run and cached in the run folder
+(`data_scan.json`), so that a resume reuses them:
 
-What is scanned, per source:
-- a `wds:` stream: the labels and captions of a bounded sample of `limit` samples, read from
-  whole shards in a seeded random order (the label prior and the tokenizer's captions); no
-  image is decoded;
-- an indexable source of image files (`folder:`, `images:`, `captions:`) with `verify`: every
-  image's header and data, once, so that reading passes over the unreadable ones.
-Indexable sources give their labels and captions without reading an image, on every rank; a
-run whose sources have nothing to scan (shapes, fashion-mnist) writes no `data_scan.json`.
+- `wds:` streams (:func:`shared_stream_scans`): the labels and captions of a bounded sample of
+  about `limit` samples spread over the shards (the label prior and the tokenizer's captions);
+  no image is decoded. Rank 0 reads it and gives it to the other ranks.
+- image files, `folder:`, `images:` and `captions:` (:func:`shared_verify`): every image's header
+  and data, so that reading passes over the unreadable ones. Each rank checks its share of the
+  files and the ranks share what they found, so no rank waits for another's whole pass.
+Indexable sources give their labels and captions without reading an image, on every rank. The
+cache is keyed by the specs, the settings the scans depend on and each source's size and file
+list (a digest), and is used only when all of them match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from m3i import runtime
-from m3i.data.base import DataError, ImageSource
+from m3i.data.base import DataError, ImageSource, SourceScan
 from m3i.data.sources import ImageFiles
 from m3i.data.webdataset import WebDatasetStream
 from m3i.io import atomic_write_text
@@ -32,86 +36,126 @@ SCAN_FILE = "data_scan.json"
 Source = ImageSource | WebDatasetStream
 
 
-@dataclass
-class SourceScan:
-    """What the scan found of one source: a stream's sampled labels (-1: none) and non-empty
-    captions; the indices of a file source's unreadable images."""
-
-    labels: list[int] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    corrupt: list[int] = field(default_factory=list)
-
-
-def needs_scan(source: Source, verify: bool) -> bool:
-    """Whether a source has anything to scan (else its scan is empty and nothing is cached)."""
-    return isinstance(source, WebDatasetStream) or (verify and isinstance(source, ImageFiles))
-
-
-def scan_source(source: Source, limit: int, seed: int, verify: bool, progress: bool) -> SourceScan:
-    """The scan of one source (module docstring); DataError from verifying too many bad files."""
+def fingerprint(source: Source) -> list[Any]:
+    """What identifies a source's files: its size and a digest of its file or shard names."""
     if isinstance(source, WebDatasetStream):
-        sample = source.scan(limit, seed)
-        return SourceScan(sample.labels, sample.captions)
-    if verify and isinstance(source, ImageFiles):
-        source.verify(progress=progress)
-        return SourceScan(corrupt=source.corrupt())
-    return SourceScan()
+        names = source.urls
+    elif isinstance(source, ImageFiles):
+        names = [str(path) for path in source.files]
+    else:
+        return [source.name, len(source)]
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return [source.name, len(names), digest]
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> list[SourceScan] | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError:
-        log.warning("%s: not JSON; scanning the data again", path)
-        return None
-    if saved.get("key") != key:
-        return None
-    return [SourceScan(**scan) for scan in saved["sources"]]
+def scan_key(sources: Sequence[Source], settings: dict[str, Any]) -> dict[str, Any]:
+    """The cache key: the sources' fingerprints and the settings the scans depend on."""
+    return {"sources": [fingerprint(source) for source in sources], **settings}
 
 
-def _scan_on_rank0(
-    sources: Sequence[Source],
-    key: dict[str, Any],
-    cache: Path | None,
-    verify: bool,
-    progress: bool,
-) -> list[SourceScan] | str:
-    """Rank 0's scans (the cached ones when `cache` holds them for `key`), or its DataError's
-    message."""
-    cached = _read_cache(cache, key) if cache is not None else None
-    if cached is not None and len(cached) == len(sources):
-        log.info("data scans read from %s", cache)
-        return cached
-    try:
-        scans = [
-            scan_source(source, key["limit"], key["seed"], verify, progress) for source in sources
-        ]
-    except DataError as err:
-        return str(err)
-    if cache is not None and any(needs_scan(source, verify) for source in sources):
-        text = json.dumps({"key": key, "sources": [asdict(scan) for scan in scans]})
-        atomic_write_text(cache, text + "\n")
-    return scans
+class ScanCache:
+    """`data_scan.json` of a run folder: sections ("streams", "corrupt") valid for one key."""
+
+    def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
+        self.path, self.key = path, key
+
+    def read(self, section: str) -> Any:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            saved = json.loads(self.path.read_text())
+        except ValueError:
+            log.warning("%s: not JSON; scanning the data again", self.path)
+            return None
+        return saved.get(section) if saved.get("key") == self.key else None
+
+    def write(self, section: str, value: Any) -> None:
+        if self.path is None:
+            return
+        saved = {"key": self.key}
+        if self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text())
+            except ValueError:
+                old = {}
+            if old.get("key") == self.key:
+                saved = old
+        atomic_write_text(self.path, json.dumps({**saved, section: value}) + "\n")
 
 
-def shared_scans(
-    sources: Sequence[Source],
-    key: dict[str, Any],
-    cache: Path | None = None,
-    verify: bool = True,
-    progress: bool = False,
-) -> list[SourceScan]:
-    """Every source's scan, made once by rank 0 (or read from `cache` when it holds them for
-    the same `key`, which names the specs and every setting the scans depend on, `limit` and
-    `seed` among them) and given to every rank; file sources get their unreadable images
-    marked. A DataError on rank 0 is raised on every rank."""
-    result = _scan_on_rank0(sources, key, cache, verify, progress) if runtime.rank() == 0 else None
+def _on_rank0(work: Any) -> Any:
+    """`work()` on rank 0 (its value, or the one-line message of any exception it raised) given
+    to every rank; every rank raises a DataError with that message."""
+    result = None
+    if runtime.rank() == 0:
+        try:
+            result = work()
+        except Exception as err:  # every rank must hear of it, not wait for it
+            result = _Failed(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
     result = runtime.from_rank0(result)
-    if isinstance(result, str):
-        raise DataError(result)
-    for source, scan in zip(sources, result, strict=True):
-        if scan.corrupt and isinstance(source, ImageFiles):
-            source.set_corrupt(scan.corrupt)
+    if isinstance(result, _Failed):
+        raise DataError(result.message)
     return result
+
+
+class _Failed:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def shared_stream_scans(
+    sources: Sequence[Source], cache: ScanCache, limit: int, seed: int
+) -> list[SourceScan]:
+    """Each source's scan (empty for an indexable one), made by rank 0 or read from `cache`."""
+
+    def scan() -> list[dict]:
+        cached = cache.read("streams")
+        if cached is not None:
+            return cached
+        scans = [
+            asdict(source.scan(limit, seed))
+            if isinstance(source, WebDatasetStream)
+            else asdict(SourceScan())
+            for source in sources
+        ]
+        if any(isinstance(source, WebDatasetStream) for source in sources):
+            cache.write("streams", scans)
+        return scans
+
+    return [SourceScan(**scan) for scan in _on_rank0(scan)]
+
+
+def shared_verify(sources: Sequence[Source], cache: ScanCache, progress: bool = False) -> None:
+    """Check every image of the file sources once (each rank its share, or the cached result)
+    and mark the unreadable ones on every rank (DataError past max_corrupt_fraction)."""
+    files = [s for s in sources if isinstance(s, ImageFiles)]
+    if not files:
+        return
+    found = _on_rank0(lambda: cache.read("corrupt"))
+    if found is None:
+        found = _verify_in_shares(files, progress)
+        if runtime.rank() == 0:
+            cache.write("corrupt", found)
+    for source, unreadable in zip(files, found, strict=True):
+        source.set_corrupt(unreadable, quiet=runtime.rank() != 0)
+
+
+def _verify_in_shares(files: list[ImageFiles], progress: bool) -> list[list]:
+    """Rank r checks images r, r + R, ... of each source; every rank gets all [index, error]
+    found, in index order."""
+    rank, world = runtime.rank(), runtime.world_size()
+    try:
+        mine: Any = [
+            source.unreadable(range(rank, len(source), world), progress and rank == 0)
+            for source in files
+        ]
+    except Exception as err:  # the other ranks wait for this rank's share
+        mine = _Failed(f"rank {rank}: {err}")
+    shares = [mine]
+    if runtime.is_distributed():
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+    failed = next((share for share in shares if isinstance(share, _Failed)), None)
+    if failed is not None:
+        raise DataError(failed.message)
+    return [sorted(pair for share in shares for pair in share[k]) for k in range(len(files))]

@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,11 @@ class ImageFiles(ImageSource):
     def __len__(self) -> int:
         return len(self._files)
 
+    @property
+    def files(self) -> list[Path]:
+        """The image file of each sample, in index order."""
+        return list(self._files)
+
     def __getitem__(self, index: int) -> Sample:
         """The sample at ``index``, or the next readable one (wrapping) if that file is corrupt;
         its `skipped` counts the unreadable files passed over."""
@@ -183,36 +189,44 @@ class ImageFiles(ImageSource):
     def labels(self) -> list[int]:
         return list(self._labels)
 
-    def corrupt(self) -> list[int]:
-        """The indices of the images found unreadable so far, in order."""
+    def corrupt_indices(self) -> list[int]:
+        """The images marked unreadable so far, in index order."""
         return sorted(self._corrupt)
 
-    def set_corrupt(self, indices: list[int]) -> None:
-        """Mark images that an earlier `verify` (another rank's, or a cached one) found
-        unreadable, so that reading passes over them without trying them."""
-        self._corrupt.update(indices)
-
-    def verify(self, progress: bool = False) -> int:
-        """Read every image's header and check its data (PIL verify), with a progress bar if
-        `progress`; same rule as lazy loading."""
-        files = tqdm(self._files, f"checking {self.name}", disable=not progress, unit="image")
-        for index, path in enumerate(files):
-            if index in self._corrupt:
-                continue
+    def unreadable(self, indices: Iterable[int], progress: bool = False) -> list[list]:
+        """[index, error] of each image among `indices` whose header or data does not read
+        (PIL verify), with a progress bar if `progress`; nothing is marked."""
+        found = []
+        shown = tqdm(indices, f"checking {self.name}", disable=not progress, unit="image")
+        for index in shown:
             try:
-                with Image.open(path) as image:
+                with Image.open(self._files[index]) as image:
                     image.verify()
             except IMAGE_ERRORS as error:
-                self._mark_corrupt(index, error)
+                found.append([index, str(error)])
+        return found
+
+    def set_corrupt(self, found: list[list], quiet: bool = False) -> None:
+        """Mark the [index, error] images that a check found unreadable (this process's, another
+        rank's or a cached one), so that reading passes over them; each named in the log unless
+        `quiet`; DataError past max_corrupt_fraction."""
+        for index, error in found:
+            self._mark_corrupt(index, error, quiet)
+
+    def verify(self, progress: bool = False) -> int:
+        """Check every image (`unreadable`) and mark those that do not read; the number of
+        corrupt images (DataError past max_corrupt_fraction)."""
+        self.set_corrupt(self.unreadable(range(len(self)), progress))
         return self.num_corrupt
 
-    def _mark_corrupt(self, index: int, error: Exception) -> None:
+    def _mark_corrupt(self, index: int, error: Exception | str, quiet: bool = False) -> None:
         self._corrupt.add(index)
         path = self._files[index]
-        logger.warning(
-            "%s: skipped corrupt image %s (%s); %d of %d corrupt so far",
-            self.name, path, error, len(self._corrupt), len(self),
-        )  # fmt: skip
+        if not quiet:
+            logger.warning(
+                "%s: skipped corrupt image %s (%s); %d of %d corrupt so far",
+                self.name, path, error, len(self._corrupt), len(self),
+            )  # fmt: skip
         if len(self._corrupt) > self.max_corrupt_fraction * len(self):
             raise DataError(
                 f"{path}: unreadable image ({error}); {len(self._corrupt)} of {len(self)} "

@@ -52,6 +52,12 @@ def worker_errors() -> Iterator[None]:
         raise kind(text.rsplit(last, 1)[1].strip()) from None
 
 
+def part_seed(seed: int, part: int) -> int:
+    """The seed of source `part`'s reading order and views in a run seeded `seed` (source 0:
+    the run's own, as a single-source run has always had)."""
+    return seed + part * PART_SEED_STRIDE
+
+
 class SourceDraws:
     """Which source each of the `size` slots of global batch b reads: drawn i.i.d. with
     `weights` from a generator seeded by (seed, b); all slots read source 0 when there is one."""
@@ -69,7 +75,7 @@ class SourceDraws:
         rng = np.random.default_rng([self.seed, DRAW_TAG, batch])
         return rng.choice(len(self.p), size=self.size, p=self.p).astype(np.int64)
 
-    def before(self, batch: int) -> np.ndarray:
+    def counts_before(self, batch: int) -> np.ndarray:
         """Samples drawn from each source by global batches 0..batch-1 (counted on from the
         last call when `batch` is not below it)."""
         if len(self.p) == 1:
@@ -88,7 +94,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     `parts` are indexable datasets of view items (ViewDataset; `epoch` is set before each
     read) or streams of them (WebDatasetStream). DataLoader worker w of W makes batches
-    start + w, start + w + W, ..., which the DataLoader returns in order.
+    start + w, start + w + W, ..., which the DataLoader returns in order. `label_maps[k]` maps
+    source k's classes to the mixture's; None (the default for every source when not given):
+    labels as they are, or, given maps, a source without classes whose labels are dropped.
     """
 
     def __init__(
@@ -103,7 +111,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.parts, self.seed, self.batch_size, self.start = list(parts), seed, batch_size, start
         self.world, self.rank = runtime.world_size(), runtime.rank()
         self.draws = SourceDraws(weights, seed, batch_size * self.world)
-        self.label_maps = list(label_maps or [None] * len(self.parts))
+        self.label_maps = list(label_maps) if label_maps else None
         alone = len(self.parts) == 1
         self.lengths = [
             None if _is_stream(part) else _readable(len(part), self.draws.size, alone)
@@ -111,7 +119,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         ]
 
     def _order(self, part: int, epoch: int) -> torch.Tensor:
-        seed = (self.seed + part * PART_SEED_STRIDE) * ORDER_STRIDE + epoch
+        seed = part_seed(self.seed, part) * ORDER_STRIDE + epoch
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.parts[part]), generator=generator)[: self.lengths[part]]
 
@@ -120,7 +128,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         streams = {k: iter(part) for k, part in enumerate(self.parts) if _is_stream(part)}
         orders: dict[tuple[int, int], torch.Tensor] = {}
-        drawn = self.draws.before(self.start)
+        drawn = self.draws.counts_before(self.start)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for batch in count(self.start):
             draw = self.draws(batch)
@@ -142,10 +150,13 @@ class MixtureStream(torch.utils.data.IterableDataset):
             drawn += np.bincount(draw, minlength=len(self.parts))
 
     def _tag(self, item: dict, part: int) -> dict:
-        mapping = self.label_maps[part]
-        if mapping is not None and "label" in item and item["label"] >= 0:
-            item["label"] = torch.tensor(mapping[int(item["label"])], dtype=torch.int64)
         item["source"] = torch.tensor(part, dtype=torch.int64)
+        if self.label_maps is None:
+            return item
+        mapping = self.label_maps[part]
+        if "label" in item and item["label"] >= 0:  # a source without classes: unlabelled
+            label = -1 if mapping is None else mapping[int(item["label"])]
+            item["label"] = torch.tensor(label, dtype=torch.int64)
         return item
 
 

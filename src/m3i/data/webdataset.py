@@ -5,9 +5,10 @@ A shard sample holds ``KEY.png`` (or ``KEY.jpg``), optional ``KEY.txt`` (caption
 resamples shards with replacement from a seeded RNG, so it is infinite and a function of
 (seed, rank, DataLoader worker, start step) only: a resumed run calls ``set_start(step)``.
 
-A sample whose image cannot be read is skipped, named once in the log and counted (the next
-item's ``skipped``); the stream stops with one line only when more than
-``max_corrupt_fraction`` of the last ``CORRUPT_WINDOW`` samples it read were unreadable.
+A sample whose image cannot be read is skipped, named once in the log by each reader (a rank's
+DataLoader worker) and counted (the next item's ``skipped``); a reader stops with one line only
+when more than ``max_corrupt_fraction`` of the last ``CORRUPT_WINDOW`` samples it read were
+unreadable.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from m3i.data.base import DataError, ImageSource
+from m3i.data.base import DataError, ImageSource, SourceScan
 from m3i.data.images import IMAGE_ERRORS, rgb_tensor
 from m3i.data.sources import MAX_CORRUPT_FRACTION
 from m3i.data.views import ViewConfig, view_item
@@ -38,15 +39,6 @@ SHUFFLE_BUFFER = 1000  # samples (undecoded bytes) held by the shuffle buffer of
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 JPEG_QUALITY = 90  # of the jpg images write_shards writes
 CORRUPT_WINDOW = 1000  # the last samples read, of which at most max_corrupt_fraction may be bad
-
-
-@dataclass
-class StreamScan:
-    """What a bounded read of a stream's shards found, without decoding an image: the label
-    of each sample read (-1: none) and its non-empty captions."""
-
-    labels: list[int]
-    captions: list[str]
 
 
 def encode_image(image: torch.Tensor, image_format: str = "png") -> bytes:
@@ -164,26 +156,28 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         """Reseed shard resampling, shuffling and views for a run that starts at ``step``."""
         self.start = step
 
-    def scan(self, limit: int, seed: int = 0) -> StreamScan:
-        """Labels and captions of at most `limit` samples, read from whole shards in a seeded
-        random order (not every shard in full, and not the first shards only: a corpus written
-        class by class would give those one class); no image is decoded."""
+    def scan(self, limit: int, seed: int = 0) -> SourceScan:
+        """Labels and captions of about `limit` samples spread over the shards: the first
+        ceil(limit / n) samples of each of n = min(shards, limit) shards drawn with `seed` (only
+        the start of each tar is read, and a corpus written class by class, shard by shard,
+        still shows every class); no image is decoded."""
         keep = (".cls", ".txt", *(f".{key}" for key in IMAGE_KEYS))
         urls = list(self.urls)
         random.Random(seed).shuffle(urls)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(select_files=lambda name: name.endswith(keep)),
-        )
+        urls = urls[:limit]
+        quota = -(-limit // len(urls))
         labels, captions = [], []
-        for sample in pipeline:
-            if len(labels) == limit:
-                break
-            labels.append(int(sample["cls"]) if "cls" in sample else -1)
-            caption = sample.get("txt", b"").decode("utf-8")
-            if caption:
-                captions.append(caption)
-        return StreamScan(labels, captions)
+        for url in urls:
+            pipeline = wds.DataPipeline(
+                wds.SimpleShardList([url]),
+                wds.tarfile_to_samples(select_files=lambda name: name.endswith(keep)),
+            )
+            for sample in islice(pipeline, min(quota, limit - len(labels))):
+                labels.append(int(sample["cls"]) if "cls" in sample else -1)
+                caption = sample.get("txt", b"").decode("utf-8")
+                if caption:
+                    captions.append(caption)
+        return SourceScan(labels, captions)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
         info = torch.utils.data.get_worker_info()

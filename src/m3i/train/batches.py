@@ -10,9 +10,16 @@ import torch
 from m3i import runtime
 from m3i.config import Config
 from m3i.data.mixture import Mixture
-from m3i.data.scan import SCAN_FILE, Source, shared_scans
+from m3i.data.scan import (
+    SCAN_FILE,
+    ScanCache,
+    Source,
+    scan_key,
+    shared_stream_scans,
+    shared_verify,
+)
 from m3i.data.specs import is_stream, open_source, spec_list
-from m3i.data.stream import PART_SEED_STRIDE, BatchStream, mixture_batches
+from m3i.data.stream import BatchStream, mixture_batches, part_seed
 from m3i.data.views import ViewDataset
 from m3i.data.webdataset import WebDatasetStream
 
@@ -27,7 +34,7 @@ def training_stream(cfg: Config, mixture: Mixture, step: int, device: torch.devi
             source.set_start(first)
             parts.append(source)
         else:
-            seed = cfg.train.seed + number * PART_SEED_STRIDE
+            seed = part_seed(cfg.train.seed, number)
             parts.append(ViewDataset(source, cfg.views, cfg.model.img_size, seed=seed))
     return mixture_batches(
         parts,
@@ -61,19 +68,33 @@ def open_training_source(cfg: Config, spec: str) -> Source:
     return source
 
 
-def training_source(cfg: Config, run_dir: Path | None = None, progress: bool = False) -> Mixture:
-    """The run's training data: the mixture of its specs, with their start-up scans made once
-    (by rank 0, cached in `run_dir` when given, m3i.data.scan)."""
-    specs = spec_list(cfg.data.spec)
-    sources = [open_training_source(cfg, spec) for spec in specs]
+def scan_cache(cfg: Config, sources: list[Source], run_dir: Path | None) -> ScanCache:
+    """The run folder's cache of the start-up scans (none without a run folder)."""
     data = cfg.data
-    key = {
-        "specs": specs,
+    settings = {
+        "specs": spec_list(data.spec),
         "num_train": data.num_train,
         "image_size": data.image_size,
-        "verify": data.verify,
-        "limit": data.scan_samples,
         "seed": data.seed,
+        "limit": data.scan_samples,
     }
-    cache = None if run_dir is None else run_dir / SCAN_FILE
-    return Mixture(sources, data.weights, shared_scans(sources, key, cache, data.verify, progress))
+    return ScanCache(None if run_dir is None else run_dir / SCAN_FILE, scan_key(sources, settings))
+
+
+def training_source(cfg: Config, run_dir: Path | None = None) -> Mixture:
+    """The run's training data: the mixture of its specs, with its streams' start-up scans
+    made once (by rank 0, cached in `run_dir` when given, m3i.data.scan). Its image files are
+    checked by `verify_files`."""
+    sources = [open_training_source(cfg, spec) for spec in spec_list(cfg.data.spec)]
+    cache = scan_cache(cfg, sources, run_dir)
+    scans = shared_stream_scans(sources, cache, cfg.data.scan_samples, cfg.data.seed)
+    return Mixture(sources, cfg.data.weights, scans)
+
+
+def verify_files(
+    cfg: Config, mixture: Mixture, run_dir: Path | None = None, progress: bool = False
+) -> None:
+    """With data.verify, check every image of the mixture's file sources once (the ranks in
+    shares, or the run folder's cache) so that reading passes over the unreadable ones."""
+    if cfg.data.verify:
+        shared_verify(mixture.sources, scan_cache(cfg, mixture.sources, run_dir), progress)

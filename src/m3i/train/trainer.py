@@ -26,7 +26,7 @@ from m3i.mi.targets import TARGETS
 from m3i.models.backbone import Backbone
 from m3i.models.ema import momentum_at
 from m3i.train import sharding
-from m3i.train.batches import training_source, training_stream
+from m3i.train.batches import training_source, training_stream, verify_files
 from m3i.train.checkpoint import check_resumable, load_checkpoint, set_rng_state
 from m3i.train.input_rate import watch_input_rate
 from m3i.train.loop import (
@@ -71,7 +71,8 @@ class Trainer:
 
     def count_skipped(self) -> int:
         """`skipped` with every rank's skips since the last count (all ranks call it)."""
-        self.skipped += int(runtime.sum_over_ranks(torch.tensor(self.skipped_here)))
+        here = torch.tensor(self.skipped_here, device=runtime.device())  # NCCL: a GPU tensor
+        self.skipped += int(runtime.sum_over_ranks(here))
         self.skipped_here = 0
         return self.skipped
 
@@ -135,7 +136,7 @@ class Trainer:
     def data_record(self, step: int) -> dict[str, int]:
         """`data/samples/K`: samples drawn from source K by steps 1..step (all ranks);
         `data/skipped`: unreadable samples skipped so far (every rank calls it)."""
-        drawn = self.draws.before(self.cfg.train.first_batch + step) - self.drawn_before
+        drawn = self.draws.counts_before(self.cfg.train.first_batch + step) - self.drawn_before
         record = {f"data/samples/{k}": int(n) for k, n in enumerate(drawn)}
         return {**record, "data/skipped": self.count_skipped()}
 
@@ -234,10 +235,11 @@ def setup(
     if state is not None:
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    mixture = training_source(cfg, out_dir, progress=progress and main)  # scanned once
+    mixture = training_source(cfg, out_dir)  # the streams' scans, made once
     if main and len(mixture.sources) > 1:
         log.info("data: %s", mixture.describe())
     model = runtime.sync_batch_norm(build_model(cfg, mixture).to(device), device)
+    verify_files(cfg, mixture, out_dir, progress=progress and main)  # after the data checks
     monitor = training_monitor(cfg, device)
     forward, full = distribute(model, cfg, device, monitored=monitor is not None)
     optimizer = build_optimizer(model, cfg.train, device)
@@ -270,7 +272,7 @@ def setup(
             metrics.write({"step": 0, **monitor(backbone)})
     return Trainer(
         cfg, out_dir, model, optimise, scheduler, stream, batches.draws,
-        batches.draws.before(cfg.train.first_batch), skipped, metrics,
+        batches.draws.counts_before(cfg.train.first_batch), skipped, metrics,
         monitor, full, start, progress,
     )  # fmt: skip
 
