@@ -59,10 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     state = load_checkpoint(args.run)
     cfg = config_from_dict(state["config"])
-    source = training_source(cfg)
-    model = build_model(cfg, source)
+    mixture = training_source(cfg)
+    model = build_model(cfg, mixture)
     model.load_state_dict(state["model"])
-    dataset = ViewDataset(source, cfg.views, cfg.model.img_size, seed=1)
+    dataset = ViewDataset(mixture.sources[0], cfg.views, cfg.model.img_size, seed=1)
     stream = batches(dataset, cfg.train.batch_size, 1, 0, torch.device("cpu"), 0)
     torch.manual_seed(1)
     with torch.no_grad():
