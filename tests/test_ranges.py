@@ -83,3 +83,47 @@ def test_a_number_without_a_range_must_still_be_finite():
     assert out_of_range(Unranged(), {}) is None  # any finite value
     assert out_of_range(Unranged(ratio=math.inf), {}) == "ratio must be finite, got inf"
     assert out_of_range(Unranged(), {"count": Range(1)}) == "count must be >= 1, got -3"
+
+
+def outside(valid: Range, example: float) -> list[float]:
+    """Numbers just outside each end of `valid`, of the type of `example`."""
+    step = 1 if isinstance(example, int) else 0.5
+    values = []
+    if valid.low is not None:
+        values.append(valid.low if valid.low_open else valid.low - step)
+    if valid.high is not None:
+        values.append(valid.high if valid.high_open else valid.high + step)
+    return [int(v) if isinstance(example, int) else float(v) for v in values]
+
+
+def bounded_keys() -> list[tuple[str, float, bool]]:
+    """(key, a number just outside one end of its range, whether the key holds a list) for
+    every end of every number's range in the config."""
+    cfg = Config()
+    ranges = {**declared_ranges(cfg), **CONFIG_RANGES}
+    found = []
+    for key, values in numbers(cfg):
+        valid = range_of(key, ranges)
+        if valid is None:
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        example = values[0] if values else (1.0 if "weights" in key else 1)
+        found += [(key, value, isinstance(node, list)) for value in outside(valid, example)]
+    return found
+
+
+def test_every_bounded_number_of_the_config_is_refused_outside_its_range():
+    """Not only the keys a test names: each number, set just outside either end of its range
+    with --set, is refused by load_config with a line naming that key."""
+    from m3i.config import ConfigError, load_config
+
+    keys = bounded_keys()
+    assert len(keys) >= 80  # every section's numbers, the targets' included, both ends
+    assert ("views.flip", 1.5, False) in keys and ("mix.ratio", 1.5, False) in keys
+    for key, value, is_list in keys:
+        text = f"{key}=[{value}]" if is_list else f"{key}={value}"
+        with pytest.raises(ConfigError) as caught:
+            load_config("m3i", overrides=[text])
+        assert str(caught.value).startswith(f"{key} must be"), (text, str(caught.value))

@@ -61,3 +61,31 @@ def test_linear_probe_picks_the_learning_rate_that_works():
     assert result["lr"] == pytest.approx(1e-1)
     assert result["holdout_top1"] == pytest.approx(100.0)
     assert result["top1"] >= 99.0
+
+
+def test_the_learning_rate_is_chosen_without_the_val_split():
+    """What the probe chooses (lr, and its held-out score) depends on train alone: val with
+    its labels scrambled, or replaced by noise, changes the reported accuracy, not the choice."""
+    train, train_labels = separable(300, seed=0)
+    val, val_labels = separable(100, seed=1)
+    settings = LinearSettings(lrs=[1e-4, 1e-2, 1e-1], epochs=2, batch_size=64, holdout=0.2)
+    true = linear_probe(train, train_labels, val, val_labels, 4, settings)
+    scrambled = linear_probe(train, train_labels, val, (val_labels + 1) % 4, 4, settings)
+    noise = linear_probe(
+        train, train_labels, torch.randn(100, val.shape[1]), val_labels, 4, settings
+    )
+    for other in (scrambled, noise):
+        assert (other["lr"], other["holdout_top1"]) == (true["lr"], true["holdout_top1"])
+        assert other["top1"] < true["top1"]  # val did reach the reported score
+
+
+def test_the_held_out_score_is_of_samples_the_head_was_not_fit_on():
+    """Random labels on 512-dim noise: a head fit on 150 points memorises them, so its score on
+    the held-out 50 is chance (1 in 4) only if they were left out of its fit."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 512, generator=generator)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    settings = LinearSettings(lrs=[1e-2], epochs=30, batch_size=50, holdout=0.25)
+    result = linear_probe(features, labels, features[:8], labels[:8], 4, settings)
+    assert result["top1"] == 100.0  # refit on all of train: memorised (val is 8 train points)
+    assert result["holdout_top1"] < 45.0  # chance is 25%; memorised would be about 100%
