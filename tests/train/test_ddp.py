@@ -12,9 +12,12 @@ import torch.multiprocessing as mp
 
 from m3i.config import load_config
 from m3i.train.pretrain import pretrain
+from tests.mixture_data import plain_images
 from tests.tiny import TINY_M3I
 
-PRESETS = ["clip", "supervised"]  # mix.ratio 1.0: no random masks, so the ranks' seeds agree
+PRESETS = ["clip", "supervised", "mixture"]  # mix.ratio 1.0: no random masks, so the ranks'
+# seeds agree. "mixture": clip on shapes and plain images drawn at equal weights (every rank
+# reads its own slots of the global batch; the text target learns from the captioned ones)
 # byol and moco (mix.ratio 1.0 too) are left out: their heads' BatchNorm normalises per rank on
 # CPU ranks (torch's SyncBatchNorm needs a GPU; `runtime.sync_batch_norm` warns), so there
 # 2 ranks x B are not 1 process x 2B. Their key gather is checked in tests/test_runtime.py.
@@ -47,6 +50,13 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def config(preset: str, batch_size: int, root: Path):
+    if preset != "mixture":
+        return load_config(preset, overrides=overrides(batch_size))
+    mixture = [f"data.spec=[shapes,images:{root / 'plain'}]", "data.weights=[1,1]"]
+    return load_config("clip", overrides=[*overrides(batch_size), *mixture])
+
+
 def run_dir(root: Path, preset: str, rank: int) -> Path:
     """Each rank gets its own out_dir, so that whatever rank 1 writes is seen."""
     return root / f"ddp-{preset}-rank{rank}"
@@ -62,24 +72,20 @@ def worker(rank: int, ports: list[int], root: Path) -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        cfg = load_config(preset, overrides=overrides(B))
-        pretrain(cfg, run_dir(root, preset, rank), progress=False)
+        pretrain(config(preset, B, root), run_dir(root, preset, rank), progress=False)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Both presets on 2 gloo ranks x B, then on 1 process x 2B (in `single-<preset>`)."""
     root = tmp_path_factory.mktemp("ddp")
+    plain_images(root / "plain", 64)
     mp.spawn(worker, args=(free_ports(len(PRESETS)), root), nprocs=2, join=True)
     with pytest.MonkeyPatch.context() as patch:
         for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
             patch.delenv(name, raising=False)
         for preset in PRESETS:
-            pretrain(
-                load_config(preset, overrides=overrides(2 * B)),
-                root / f"single-{preset}",
-                progress=False,
-            )
+            pretrain(config(preset, 2 * B, root), root / f"single-{preset}", progress=False)
     return root
 
 
@@ -144,8 +150,10 @@ def test_only_rank_0_writes(runs, preset):
         "checkpoints/step-00000002.pt",
         "checkpoints/step-00000003.pt",
     }
-    if preset == "clip":
+    if preset in ("clip", "mixture"):
         expected.add("tokenizer.json")
+    if preset == "mixture":
+        expected.add("data_scan.json")  # the plain images, checked by the two ranks in shares
     assert files(run_dir(runs, preset, 0)) == expected
     assert files(runs / f"single-{preset}") == expected
     assert not run_dir(runs, preset, 1).exists()
