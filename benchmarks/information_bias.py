@@ -9,9 +9,15 @@ and standard deviation of:
 
   estimate   m3i.mi.posteriors.gaussian (Wishart bias-corrected log dets)
   plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / (T-1))
+  jackknife  the same with images= (each image's tokens left out in turn), and its
+             standard error `jackknife_se`
+  plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / (T-1))
   per_dim    the former figure, sum_d 0.5 log(Var_d / MSE_d) (overall mean removed)
 
-and `estimate_ms`, the median time of one `gaussian` call (loss and estimate).
+and `estimate_ms`, the median time of one `gaussian` call (loss and estimate). Then the
+`CLUSTERED` cases (`clustered_tokens`: every token of an image shares a rank-r part g) give
+the bias of the plain estimate and of the jackknife over images, the jackknife's standard
+error and the time of each, over `--repeats` draws.
 
     PYTHONPATH=src python benchmarks/information_bias.py [--repeats 20]
 """
@@ -38,11 +44,55 @@ CASES = [
     ("intra_view, 8 images", 8, 32, 64, 192),
     ("tiny test step (4 images x 8 masked of 16, D 192)", 4, 8, 16, 192),
 ]
+# (rank of the image-level part g, its scale, what g is: signal the predictor knows, or error)
+CLUSTERED = [
+    (16, 1.0, "signal"),
+    (32, 3.0, "signal"),
+    (64, 3.0, "signal"),
+    (16, 1.0, "error"),
+    (32, 3.0, "error"),
+    (64, 3.0, "error"),
+]
 
 
 def random_covariance(d: int, scale: float, floor: float, g: torch.Generator) -> torch.Tensor:
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     return scale * a @ a.t() / d + floor * torch.eye(d, dtype=torch.float64)
+
+
+def clustered_tokens(
+    images: int, rank: int, scale: float, shared: str, seed: int, sample_seed: int | None = None
+) -> dict:
+    """Tokens that share their image (issue 25): y = mu_p + g_image + s + n at every one of 64
+    positions of each image, D = 192, g = `scale` times a random rank-`rank` orthonormal
+    loading of N(0, I) image factors; s, n as in `run_case`. shared="signal": the optimal
+    predictor knows g (mu_p + g + s); "error": it does not (mu_p + s), and g is part of every
+    error of the image. `seed` draws the covariances (and `sample_seed`, default `seed`, the
+    tokens)."""
+    positions, d = 64, 192
+    g = torch.Generator().manual_seed(seed)
+    sigma_s, sigma_n = random_covariance(d, 1, 0.0, g), random_covariance(d, 1, 0.3, g)
+    loading = scale * torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]
+    sigma_g = loading @ loading.t()
+    error = sigma_n + (sigma_g if shared == "error" else 0)
+    exact = 0.5 * (torch.logdet(sigma_s + sigma_n + sigma_g) - torch.logdet(error)).item()
+    means = 3 * torch.randn(positions, d, generator=g, dtype=torch.float64)
+    if sample_seed is not None:
+        g = torch.Generator().manual_seed(sample_seed)
+    where = torch.arange(positions).expand(images, positions)
+    signal = torch.randn(images, positions, d, generator=g, dtype=torch.float64)
+    signal = signal @ torch.linalg.cholesky(sigma_s).t()
+    noise = torch.randn(images, positions, d, generator=g, dtype=torch.float64)
+    noise = noise @ torch.linalg.cholesky(sigma_n).t()
+    content = (torch.randn(images, rank, generator=g, dtype=torch.float64) @ loading.t())[:, None]
+    known = means[where] + signal + (content if shared == "signal" else 0)
+    return {
+        "target": means[where] + signal + noise + content,
+        "optimal": known,
+        "positions": where,
+        "images": torch.arange(images)[:, None].expand(images, positions),
+        "exact": exact,
+    }
 
 
 def plug_in(prediction: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> float:
@@ -83,7 +133,8 @@ def run_case(name: str, n: int, q: int, grid: int, d: int, repeats: int, seed: i
     )
     chol_s, chol_n = torch.linalg.cholesky(sigma_s), torch.linalg.cholesky(sigma_n)
     means = 3 * torch.randn(grid, d, generator=g, dtype=torch.float64)
-    rows: dict[str, list[float]] = {k: [] for k in ("estimate", "plug_in", "per_dim", "zero")}
+    names = ("estimate", "jackknife", "jackknife_se", "plug_in", "per_dim", "zero")
+    rows: dict[str, list[float]] = {k: [] for k in names}
     seconds = []
     for _ in range(repeats):
         positions = torch.rand(n, grid, generator=g).argsort(1)[:, :q]
@@ -94,6 +145,10 @@ def run_case(name: str, n: int, q: int, grid: int, d: int, repeats: int, seed: i
         tick = time.perf_counter()
         rows["estimate"].append(gaussian(optimal, target, positions, grid).mi.item())
         seconds.append(time.perf_counter() - tick)
+        images = torch.arange(n)[:, None].expand(n, q)
+        jackknife = gaussian(optimal, target, positions, grid, images=images)
+        rows["jackknife"].append(jackknife.mi.item())
+        rows["jackknife_se"].append(jackknife.se.item())
         rows["plug_in"].append(plug_in(optimal, target, positions))
         rows["per_dim"].append(per_dim(optimal, target))
         rows["zero"].append(gaussian(means[positions], target, positions, grid).mi.item())
@@ -109,13 +164,42 @@ def run_case(name: str, n: int, q: int, grid: int, d: int, repeats: int, seed: i
     }
 
 
+def run_clustered(rank: int, scale: float, shared: str, repeats: int, images: int = 64) -> dict:
+    """Bias of the plain estimate and of the jackknife over images, on `repeats` draws of
+    `clustered_tokens` (covariances and tokens from seed 0, 1, ...), and the time of each."""
+    rows: dict[str, list[float]] = {"plain": [], "jackknife": [], "jackknife_se": []}
+    seconds: dict[str, list[float]] = {"plain": [], "jackknife": []}
+    for seed in range(repeats):
+        t = clustered_tokens(images, rank, scale, shared, seed)
+        args = (t["optimal"], t["target"], t["positions"], 64)
+        tick = time.perf_counter()
+        plain = gaussian(*args).mi.item()
+        middle = time.perf_counter()
+        jackknife = gaussian(*args, images=t["images"])
+        seconds["plain"].append(middle - tick)
+        seconds["jackknife"].append(time.perf_counter() - middle)
+        rows["plain"].append(plain - t["exact"])
+        rows["jackknife"].append(jackknife.mi.item() - t["exact"])
+        rows["jackknife_se"].append(jackknife.se.item())
+    return {
+        "case": f"{images} images, g rank {rank}, scale {scale}, shared {shared}",
+        "exact_first_draw": round(clustered_tokens(2, rank, scale, shared, 0)["exact"], 2),
+        **{f"{k}_bias" if k != "jackknife_se" else k: summary(v) for k, v in rows.items()},
+        **{f"{k}_ms": round(1000 * statistics.median(v), 1) for k, v in seconds.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=64, help="images of the CLUSTERED cases")
+    parser.add_argument("--clustered-only", action="store_true")
     args = parser.parse_args()
-    for index, case in enumerate(CASES):
+    for index, case in enumerate([] if args.clustered_only else CASES):
         print(json.dumps(run_case(*case, args.repeats, args.seed + index)), flush=True)
+    for case in CLUSTERED:
+        print(json.dumps(run_clustered(*case, args.repeats, args.images)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Where a run's Gaussian-channel figures come from: the target spectrum against the error.
 
 Loads RUN_DIR's newest checkpoint, draws training batches (view seed 1) and prints, per dense
-target (intra_view, inter_view) and batch: the figure `mi/<target>`, the MSE, the residual
+target (intra_view, inter_view) and batch: the plain figure, the logged `mi/<target>` (the
+jackknife over images) with its standard error `mi_se/<target>`, the MSE, the residual
 target variance per dimension (after the per-position means of the batch), how many principal
 directions of the residual targets hold 99% of their variance, the same figure computed on
 the projection of targets and predictions onto those directions only, and the two smallest
@@ -21,7 +22,8 @@ import torch
 from m3i.config import config_from_dict
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
-from m3i.mi.posteriors import gaussian_information
+from m3i.mi.gaussian_channel import gaussian_information
+from m3i.mi.targets.base import row_images
 from m3i.train.batches import training_source
 from m3i.train.checkpoint import load_checkpoint
 from m3i.train.loop import build_model
@@ -37,17 +39,17 @@ def spectrum(prediction: torch.Tensor, target: torch.Tensor, positions: torch.Te
     variance, axes = variance.flip(0), axes.flip(1)
     top = int((variance.cumsum(0) / variance.sum() < 0.99).sum()) + 1
     main_axes = axes[:, :top].to(target.dtype)
+    jackknife = gaussian_information(prediction, target, positions, grid, row_images(positions))
+    on_main_axes, _ = gaussian_information(
+        prediction @ main_axes, target @ main_axes, positions, grid
+    )
     return {
-        "figure": round(gaussian_information(prediction, target, positions, grid).item(), 2),
+        "figure": round(gaussian_information(prediction, target, positions, grid)[0].item(), 2),
+        "jackknife_and_se": [round(v.item(), 2) for v in jackknife],
         "mse": round(error.pow(2).mean().item(), 4),
         "residual_variance_per_dim": round(residual.pow(2).mean().item(), 4),
         "directions_for_99pct": top,
-        "figure_on_those": round(
-            gaussian_information(
-                prediction @ main_axes, target @ main_axes, positions, grid
-            ).item(),
-            2,
-        ),
+        "figure_on_those": round(on_main_axes.item(), 2),
         "smallest_variances": [float(f"{v:.3g}") for v in variance[-2:].flip(0)],
     }
 

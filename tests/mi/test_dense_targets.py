@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from m3i.data.batch import Batch
+from m3i.mi.gaussian_channel import gaussian_information
 from m3i.mi.targets import RunContext, StepContext, Stream
 from m3i.mi.targets.dense import (
     DenseTargetConfig,
@@ -113,9 +114,9 @@ def test_siameseim_loss_is_positive_plus_weighted_decorrelation_over_d(n):
     torch.testing.assert_close(bound.loss, siameseim_reference(prediction, tokens, 0.02))
     plain = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
     plain.load_state_dict(target.state_dict())
-    # the information estimate ignores the decorrelation term (NaN at n = 1: 16 tokens on 16
-    # positions leave no degree of freedom for the covariance)
-    assert torch.isnan(bound.mi) if n == 1 else torch.isfinite(bound.mi)
+    # the information estimate ignores the decorrelation term (NaN at n <= 2: with one image
+    # left out, 16 tokens on 16 positions leave no degree of freedom for the covariance)
+    assert torch.isnan(bound.mi) if n <= 2 else torch.isfinite(bound.mi)
     torch.testing.assert_close(bound.mi, plain(ctx).mi, equal_nan=True)
     # the decorrelation term adds to the plain L2 loss, it is not the whole of it
     assert bound.loss.item() > plain(ctx).loss.item() + 1e-4
@@ -205,3 +206,32 @@ def test_intra_view_with_instance_norm_reads_the_top_k_teacher_layers(n):
     torch.testing.assert_close(target.target_tokens(ctx), reference)
     expected = F.mse_loss(target.head(ctx.decoded["masked"]), reference)
     torch.testing.assert_close(target(ctx).loss, expected)
+
+
+def test_inter_view_figure_is_the_jackknife_over_its_rows_images():
+    """Each row of the queries is one image: the figure leaves out one row at a time (the
+    plain estimate recomputed on the other rows), and its standard error is logged."""
+    n, grid = 6, 16
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
+    ctx = inter_view_ctx(n, grid, seed=4)
+    bound = target(ctx)
+    prediction = target.head(ctx.decoded["other_view"]).detach()
+    tokens = ctx.teacher_dense["view2"][ctx.streams["b"].samples]
+    positions = torch.arange(grid).expand(n, grid)
+    full = gaussian_information(prediction, tokens, positions, grid)[0].item()
+    rows = list(range(n))
+    loo = torch.tensor(
+        [
+            gaussian_information(
+                prediction[[o for o in rows if o != r]],
+                tokens[[o for o in rows if o != r]],
+                positions[1:],
+                grid,
+            )[0].item()
+            for r in rows
+        ]
+    )
+    expected = n * full - (n - 1) * loo.mean().item()
+    assert bound.mi.item() == pytest.approx(expected, abs=1e-3)
+    expected_se = ((n - 1) / n * (loo - loo.mean()).pow(2).sum()).sqrt().item()
+    assert bound.se.item() == pytest.approx(expected_se, rel=1e-3)

@@ -47,9 +47,12 @@ def test_every_loss_is_finite_and_trains_the_backbone(source, preset, n):
     )
     loss, monitors = model(make_batch(source, cfg, n))
     assert torch.isfinite(loss)
-    assert set(monitors) == {f"{kind}/{t}" for t in cfg.active_targets() for kind in ("loss", "mi")}
+    estimates = [t for t in cfg.active_targets() if information()[t] == "estimate"]
+    assert set(monitors) == {
+        f"{kind}/{t}" for t in cfg.active_targets() for kind in ("loss", "mi")
+    } | {f"mi_se/{t}" for t in estimates}  # an estimate's standard error, a bound has none
     for key, value in monitors.items():  # a Gaussian estimate needs more tokens than D = 192
-        kind = information()[key.split("/")[1]] if key.startswith("mi/") else "loss"
+        kind = information()[key.split("/")[1]] if key.startswith("mi") else "loss"
         assert torch.isnan(value) if kind == "estimate" else torch.isfinite(value), key
     weighted = sum(
         cfg.active_targets()[t].weight * monitors[f"loss/{t}"] for t in cfg.active_targets()

@@ -16,9 +16,10 @@ with Sigma_e the covariance of the prediction error and Sigma_y the covariance o
 targets after removing what the query position alone predicts (the per-position mean over the
 batch). It is exact for jointly Gaussian targets and the optimal predictor, invariant to
 rotations of the target space, and zero for a predictor that knows only positions. Each log
-det is bias-corrected with the Wishart expectation, so the estimate is unbiased for Gaussian
-targets at any token count; unless the tokens outnumber D plus the positions, it is not
-estimable (NaN).
+det is bias-corrected with the Wishart expectation (unbiased for independent Gaussian
+tokens); the tokens of one image are not independent, so with `images=` the figure is the
+jackknife over images, with its standard error (`m3i.mi.gaussian_channel`). Unless the tokens
+outnumber D plus the positions, it is not estimable (NaN).
 docs/information.md has the measurements.
 """
 
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from m3i.mi.gaussian_channel import gaussian_information
+
 
 @dataclass
 class Bound:
@@ -38,10 +41,13 @@ class Bound:
     Boltzmann posteriors (`boltzmann`, `symmetric_infonce`, `query_key_infonce`): `mi` is a
     lower bound on the mutual information. Gaussian posteriors (`gaussian`, `normalised_l2`):
     `mi` is the Gaussian-channel ESTIMATE (module docstring), not a bound, and NaN when the
-    batch holds too few tokens to estimate it or when it was not asked for (`measure=False`)."""
+    batch holds too few tokens to estimate it or when it was not asked for (`measure=False`).
+    `se`: the figure's standard error where one is computed (the Gaussian estimates' jackknife
+    over images), else None."""
 
     loss: torch.Tensor
     mi: torch.Tensor
+    se: torch.Tensor | None = None
 
 
 def boltzmann(
@@ -77,88 +83,35 @@ def query_key_infonce(
     return Bound(2 * temperature * cross_entropy, mi)
 
 
-def wishart_log_det_offset(dof: torch.Tensor, dim: torch.Tensor, max_dim: int) -> torch.Tensor:
-    """E[log det W] - log det Sigma for W ~ Wishart_dim(dof, Sigma): dim * log 2 plus
-    sum_{i=1..dim} digamma((dof - i + 1) / 2). `max_dim` >= dim fixes the shapes."""
-    i = torch.arange(1, max_dim + 1, dtype=torch.float64, device=dof.device)
-    terms = torch.special.digamma((dof - i + 1) / 2)
-    return dim * math.log(2) + torch.where(i <= dim, terms, 0.0).sum()
-
-
-def gaussian_information(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    positions: torch.Tensor | None = None,
-    num_positions: int | None = None,
-) -> torch.Tensor:
-    """The Gaussian-channel estimate in nats (module docstring), computed in float64.
-
-    prediction, target: (..., D), one token per row; positions: the leading shape, each token's
-    query position in 0..num_positions-1 (default: max + 1); without them only the overall mean
-    is removed. Directions in which the targets do not vary beyond the rounding of their dtype
-    (e.g. the mean over D of LayerNorm'd or per-patch normalised targets) are left out. NaN
-    when there are too few tokens to tell: the residual degrees of freedom (tokens - distinct
-    positions) must exceed the targets' rank (D, or D - 1 for LayerNorm'd targets).
-    """
-    d = target.shape[-1]
-    y = target.detach().reshape(-1, d).double()
-    error = y - prediction.detach().reshape(-1, d).double()
-    # the error's covariance, not its second moment: a constant offset of the predictions
-    # carries no information and must not count against it (T - 1 degrees of freedom)
-    error = error - error.mean(dim=0)
-    tokens = y.shape[0]
-    if positions is None:
-        groups, num_groups = torch.zeros(tokens, dtype=torch.long, device=y.device), 1
-    else:
-        groups = positions.reshape(-1)
-        num_groups = int(groups.max()) + 1 if num_positions is None else num_positions
-    one_hot = (groups[:, None] == torch.arange(num_groups, device=y.device)).double()  # (T, P)
-    counts = one_hot.sum(0)
-    residual = y - (one_hot @ ((one_hot.t() @ y) / counts.clamp_min(1)[:, None]))
-    dof_y = tokens - (counts > 0).sum().double()
-    variances, directions = torch.linalg.eigh(residual.t() @ residual)
-    # the rounding of D values each off by eps relative: variances below D eps^2 mean(y^2)
-    tolerance = tokens * d * torch.finfo(target.dtype).eps ** 2 * y.pow(2).mean()
-    kept = variances > tolerance
-    rank = kept.sum().double()
-    log_det_y = torch.where(kept, variances.clamp_min(tolerance).log(), 0.0).sum()
-    error_scatter = directions.t() @ (error.t() @ error) @ directions
-    block = kept[:, None] & kept[None, :]
-    eye = torch.eye(d, dtype=torch.float64, device=y.device)
-    sign, log_det_e = torch.linalg.slogdet(torch.where(block, error_scatter, eye))
-    log_det_e = torch.where(sign > 0, log_det_e, -math.inf)  # a noiseless direction: infinite
-    dof_e = torch.tensor(float(tokens - 1), dtype=torch.float64, device=y.device)
-    estimate = 0.5 * (
-        (log_det_y - wishart_log_det_offset(dof_y, rank, d))
-        - (log_det_e - wishart_log_det_offset(dof_e, rank, d))
-    )
-    # rank == dof_y: the sample, not the targets, may be what limits the rank
-    return torch.where(rank < dof_y, estimate, math.nan).float()
-
-
 def gaussian(
     prediction: torch.Tensor,
     target: torch.Tensor,
     positions: torch.Tensor | None = None,
     num_positions: int | None = None,
     measure: bool = True,
+    images: torch.Tensor | None = None,
 ) -> Bound:
     """L2 regression onto `target` (rows are tokens, the last dimension is the vector); the
-    figure is `gaussian_information` (an estimate, not a bound) over the same tokens, or NaN
-    without `measure` (it costs a D x D eigendecomposition: the loop asks only when it logs)."""
+    figure is `gaussian_information` (an estimate, not a bound) over the same tokens: with
+    `images` (the leading shape, which image each token comes from) the jackknife over images
+    and its standard error. NaN without `measure` (it costs D x D decompositions: the loop asks
+    only when it logs)."""
     rows = prediction.reshape(-1, prediction.shape[-1])
     loss = F.mse_loss(rows, target.reshape(-1, target.shape[-1]).to(prediction.dtype))
     if not measure:
-        return Bound(loss, torch.full((), math.nan, device=loss.device))
+        nan = torch.full((), math.nan, device=loss.device)
+        return Bound(loss, nan, nan if images is not None else None)
     with torch.no_grad():
-        mi = gaussian_information(prediction, target, positions, num_positions)
-    return Bound(loss, mi)
+        mi, se = gaussian_information(prediction, target, positions, num_positions, images)
+    return Bound(loss, mi, se if images is not None else None)
 
 
 def normalised_l2(prediction: torch.Tensor, target: torch.Tensor, measure: bool = True) -> Bound:
     """BYOL's regression: 2 - 2 cos(prediction, target), a Gaussian on the unit sphere; the
-    figure is the Gaussian-channel estimate on the normalised vectors (no positions)."""
+    figure is the Gaussian-channel estimate on the normalised vectors (no positions; one
+    token per image, so its jackknife leaves out one row at a time)."""
     p, t = F.normalize(prediction, dim=-1), F.normalize(target, dim=-1)
     loss = (2 - 2 * (p * t).sum(-1)).mean()
-    bound = gaussian(p, t, measure=measure)
-    return Bound(loss, bound.mi)
+    images = torch.arange(len(p), device=p.device)
+    bound = gaussian(p, t, measure=measure, images=images)
+    return Bound(loss, bound.mi, bound.se)

@@ -171,9 +171,10 @@ class M3IModel(nn.Module):
             )
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss and the monitors `loss/<target>` (still attached: detach them) and
+        """The weighted loss and the monitors `loss/<target>` (still attached: detach them),
         `mi/<target>` (detached; nats, a lower bound or an estimate as
-        `m3i.mi.targets.information()` says).
+        `m3i.mi.targets.information()` says) and, for the estimates, `mi_se/<target>`, the
+        figure's jackknife standard error.
 
         A target's loss is not detached here because under torch.compile (inductor) a detached
         copy of a lone weight-1 target's loss, which is the total itself, took the total's
@@ -186,6 +187,8 @@ class M3IModel(nn.Module):
             total = total + target.weight * bound.loss
             monitors[f"loss/{name}"] = bound.loss
             monitors[f"mi/{name}"] = bound.mi.detach()
+            if bound.se is not None:
+                monitors[f"mi_se/{name}"] = bound.se.detach()
         return total, monitors
 
     def no_weight_decay(self) -> set[str]:

@@ -84,7 +84,18 @@ def zero_bound(like: torch.Tensor) -> Bound:
 
 
 def mean_bound(bounds: list[Bound]) -> Bound:
-    return Bound(sum(b.loss for b in bounds) / len(bounds), sum(b.mi for b in bounds) / len(bounds))
+    """The mean of bounds over independent parts (e.g. the two images of a mix): its standard
+    error, where every part has one, is sqrt(sum se^2) / count."""
+    count = len(bounds)
+    errors = [b.se for b in bounds]
+    se = None if None in errors else sum(e.pow(2) for e in errors).sqrt() / count
+    return Bound(sum(b.loss for b in bounds) / count, sum(b.mi for b in bounds) / count, se)
+
+
+def row_images(positions: torch.Tensor) -> torch.Tensor:
+    """(N, Q) per-row queries -> (N, Q) the image of each: every row holds one image."""
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    return rows[:, None].expand_as(positions)
 
 
 class Target(nn.Module):

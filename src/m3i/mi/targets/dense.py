@@ -13,7 +13,7 @@ from torch import nn
 
 from m3i.data.mixing import gather_tokens
 from m3i.mi.posteriors import Bound, gaussian
-from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig
+from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, row_images
 from m3i.mi.targets.registry import TargetSpec, register
 from m3i.ranges import COUNT, Range, ranged
 from m3i.runtime import sum_over_ranks
@@ -90,11 +90,18 @@ class DenseTeacherTarget(Target):
         prediction = self.head(ctx.decoded[self.queries])
         target = self.target_tokens(ctx)
         positions = self.query_positions(ctx)
-        bound = gaussian(prediction, target, positions, self.num_positions(ctx), ctx.measure)
+        bound = gaussian(
+            prediction,
+            target,
+            positions,
+            self.num_positions(ctx),
+            ctx.measure,
+            images=row_images(positions),
+        )
         if not self.decorrelation:
             return bound
         negative = decorrelation_term(prediction, target) / prediction.shape[-1]
-        return Bound(bound.loss + self.decorrelation * negative, bound.mi)
+        return Bound(bound.loss + self.decorrelation * negative, bound.mi, bound.se)
 
 
 class IntraViewTarget(DenseTeacherTarget):

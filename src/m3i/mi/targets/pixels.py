@@ -9,7 +9,7 @@ from torch import nn
 
 from m3i.data.mixing import gather_tokens
 from m3i.mi.posteriors import Bound, gaussian
-from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig
+from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, row_images
 from m3i.mi.targets.registry import TargetSpec, register
 
 
@@ -44,7 +44,9 @@ class PixelTarget(Target):
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         prediction = self.head(ctx.decoded["masked"])
-        return gaussian(prediction, target, ctx.masked_positions, patches.shape[1], ctx.measure)
+        positions = ctx.masked_positions
+        images = row_images(positions)
+        return gaussian(prediction, target, positions, patches.shape[1], ctx.measure, images)
 
 
 SPEC = register(TargetSpec("pixels", PixelTargetConfig, PixelTarget, "estimate"))

@@ -64,7 +64,9 @@ class PooledViewTarget(Target):
         q2 = self.predictor(self.projector(ctx.student_pooled["view2"]))
         rows = torch.arange(len(q2), device=q2.device)
         second = self.direction(q2, k1, rows, ctx.measure)
-        return Bound(first.loss + second.loss, (first.mi + second.mi) / 2)
+        # the directions read the same images: the mean's error is at most the mean error
+        se = None if first.se is None else (first.se + second.se) / 2
+        return Bound(first.loss + second.loss, (first.mi + second.mi) / 2, se)
 
 
 def check_batch_norm(section: PooledViewConfig, cfg: Any, name: str) -> str | None:
