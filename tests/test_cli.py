@@ -77,12 +77,11 @@ def test_multistage_runs_each_stage_from_the_last_backbone(tmp_path):
     ]
     assert pretrain_cli(tmp_path, "--preset", "multistage", *sets) == 0
     records = read_metrics(tmp_path)
-    assert [r["stage"] for r in records] == ["data2vec"] * 2 + ["siameseim"] * 2 + [
-        "supervised"
-    ] * 2 + ["clip"] * 2
+    kinds = ["intra_view", "inter_view", "category", "text"]  # M3I's targets, one stage each
+    assert [r["stage"] for r in records] == [f"m3i:{kind}" for kind in kinds for _ in range(2)]
     assert [r["step"] for r in records] == list(range(1, 9))
     stages = sorted((tmp_path / "stages").iterdir())
-    assert [s.name for s in stages] == ["0-data2vec", "1-siameseim", "2-supervised", "3-clip"]
+    assert [s.name for s in stages] == [f"{i}-m3i-{kind}" for i, kind in enumerate(kinds)]
     assert load_config(config_file=stages[2] / "config.yaml").init == str(
         stages[1] / "backbone.safetensors"
     )

@@ -24,6 +24,7 @@ PRESETS = [
     "byol",
     "moco",
     "multistage",
+    "multistage_classic",
 ]
 
 
@@ -45,7 +46,11 @@ def test_presets_switch_targets_by_weight():
     assert active["siameseim"] == {"inter_view"}
     assert active["byol"] == {"view_regress"}
     assert active["moco"] == {"view_contrast"}
-    assert load_config("multistage").stages == ["data2vec", "siameseim", "supervised", "clip"]
+    assert load_config("multistage").stages == [
+        "m3i:intra_view", "m3i:inter_view", "m3i:category", "m3i:text"
+    ]  # fmt: skip
+    classic = ["data2vec", "siameseim", "supervised", "clip"]
+    assert load_config("multistage_classic").stages == classic
 
 
 def test_nested_overrides_are_typed():

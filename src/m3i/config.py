@@ -421,17 +421,26 @@ def _validate_mix_needs(cfg: Config) -> None:
 
 
 def validate_stages(cfg: Config) -> None:
-    """`stages` names single-stage presets; `stage_steps`, if given, one count >= 0 for each
-    stage, summing to train.steps."""
+    """`stages` names single-stage presets or `PRESET:TARGET`, one of a single-stage preset's
+    targets; `stage_steps`, if given, one count >= 0 for each stage, summing to train.steps."""
     if cfg.stage_steps and not cfg.stages:
         raise ConfigError("stage_steps needs stages: list the presets to run one after another")
     if not cfg.stages:
         return
     single = [n for n in preset_names() if n != cfg.preset and "stages" not in preset_values(n)]
     for stage in cfg.stages:
-        if stage not in single:
+        name, colon, target = stage.partition(":")
+        if name not in single:
             raise ConfigError(
-                f"stage {stage!r} is not a single-stage preset; valid: {', '.join(single)}"
+                f"stage {stage!r}: {name!r} is not a single-stage preset; valid: "
+                f"{', '.join(single)}, or PRESET:TARGET for one of its targets (m3i:intra_view)"
+            )
+        preset = Config()
+        _apply(preset, preset_values(name))
+        if colon and target not in preset.active_targets():
+            valid = ", ".join(f"{name}:{t}" for t in preset.active_targets())
+            raise ConfigError(
+                f"stage {stage!r}: {target!r} is not one of {name}'s targets; valid: {valid}"
             )
     if not cfg.stage_steps:
         return

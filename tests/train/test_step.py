@@ -152,7 +152,7 @@ def test_position_embeddings_tokens_and_temperature_get_no_weight_decay(source):
     assert "backbone.vit.blocks.0.attn.qkv.weight" not in no_decay
 
 
-@pytest.mark.parametrize("preset", [p for p in preset_names() if p not in ("multistage",)])
+@pytest.mark.parametrize("preset", [p for p in preset_names() if "stages" not in preset_values(p)])
 def test_every_trainable_parameter_gets_a_gradient(preset):
     """DDP (without find_unused_parameters) needs every trainable parameter in the graph."""
     cfg = load_config(preset, overrides=TINY_M3I + ["model.img_size=16", "model.patch_size=4"])

@@ -4,14 +4,16 @@ Each method is pre-trained with the same model, batch size, optimizer and data, 
 number of steps that gives it the training FLOPs (student forward and backward, EMA teacher
 forward, heads, decoder, text encoder; counted on one real step, `ablation_compute`) of M3I's
 run of the budget's train.steps, within 5%: methods with cheaper steps take more of them.
-`multistage` gives each of its stages an equal share of those FLOPs, its stages reading one
-data stream. Every run's warm-up is the same share of its steps as the budget's. `--equal
-steps` gives every method the budget's steps instead (the FLOPs are still counted and
-reported). The random initialisation is the baseline. A second table removes one target at a
-time from M3I (at equal FLOPs too). Runs of one seed share the backbone's initialisation and
-the data order, so M3I is compared with each method seed by seed. `--set` changes every run's
-config and `--eval-set` every run's evaluation settings, after the budget's (the `gpu` budget
-runs on a CPU at a tiny size that way). Results are written by `m3i.bench.ablation_report`.
+The two multi-stage baselines, `multistage` (M3I's own targets, one stage each: M3I but for
+the staging) and `multistage_classic` (the classic presets in sequence), give each of their
+stages an equal share of those FLOPs, their stages reading one data stream. Every run's warm-up
+is the same share of its steps as the budget's. `--equal steps` gives every method the
+budget's steps instead (the FLOPs are still counted and reported). The random initialisation
+is the baseline. A second table removes one target at a time from M3I (at equal FLOPs too).
+Runs of one seed share the backbone's initialisation and the data order, so M3I is compared
+with each method seed by seed. `--set` changes every run's config and `--eval-set` every run's
+evaluation settings, after the budget's (the `gpu` budget runs on a CPU at a tiny size that
+way). Results are written by `m3i.bench.ablation_report`.
 
 Each finished run leaves its record beside its run directory (`RECORD_SUFFIX`), under a key of
 what its numbers depend on: its config, tasks, evaluation settings, FLOP plan and the package's
@@ -43,7 +45,11 @@ from m3i.train.loop import TrainingStopped
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps
 
-METHODS = ("random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage", "m3i")
+METHODS = (
+    "random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage",
+    "multistage_classic", "m3i",
+)  # fmt: skip
+MULTISTAGE = ("multistage", "multistage_classic")  # each ends with a text stage
 REMOVALS = {  # M3I minus one target
     "m3i-text": "targets.text.weight=0",
     "m3i-category": "targets.category.weight=0",
@@ -97,9 +103,9 @@ BUDGETS = {
         seeds={"shapes": 1, "fashion-mnist": 1},
     ),
     # the README's table: the default model, 3 seeds on both datasets, under 90 min on 2 CPU
-    # cores. Equal FLOPs make every method train about as long as M3I, so the 42 runs get 80
-    # M3I steps at batch 32 (60–100 s of training each), shorter probes, and the minus-one runs
-    # are left to `gpu`
+    # cores. Equal FLOPs make every method train about as long as M3I, so the 48 trained runs
+    # get 80 M3I steps at batch 32 (60–100 s of training each), shorter probes, and the
+    # minus-one runs are left to `gpu`
     "full": Budget(
         train=["train.steps=80", "train.batch_size=32", "data.num_train=5000"],
         evaluation=[
@@ -160,7 +166,7 @@ def tasks_for(method: str, data: str, budget: Budget) -> list[str]:
     tasks = ["knn", "linear"]
     if data == "shapes" and budget.dense:
         tasks += ["segment", "detect"]
-    text = method in ("clip", "m3i", "multistage") or method.startswith("m3i-")
+    text = method in ("clip", "m3i", *MULTISTAGE) or method.startswith("m3i-")
     if text and method != "m3i-text":
         tasks.append("zeroshot")
     return tasks

@@ -174,7 +174,7 @@ def compute_statement(report: dict[str, Any]) -> str:
         return (
             f"Equal training FLOPs: every trained run spends M3I's training FLOPs at the "
             f"budget's steps within 5% ({budgets}); methods with cheaper steps take more of "
-            f"them, and multistage gives each stage an equal share; {what}."
+            f"them, and each multi-stage run gives each of its stages an equal share; {what}."
         )
     return (
         f"Equal steps: every method trains the budget's steps, so training FLOPs differ (see "

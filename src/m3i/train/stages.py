@@ -1,7 +1,13 @@
-"""Multi-stage pre-training: a sequence of single-stage presets, each from the last backbone.
+"""Multi-stage pre-training: a sequence of stages, each from the last backbone.
+
+A stage is a single-stage preset (`data2vec`) or `PRESET:TARGET` (`m3i:intra_view`): that
+preset with every target's weight but TARGET's set to 0, all else (target definitions, mix,
+teacher, decoder) the preset's own. `multistage` runs M3I's four targets so, one stage each:
+it differs from M3I only in staging; `multistage_classic` runs the classic presets in sequence.
 
 What each stage takes from the multistage run:
-- `model`, `views`, `decoder`, `data`, `train` and `monitor`: the run's, as they are, except
+- `views`, `data`, `train` and `monitor`, and the backbone (`model.name`, `img_size`,
+  `patch_size`, `depth`: one backbone passes from stage to stage): the run's, as they are, except
   `train.steps` (the stage's own: `stage_steps[i]`, or an equal split of train.steps with the
   remainder to the last stage), `train.warmup_steps` (scaled with the stage's length:
   round(train.warmup_steps * stage steps / train.steps)) and `train.first_batch`.
@@ -10,10 +16,12 @@ What each stage takes from the multistage run:
   train.steps reads, in the same order, and none replays another's; each stage also draws its
   own masks (the loop seeds them from the first batch). A `wds:` stream is reseeded at each
   stage's first batch, as a resumed run's is.
-- `targets`, `mix` and `teacher`: each stage's preset, plus every key of these sections that
-  the run sets to a value other than the default (e.g. `teacher.momentum`, `mix.isolate`,
-  `targets.text.width`), which reaches every stage (a stage whose targets do not read it
-  ignores it). Keys that say which objective a stage is, `targets.<name>.weight` and
+- `targets`, `mix`, `teacher`, `decoder` (the objective's heads, e.g. SiameseIM's projector
+  and predictor) and the other `model` keys (e.g. MoCo v3's and SiameseIM's
+  `freeze_patch_embed`): each stage's own, plus every key of these sections that the run
+  sets to a value other than the default (e.g. `teacher.momentum`, `mix.isolate`,
+  `targets.text.width`, `decoder.dim`), which reaches every stage (a stage whose targets do
+  not read it ignores it). Keys that say which objective a stage is, `targets.<name>.weight` and
   `mix.ratio`, differ from stage to stage: setting them on a multistage run is refused
   (choose the stages' presets with `stages`).
 """
@@ -36,10 +44,13 @@ from m3i.config import (
     to_dict,
 )
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
+from m3i.mi.targets import TARGETS
 from m3i.train.trainer import train_one
 
-SHARED_SECTIONS = ("model", "views", "decoder", "data", "train", "monitor")
-STAGE_SECTIONS = ("targets", "mix", "teacher")  # from each stage's preset, plus the run's changes
+SHARED_SECTIONS = ("views", "data", "train", "monitor")
+BACKBONE_KEYS = ("name", "img_size", "patch_size", "depth")  # of `model`, shared as well
+# from each stage's preset, plus the run's changes
+STAGE_SECTIONS = ("targets", "mix", "teacher", "decoder", "model")
 
 
 def _is_per_stage(key: str) -> bool:
@@ -48,8 +59,8 @@ def _is_per_stage(key: str) -> bool:
 
 
 def stage_overrides(cfg: Config) -> dict[str, Any]:
-    """The run's `targets`, `mix` and `teacher` keys that differ from the defaults, which every
-    stage gets; ConfigError for a per-stage key (a target's weight, mix.ratio)."""
+    """The run's keys of STAGE_SECTIONS that differ from the defaults, which every stage gets;
+    ConfigError for a per-stage key (a target's weight, mix.ratio)."""
     defaults = flat_keys({s: v for s, v in to_dict(Config()).items() if s in STAGE_SECTIONS})
     run = flat_keys({s: v for s, v in to_dict(cfg).items() if s in STAGE_SECTIONS})
     changed = {key: value for key, value in run.items() if value != defaults[key]}
@@ -69,6 +80,20 @@ def _set(values: dict[str, Any], key: str, value: Any) -> None:
     values[name] = value
 
 
+def stage_values(stage: str) -> dict[str, Any]:
+    """The preset values of one stage: `PRESET` as it is, or `PRESET:TARGET`, that preset with
+    every target's weight but TARGET's set to 0 (the stage's name is its `preset`)."""
+    name, _, target = stage.partition(":")
+    values = preset_values(name)
+    if target:
+        targets = values.setdefault("targets", {})
+        for other in TARGETS:
+            if other != target:
+                targets.setdefault(other, {})["weight"] = 0.0
+        values.update(preset=stage, description=f"{name} with its {target} target alone")
+    return values
+
+
 def stage_steps(cfg: Config) -> list[int]:
     """Steps of each stage: `stage_steps`, or an equal split of train.steps (the remainder to
     the last stage)."""
@@ -79,22 +104,32 @@ def stage_steps(cfg: Config) -> list[int]:
 
 
 def stage_configs(cfg: Config) -> list[Config]:
-    """The config of each stage (see the module docstring for what it takes from `cfg`)."""
+    """The config of each stage (see the module docstring for what it takes from `cfg`); a
+    stage that cannot run is a one-line ConfigError naming it."""
     overrides = stage_overrides(cfg)
     shared = {k: v for k, v in to_dict(cfg).items() if k in SHARED_SECTIONS}
     total, first = cfg.train.steps, cfg.train.first_batch
     configs = []
-    for name, steps in zip(cfg.stages, stage_steps(cfg), strict=True):
-        values = preset_values(name)
+    for index, (name, steps) in enumerate(zip(cfg.stages, stage_steps(cfg), strict=True)):
+        values = stage_values(name)
         values.update(copy.deepcopy(shared))
         for key, value in overrides.items():
             _set(values, key, value)
+        values.setdefault("model", {}).update({k: getattr(cfg.model, k) for k in BACKBONE_KEYS})
         warmup = round(cfg.train.warmup_steps * steps / total) if total else 0
         values["train"].update(steps=steps, warmup_steps=warmup, first_batch=first)
         values["init"] = cfg.init
-        configs.append(config_from_dict(values))
+        try:
+            configs.append(config_from_dict(values))
+        except ConfigError as err:
+            raise ConfigError(f"stage {index} ({name}) cannot run: {err}") from None
         first += steps
     return configs
+
+
+def stage_dir_name(index: int, stage: str) -> str:
+    """The run folder of a stage under stages/: its index and name (`1-m3i-inter_view`)."""
+    return f"{index}-{stage.replace(':', '-')}"
 
 
 def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
@@ -109,7 +144,7 @@ def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
     for index, stage_cfg in enumerate(configs):
         if previous is not None:
             stage_cfg.init = str(previous / "backbone.safetensors")
-        stage_dir = out_dir / "stages" / f"{index}-{stage_cfg.preset}"
+        stage_dir = out_dir / "stages" / stage_dir_name(index, stage_cfg.preset)
         train_one(stage_cfg, stage_dir, progress)
         for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if main else []:
             record = json.loads(line)
