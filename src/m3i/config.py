@@ -16,13 +16,16 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from m3i.data.masking import MASKINGS
 from m3i.data.mixing import count_a
 from m3i.data.specs import spec_list
 from m3i.data.views import ViewConfig
 from m3i.mi.targets import TARGETS
 from m3i.models.config import ATTENTIONS, ModelConfig
+from m3i.models.decoder import NORMS
+from m3i.models.ema import SCHEDULES, TeacherConfig
 from m3i.plugins import IMPORTED, PluginError, import_plugin, is_path
-from m3i.ranges import config_value_problem
+from m3i.ranges import Range, config_value_problem, ranged
 
 
 class ConfigError(ValueError):
@@ -33,12 +36,9 @@ class ConfigError(ValueError):
 class MixConfig:
     ratio: float = 0.5  # share of grid positions that image A occupies in the mixed input
     isolate: bool = True  # restrict encoder attention to tokens of the same image
-
-
-@dataclass
-class TeacherConfig:
-    momentum: float = 0.995  # EMA momentum at step 0
-    momentum_final: float = 1.0  # reached at the last step on a cosine schedule
+    # how image A's positions are drawn (m3i.data.masking): random | block (BEiT's blocks:
+    # SiameseIM's mask, whose masked part is A's) | inverse_block (data2vec 2.0's kept blocks)
+    masking: str = "random"
 
 
 @dataclass
@@ -46,6 +46,13 @@ class DecoderConfig:
     dim: int = 128
     depth: int = 2
     heads: int = 4
+    # layer: LayerNorm blocks and a final LayerNorm; batch: SiameseIM's decoder blocks, BatchNorm
+    # over the tokens in place of both LayerNorms of a block, no final norm
+    norm: str = "layer"
+    # SiameseIM's projector: blocks on the encoder tokens before the queries join; an EMA copy
+    # of it (and of the embedding) maps the teacher's tokens to the dense targets
+    projector_depth: int = ranged(0, Range(0, note="0: no projector"))
+    qkv_bias: bool = False  # a bias in the blocks' qkv projection (SiameseIM, MAE: true)
 
 
 @functools.cache
@@ -360,6 +367,18 @@ def validate(cfg: Config) -> None:
             "odd one the middle sample is mixed with itself and its hidden patches leak",
         ),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (
+            cfg.decoder.norm in NORMS,
+            f"decoder.norm must be {' or '.join(NORMS)}, got {cfg.decoder.norm!r}",
+        ),
+        (
+            cfg.teacher.schedule in SCHEDULES,
+            f"teacher.schedule must be {' or '.join(SCHEDULES)}, got {cfg.teacher.schedule!r}",
+        ),
+        (
+            cfg.mix.masking in MASKINGS,
+            f"mix.masking must be {' or '.join(MASKINGS)}, got {cfg.mix.masking!r}",
+        ),
         (
             cfg.train.batch_size % cfg.train.accum_steps == 0,
             f"train.accum_steps ({cfg.train.accum_steps}) must divide "

@@ -25,7 +25,7 @@ def test_bench_speed_json_reports_every_step(capsys):
     assert report["batch_size"] == 8
     assert report["model"] == {
         "name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 1,
-        "drop_path": 0.0, "attention": "separate",
+        "drop_path": 0.0, "attention": "separate", "freeze_patch_embed": False,
     }  # fmt: skip
     for name, step in report["steps"].items():
         assert step["min_s"] <= step["median_s"] <= step["max_s"], name

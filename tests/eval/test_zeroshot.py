@@ -32,7 +32,7 @@ def run(tmp_path_factory) -> Path:
         *TINY_M3I,
         "model.img_size=16",
         "model.patch_size=4",
-        "targets.text.hidden_dim=0",
+        "targets.text.head=linear",
         "data.num_train=16",
         "train.batch_size=8",
         "train.steps=1",
@@ -64,7 +64,7 @@ def prompt_embeddings(run: Path, classes: list[str], dim: int) -> torch.Tensor:
 
 
 def set_image_projection(run: Path, weight: torch.Tensor) -> None:
-    """Write `weight` (E, D) and a zero bias as the text target's linear image projection."""
+    """Write `weight` (E, D) as the text target's linear image projection (CLIP's: no bias)."""
     path = run / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     model = state["model"]
@@ -72,7 +72,6 @@ def set_image_projection(run: Path, weight: torch.Tensor) -> None:
         k for k, v in model.items() if k.startswith("targets.text.") and v.shape == weight.shape
     ]
     model[key] = weight.float()
-    model[key.removesuffix("weight") + "bias"] = torch.zeros(weight.shape[0])
     torch.save(state, path)
 
 

@@ -3,6 +3,7 @@ v3's Algorithm 1 written out, on tiny batches."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lightly.models.modules.heads import (
 )
 from torch import nn
 
+from m3i.config import ConfigError, load_config
 from m3i.data.batch import Batch
 from m3i.mi.posteriors import gaussian
 from m3i.mi.targets import RunContext, StepContext, Stream
@@ -25,15 +27,17 @@ from m3i.mi.targets.view_regress import ViewRegressTarget, ViewRegressTargetConf
 ENC, HIDDEN, OUT, TAU = 12, 16, 8, 0.2
 
 
-def moco_target() -> ViewContrastTarget:
+def moco_target(pool: str = "mean") -> ViewContrastTarget:
     torch.manual_seed(0)
-    cfg = ViewContrastTargetConfig(weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN, temperature=TAU)
+    cfg = ViewContrastTargetConfig(
+        weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN, temperature=TAU, pool=pool
+    )
     return perturbed(ViewContrastTarget(cfg, RunContext(ENC)))
 
 
-def byol_target() -> ViewRegressTarget:
+def byol_target(pool: str = "mean") -> ViewRegressTarget:
     torch.manual_seed(0)
-    cfg = ViewRegressTargetConfig(weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN)
+    cfg = ViewRegressTargetConfig(weight=1.0, embed_dim=OUT, hidden_dim=HIDDEN, pool=pool)
     return perturbed(ViewRegressTarget(cfg, RunContext(ENC)))
 
 
@@ -228,6 +232,41 @@ def test_gradients_reach_the_online_heads_and_never_the_keys(make):
     assert all(p.grad is None for p in target.teacher_projector.parameters())
     online = [*target.projector.parameters(), *target.predictor.parameters()]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online)
+
+
+@pytest.mark.parametrize("make", [moco_target, byol_target])
+def test_pool_cls_reads_the_class_tokens_of_student_and_teacher(make):
+    """pool=cls (MoCo v3 on a ViT): the loss of the class tokens, not of the tokens' means."""
+    tokens, means = views(4, seed=9), views(4, seed=10)
+    ctx = context(means)  # every image's tokens average to `means`
+    ctx.streams["a"].class_token = tokens["s1"]
+    ctx.student_class_token = {"view2": tokens["s2"]}
+    ctx.teacher_class_token = {"view1": tokens["t1"], "view2": tokens["t2"]}
+    loss = make("cls")(ctx).loss
+    torch.testing.assert_close(loss, make("mean")(context(tokens)).loss)
+    assert not torch.allclose(loss, make("mean")(ctx).loss)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.name=convnext_atto", "model.patch_size=8"],
+            "targets.view_contrast.pool=cls reads the class token, and model.name "
+            "'convnext_atto' has none; set targets.view_contrast.pool=mean",
+        ),
+        (
+            ["mix.ratio=0.5", "mix.isolate=false"],
+            "targets.view_contrast.pool=cls reads each image's class token, and with "
+            "mix.isolate=false the two images of a mix share one",
+        ),
+        (["targets.view_contrast.pool=max"], "targets.view_contrast.pool must be mean or cls"),
+    ],
+)
+def test_pool_cls_is_refused_without_a_class_token_of_each_image(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("moco", overrides=overrides)
+    load_config("moco", overrides=["mix.isolate=false"])  # mix.ratio 1: one image, its own
 
 
 # ---------------------------------------------------------------- the EMA projector

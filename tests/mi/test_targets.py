@@ -86,15 +86,17 @@ def test_category_loss_over_labelled_rows_of_both_streams(n):
 
 
 def test_category_logits_by_hand():
-    """A linear head W p + b, then the dot product with each class embedding, by hand."""
-    cfg = CategoryTargetConfig(weight=1.0, hidden_dim=0, embed_dim=2)  # hidden_dim 0: linear
+    """head=linear (the supervised preset's): the dot product of the pooled features with each
+    class embedding plus its class's bias, by hand."""
+    cfg = CategoryTargetConfig(weight=1.0, head="linear")
     target = CategoryTarget(cfg, RunContext(encoder_dim=3, num_classes=3))
     with torch.no_grad():
-        target.head.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]]))
-        target.head.bias.copy_(torch.tensor([0.5, -1.0]))
-        target.class_embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]))
+        target.class_embedding.copy_(
+            torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0], [-1.0, 2.0, 2.0]])
+        )
+        target.class_bias.copy_(torch.tensor([0.5, -1.0, -1.5]))
     pooled = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [2.0, -1.0, 0.0]])
-    # head: [1 - 3 + 0.5, 4 + 3 - 1] = [-1.5, 6]; [0.5, -1]; [2 + 0.5, -2 - 1] = [2.5, -3]
+    # [1 - 3 + 0.5, 4 + 3 - 1, -1 + 4 + 6 - 1.5]; the biases; [2 + 0.5, -2 - 1, -2 - 2 - 1.5]
     expected = torch.tensor([[-1.5, 6.0, 7.5], [0.5, -1.0, -1.5], [2.5, -3.0, -5.5]])
     torch.testing.assert_close(target.logits(pooled), expected)
     # the loss of a labelled image: cross-entropy of those logits, by hand

@@ -199,3 +199,93 @@ def test_decoder_tokens_travel_with_their_coords():
     torch.testing.assert_close(together, out, atol=1e-5, rtol=1e-5)
     alone = model(tokens[:, perm], token_coords, query_coords)
     assert not torch.allclose(alone, out, atol=1e-4)
+
+
+# ------------------------------------------------- SiameseIM's decoder (decoder.norm=batch)
+
+
+def batch_norm_by_hand(x: torch.Tensor, bn: torch.nn.BatchNorm1d) -> torch.Tensor:
+    """SiameseIM's PermuteBN in training mode: per channel, over every token of every sample,
+    biased variance, eps 1e-5, then the affine weight and bias."""
+    flat = x.reshape(-1, x.shape[-1])
+    mean, var = flat.mean(dim=0), flat.var(dim=0, unbiased=False)
+    return (x - mean) / torch.sqrt(var + 1e-5) * bn.weight + bn.bias
+
+
+def block_by_hand(x: torch.Tensor, block, heads: int) -> torch.Tensor:
+    """models_vit.Block with norm_layer=PermuteBN: x + attn(BN(x)), then x + mlp(BN(x));
+    attention with a qkv bias, softmax(q k^T / sqrt(d)) v, then its projection; GELU MLP."""
+    n, length, dim = x.shape
+    h = batch_norm_by_hand(x, block.norm1.bn)
+    qkv = h @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    q, k, v = qkv.reshape(n, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // heads), dim=-1)
+    attended = (weights @ v).transpose(1, 2).reshape(n, length, dim)
+    x = x + attended @ block.attn.proj.weight.T + block.attn.proj.bias
+    h = batch_norm_by_hand(x, block.norm2.bn)
+    hidden = torch.nn.functional.gelu(h @ block.mlp.fc1.weight.T + block.mlp.fc1.bias)
+    return x + hidden @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+
+
+def siameseim_decoder(dim: int = 16, heads: int = 2) -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(12, dim, depth=2, heads=heads, norm="batch", projector_depth=2, qkv_bias=True)
+    with torch.no_grad():  # BatchNorm's affine parameters start at 1 and 0: make them matter
+        for name, param in model.named_parameters():
+            if ".norm" in name:
+                param.normal_()
+    return model.train()
+
+
+def test_siameseim_decoder_layers_are_the_originals():
+    """models_sim.py with loss_type sim: decoder_embed, projector_decoder_blocks and
+    predictor_decoder_blocks (Block(dim, heads, 4, qkv_bias=True, norm_layer=PermuteBN)), no
+    decoder norm (decoder_pred follows the last block); per block 2 BatchNorms (2 x 2d
+    parameters), qkv 3d^2 + 3d, proj d^2 + d, MLP 4d^2 + 4d and 4d^2 + d."""
+    model, dim = siameseim_decoder(), 16
+    assert len(model.projector) == 2 and len(model.blocks) == 2
+    assert isinstance(model.norm, torch.nn.Identity)
+    for block in [*model.projector, *model.blocks]:
+        for norm in (block.norm1, block.norm2):
+            assert isinstance(norm.bn, torch.nn.BatchNorm1d) and norm.bn.num_features == dim
+        assert block.attn.qkv.bias is not None
+        assert sum(p.numel() for p in block.parameters()) == 12 * dim**2 + 13 * dim
+    default = Decoder(12, dim, depth=2, heads=2)  # m3i's: LayerNorm, no projector, no qkv bias
+    assert len(default.projector) == 0 and isinstance(default.norm, torch.nn.LayerNorm)
+    assert default.blocks[0].attn.qkv.bias is None
+    assert isinstance(default.blocks[0].norm1, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_siameseim_decoder_forward_is_the_originals_by_hand(n):
+    """forward_sim: embed, projector on the visible tokens, then their positions, the mask
+    tokens with theirs, the predictor over both, no final norm; BatchNorm statistics over all
+    tokens of the batch."""
+    model = siameseim_decoder()
+    tokens = torch.randn(n, 5, 12)
+    token_coords = torch.rand(n, 5, 2) * G
+    query_coords = torch.rand(n, 7, 2) * G
+    geometry = torch.randn(n, 3)
+    with torch.no_grad():
+        model.geometry.weight.normal_()
+        got = model(tokens, token_coords, query_coords, geometry)
+        x = tokens @ model.embed.weight.T + model.embed.bias
+        for block in model.projector:
+            x = block_by_hand(x, block, heads=2)
+        x = x + torch.tensor([[sincos_by_hand(*p.tolist(), 16) for p in r] for r in token_coords])
+        queries = torch.tensor([[sincos_by_hand(*p.tolist(), 16) for p in r] for r in query_coords])
+        queries = queries + model.mask_token + (geometry @ model.geometry.weight.T)[:, None]
+        h = torch.cat([x, queries], dim=1)
+        for block in model.blocks:
+            h = block_by_hand(h, block, heads=2)
+    torch.testing.assert_close(got, h[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_token_batch_norm_runs_in_float32_under_autocast():
+    model = siameseim_decoder()
+    x = torch.randn(2, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.blocks[0].norm1(x.bfloat16())
+    assert out.dtype == torch.float32
+    expected = batch_norm_by_hand(x.bfloat16().float(), model.blocks[0].norm1.bn)
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)

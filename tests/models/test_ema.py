@@ -1,4 +1,5 @@
-"""The momentum teacher: no gradient, eval mode, the EMA formula, the cosine schedule."""
+"""The momentum teacher: no gradient, eval mode, the EMA formula, the cosine schedule and
+data2vec 2.0's linear one, and the scaling of a published schedule to a run's length."""
 
 import math
 
@@ -7,10 +8,10 @@ import timm
 import torch
 from torch import nn
 
-from m3i.config import load_config
+from m3i.config import ConfigError, load_config
 from m3i.data.batch import Batch, View
 from m3i.mi.targets import RunContext
-from m3i.models.ema import MomentumTeacher, momentum_at
+from m3i.models.ema import MomentumTeacher, TeacherConfig, momentum_at
 from m3i.models.text import train_bpe
 from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
@@ -127,6 +128,58 @@ def test_momentum_schedule_is_cosine():
     assert all(b >= a for a, b in zip(values, values[1:], strict=False))
     assert values[0] < values[-1]
     assert momentum_at(5, 0, base, final) == final
+
+
+def fairseq_annealed_rate(start: float, end: float, step: int, total: int) -> float:
+    """data2vec 2.0's EMA decay (fairseq examples/data2vec get_annealed_rate, applied until
+    ema_anneal_end_step, then ema_end_decay)."""
+    if step >= total:
+        return end
+    return end - (end - start) * (1 - step / total)
+
+
+def test_linear_schedule_is_data2vec2s_annealed_rate():
+    cfg = TeacherConfig(0.9998, 0.99999, schedule="linear", anneal_steps=100000)
+    for step in (0, 1, 2500, 50000, 99999, 100000, 100001, 375300):
+        expected = fairseq_annealed_rate(0.9998, 0.99999, step, 100000)
+        assert cfg.momentum_at(step, 375300) == pytest.approx(expected, abs=1e-12), step
+    assert cfg.momentum_at(50000, 375300) == pytest.approx((0.9998 + 0.99999) / 2, abs=1e-12)
+    whole_run = TeacherConfig(0.99, 1.0, schedule="linear")  # anneal_steps 0: the whole run
+    assert whole_run.momentum_at(25, 100) == pytest.approx(0.9925, abs=1e-12)
+
+
+def test_cosine_is_the_default_and_stops_at_anneal_steps():
+    assert TeacherConfig().momentum_at(30, 100) == momentum_at(30, 100, 0.995, 1.0)
+    capped = TeacherConfig(0.99, 1.0, anneal_steps=40)
+    assert capped.momentum_at(20, 100) == pytest.approx(0.995, abs=1e-12)  # half way: the mean
+    assert capped.momentum_at(40, 100) == capped.momentum_at(90, 100) == 1.0
+
+
+def test_reference_steps_keep_the_averaging_horizon_a_share_of_the_run():
+    """1 - m' = (1 - m) x reference / steps, by hand: data2vec 2.0's 375,300-step schedule on
+    a 200-step run; anneal_steps 100,000 -> round(53.29) = 53."""
+    cfg = TeacherConfig(0.9998, 0.99999, "linear", anneal_steps=100000, reference_steps=375300)
+    start, end = 1 - 0.0002 * 1876.5, 1 - 0.00001 * 1876.5  # 0.6247, 0.981235
+    assert cfg.momentum_at(0, 200) == pytest.approx(start, abs=1e-12)
+    assert cfg.momentum_at(53, 200) == cfg.momentum_at(200, 200) == pytest.approx(end, abs=1e-12)
+    assert cfg.momentum_at(20, 200) == pytest.approx(end - (end - start) * 33 / 53, abs=1e-12)
+    assert cfg.momentum_at(20, 375300) == TeacherConfig(
+        0.9998, 0.99999, "linear", anneal_steps=100000
+    ).momentum_at(20, 375300)  # at the reference length: the published values
+    assert TeacherConfig(0.9, reference_steps=1000).momentum_at(0, 10) == 0.0  # 1 - m' <= 1
+
+
+def test_presets_schedules():
+    """data2vec: data2vec 2.0's published values (scaled to the tiny run); SiameseIM: --mm
+    0.995 on its cosine schedule."""
+    data2vec, siameseim = load_config("data2vec").teacher, load_config("siameseim").teacher
+    assert data2vec == TeacherConfig(0.9998, 0.99999, "linear", 100000, 375300)
+    assert load_config("vit_b16_data2vec").teacher == TeacherConfig(
+        0.9998, 0.99999, "linear", 100000
+    )
+    assert siameseim == load_config("vit_b16_siameseim").teacher == TeacherConfig(0.995, 1.0)
+    with pytest.raises(ConfigError, match="teacher.schedule must be cosine or linear"):
+        load_config("data2vec", overrides=["teacher.schedule=step"])
 
 
 # ---------------------------------------------------------------- inside M3IModel

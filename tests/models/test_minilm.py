@@ -152,10 +152,7 @@ def test_checkpoint_holds_the_projection_not_the_tower(run):
     text = [k for k in state["model"] if k.startswith("targets.text.")]
     assert sorted(text) == [
         "targets.text.encoder.projection.weight",
-        "targets.text.head.fc1.bias",
-        "targets.text.head.fc1.weight",
-        "targets.text.head.fc2.bias",
-        "targets.text.head.fc2.weight",
+        "targets.text.head.weight",  # the image side's linear projection (head=linear)
         "targets.text.logit_scale",
     ]
 

@@ -27,13 +27,19 @@ TINY = [
 ]
 PINNED = {  # loss.item() at ac2ff10, one thread
     "m3i": 7.200175762176514,
-    "supervised": 2.2990639209747314,
-    "clip": 1.8132822513580322,
-    "data2vec": 1.4227259159088135,
-    "siameseim": 1.425739049911499,
+    # re-pinned when these presets took their originals' heads, pooling and frozen patch
+    # projection (issue 25): supervised 2.2990639209747314 (timm's linear classifier), clip
+    # 1.8132822513580322 (CLIP's linear projection), moco 3.1196017265319824 (the class token,
+    # the frozen patch projection), siameseim with its masks 1.4115732908248901 (its frozen one)
+    "supervised": 2.3915319442749023,
+    "clip": 3.978146553039551,
+    # re-pinned when these presets took their originals' masks and SiameseIM's BatchNorm
+    # projector and predictor (issue 25): data2vec 1.4227259159088135, siameseim 1.425739049911499
+    "data2vec": 1.4100748300552368,
+    "siameseim": 1.107094407081604,
     "mae": 1.3567254543304443,
     "byol": 4.637381076812744,
-    "moco": 3.1196017265319824,
+    "moco": 1.682134985923767,
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m3i.bench.measure import synthetic_batch
-from m3i.config import ConfigError, load_config, preset_names
+from m3i.config import ConfigError, load_config, preset_names, preset_values
 from m3i.data.base import ImageSource
 from m3i.data.batch import collate
 from m3i.data.shapes import CLASSES, ShapesDataset
@@ -69,10 +69,11 @@ def test_every_loss_is_finite_and_trains_the_backbone(source, preset, n):
 
 
 def test_only_needed_streams_are_encoded(source):
-    """MAE encodes only the visible 25% of image A; SiameseIM only image B; M3I both halves."""
+    """MAE encodes only the visible 25% of image A; SiameseIM only image B (its 40%); M3I both
+    halves."""
     expected = {
         "mae": {"a": 4},
-        "siameseim": {"b": 4},
+        "siameseim": {"b": 6},  # image A: round(0.602 x 16) = 10 cells (B's masked ones)
         "m3i": {"a": 8, "b": 8},
         "supervised": {"a": 16},
     }

@@ -50,7 +50,10 @@ def bench_configs(settings: BenchSettings) -> dict[str, Config]:
     """The resolved config of every compared preset, `settings.overrides` applied to each (a
     ConfigError for a bad one); they must share the backbone and the batch size."""
     configs = {name: load_config(name, overrides=settings.overrides) for name in OURS}
-    shape = {name: (cfg.model, cfg.train.batch_size) for name, cfg in configs.items()}
+    shape = {  # a frozen patch embedding (siameseim) is the preset's own, not another model
+        name: (dataclasses.replace(cfg.model, freeze_patch_embed=False), cfg.train.batch_size)
+        for name, cfg in configs.items()
+    }
     differ = [name for name in OURS if shape[name] != shape["m3i"]]
     if differ:
         raise ConfigError(
@@ -132,17 +135,20 @@ def lightly_mae_step(cfg: Config, batch: Batch, device):
 
 
 def open_clip_step(clip: Config, batch: Batch, tokenizer, device):
-    """open_clip's CLIP: its TextTransformer and ClipLoss, our timm ViT with the same MLP
-    projection as our clip preset, the same text width, depth, context and vocabulary."""
+    """open_clip's CLIP: its TextTransformer and ClipLoss, our timm ViT with the same image
+    head as our clip preset (CLIP's bias-free linear projection, or the MLP of head=mlp), the
+    same text width, depth, context and vocabulary."""
     from open_clip import ClipLoss
     from open_clip.transformer import TextTransformer
 
     cfg = clip.targets.text
     vit = timm_vit(clip, global_pool="avg", fc_norm=False)
-    head = torch.nn.Sequential(
-        torch.nn.Linear(vit.embed_dim, cfg.hidden_dim), torch.nn.GELU(),
-        torch.nn.Linear(cfg.hidden_dim, cfg.embed_dim),
-    )  # fmt: skip
+    head = torch.nn.Linear(vit.embed_dim, cfg.embed_dim, bias=False)  # open_clip's `proj`
+    if cfg.head == "mlp":
+        head = torch.nn.Sequential(
+            torch.nn.Linear(vit.embed_dim, cfg.hidden_dim), torch.nn.GELU(),
+            torch.nn.Linear(cfg.hidden_dim, cfg.embed_dim),
+        )  # fmt: skip
     text = TextTransformer(
         context_length=cfg.context_length, vocab_size=tokenizer.get_vocab_size(),
         width=cfg.width, heads=cfg.heads, layers=cfg.depth, output_dim=cfg.embed_dim,

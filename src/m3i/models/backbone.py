@@ -37,6 +37,9 @@ class Backbone(nn.Module, ABC):
     family: ClassVar[str]  # the registry key
     timm_class: ClassVar[type[nn.Module]]  # the timm model class an export must build
     timm_kwargs_allowed: ClassVar[dict[str, Check]]  # the export's timm arguments and values
+    # whether the family's models have a class token (a ViT built without one says so on its
+    # instance): what `forward_with_class_token` and `encode_mix(class_tokens=True)` read
+    has_class_token: ClassVar[bool] = False
 
     def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs) -> Backbone:
         if cls is Backbone:  # (copy.deepcopy calls __new__ on the family, with no config)
@@ -77,14 +80,37 @@ class Backbone(nn.Module, ABC):
         pos_a: torch.Tensor,
         pos_b: torch.Tensor,
         isolate: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        class_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Tokens of the mix of image A = `images` at cells `pos_a` (N, La) and image B =
         `images[partners]` at cells `pos_b` (N, Lb): (N, La, D) and (N, Lb, D). With `isolate`
-        A's tokens depend on A's pixels in its own cells only, and B's on B's."""
+        A's tokens depend on A's pixels in its own cells only, and B's on B's. With
+        `class_tokens` (a backbone with a class token, each image isolated), also each image's
+        class token after the final norm, (N, D) (None for an image without cells):
+        (tokens_a, tokens_b, class_a, class_b)."""
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Dense tokens of full views, (N, P, D)."""
+
+    def forward_with_class_token(
+        self, images: torch.Tensor, last: int = 0
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """`forward`, the MLP outputs of the last `last` blocks (none for 0; as
+        `forward_with_block_outputs`) and the class token after the final norm, (N, D): what a
+        ViT's classifier reads with timm's global_pool="token" (MoCo v3's features)."""
+        raise no_class_token(self.timm_name)
+
+    @abstractmethod
+    def patch_embedding(self) -> nn.Module:
+        """The layer that embeds pixels before the first block (ViT: `patch_embed`; ConvNeXt:
+        its patchify `stem`), which `model.freeze_patch_embed` keeps untrained."""
+
+    def freeze_patch_embedding(self) -> None:
+        """Keep the patch embedding at its initial weights: no gradient, so no optimizer update
+        (timm's optimizer factory leaves out parameters without `requires_grad`) and no EMA
+        drift (the teacher copies the same weights); load() and a resume keep the flag."""
+        self.patch_embedding().requires_grad_(False)
 
     @abstractmethod
     def forward_with_block_outputs(
@@ -151,6 +177,11 @@ class Backbone(nn.Module, ABC):
             "img_size": str(self.img_size),
         }
         atomic_save_safetensors(state, path, metadata)
+
+
+def no_class_token(name: str) -> ValueError:
+    """The error for a class token asked of a model without one."""
+    return ValueError(f"model.name {name!r} has no class token; pool by averaging its tokens")
 
 
 FAMILIES: dict[str, type[Backbone]] = {}

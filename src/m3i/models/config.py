@@ -16,3 +16,6 @@ class ModelConfig:
     drop_path: float = 0.0
     # how an isolated mix attends (ViT): separate | packed (one sequence, block-diagonal mask)
     attention: str = "separate"
+    # keep the patch embedding (a ConvNeXt: its stem) at its random initialisation, untrained:
+    # MoCo v3's random patch projection, SiameseIM's default (models/backbone.py)
+    freeze_patch_embed: bool = False

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from m3i.data.mixing import gather_tokens
-from m3i.models.backbone import Backbone, Check, register
+from m3i.models.backbone import Backbone, Check, no_class_token, register
 from m3i.models.config import ModelConfig
 
 STRIDES = (8, 16, 32)  # the output strides timm's ConvNeXt builds
@@ -121,6 +121,8 @@ class ConvNetBackbone(Backbone):
             raise ValueError(f"model.name {cfg.name!r} is not a timm ConvNeXt; use convnext_atto")
         self.convnet = convnet
         self.embed_dim = convnet.num_features
+        if cfg.freeze_patch_embed:  # the stem, at timm's initialisation
+            self.freeze_patch_embedding()
 
     @classmethod
     def claims(cls, name: str) -> bool:
@@ -145,6 +147,11 @@ class ConvNetBackbone(Backbone):
     def block_outputs(self) -> int:
         """The last stage's blocks (earlier stages have other widths and grids)."""
         return len(self.convnet.stages[-1].blocks)
+
+    def patch_embedding(self) -> nn.Module:
+        """The stem: a 4 x 4 convolution of stride 4 (ConvNeXt's "patchify" layer) and its
+        LayerNorm."""
+        return self.convnet.stem
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The stem's feature map, (N, C, H/4, W/4)."""
@@ -184,9 +191,13 @@ class ConvNetBackbone(Backbone):
         pos_a: torch.Tensor,
         pos_b: torch.Tensor,
         isolate: bool = True,
+        class_tokens: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Isolated: A (its cells `pos_a` visible) and B (`images[partners]`, cells `pos_b`)
-        encoded as one masked batch of 2N; not isolated: one pass over the mixed image."""
+        encoded as one masked batch of 2N; not isolated: one pass over the mixed image. A
+        ConvNeXt has no class token (`class_tokens` is refused)."""
+        if class_tokens:
+            raise no_class_token(self.timm_name)
         n, (la, lb) = images.shape[0], (pos_a.shape[1], pos_b.shape[1])
         cells_a, cells_b = self._cells(pos_a, n), self._cells(pos_b, n)
         empty = images.new_zeros(n, 0, self.embed_dim)

