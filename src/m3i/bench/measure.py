@@ -51,12 +51,15 @@ def count_flops(step: Callable[[], Any]) -> int:
 def train_step_flops(cfg: Config) -> int:
     """Matmul-class FLOPs of one training step of `cfg`: forward and backward of everything the
     step runs (student, EMA teacher, heads, decoder, text encoder), on the CPU, on the first
-    batch of the run's own data stream (real masks, labels and captions). Deterministic: the
-    counts depend on shapes only, and the RNG is seeded inside and restored after."""
+    batch of the run's own data stream (real masks, labels and captions). Not the Gaussian
+    information estimates: monitors that the loop computes on logged steps only, as on every
+    other step. Deterministic: the counts depend on shapes only, and the RNG is seeded inside
+    and restored after."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         source = training_source(cfg)
         model = build_model(cfg, source).train()
+        model.measure_information = False  # as on the steps the loop does not log
         batch = next(training_stream(cfg, source, 0, torch.device("cpu")))
         return count_flops(lambda: model(batch)[0].backward())
 
