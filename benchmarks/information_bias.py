@@ -9,9 +9,8 @@ and standard deviation of:
 
   estimate   m3i.mi.posteriors.gaussian (Wishart bias-corrected log dets)
   plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / (T-1))
-  jackknife  the same with images= (each image's tokens left out in turn), and its
+  jackknife  the estimate with images= (each image's tokens left out in turn), and its
              standard error `jackknife_se`
-  plug_in    the same without the correction: 0.5 log det(W_y / dof_y) - 0.5 log det(W_e / (T-1))
   per_dim    the former figure, sum_d 0.5 log(Var_d / MSE_d) (overall mean removed)
 
 and `estimate_ms`, the median time of one `gaussian` call (loss and estimate). Then the

@@ -17,6 +17,7 @@ standard error. docs/information.md has what each removes, measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -86,10 +87,14 @@ def gaussian_information(
     estimate = _estimate(scatter_y, scatter_e, dof_y, dof_e, rank, d)
     if images is None:
         return estimate.float(), torch.full_like(estimate, math.nan).float()
-    loo_y, loo_e, loo_dof_y, loo_dof_e = _leave_one_image_out(
-        residual, error, groups, counts, images.reshape(-1), num_groups
+    leave_out = torch.cat(
+        [
+            _estimate(loo_y + pad, loo_e + pad, loo_dof_y, loo_dof_e, rank, d)
+            for loo_y, loo_e, loo_dof_y, loo_dof_e in _leave_one_image_out(
+                residual, error, groups, counts, images.reshape(-1), num_groups
+            )
+        ]
     )
-    leave_out = _estimate(loo_y + pad, loo_e + pad, loo_dof_y, loo_dof_e, rank, d)
     n = len(leave_out)
     mean = leave_out.mean()
     jackknife = n * estimate - (n - 1) * mean
@@ -122,16 +127,19 @@ def _estimate(
     return torch.where(rank < dof_y, estimate, math.nan)
 
 
-def per_image_scatter(rows: torch.Tensor, image: torch.Tensor, n: int) -> torch.Tensor:
-    """(T, K) rows, (T,) image index in 0..n-1 -> (n, K, K): each image's sum of r r^T (its
-    rows gathered into a zero-padded (n, longest, K) batch)."""
+def by_image(rows: torch.Tensor, image: torch.Tensor, n: int) -> torch.Tensor:
+    """(T, K) rows, (T,) image index in 0..n-1 -> (n, longest, K): each image's rows, padded
+    with zero rows (which add nothing to a scatter)."""
     order = image.argsort(stable=True)
     sizes = torch.bincount(image, minlength=n)
     starts = sizes.cumsum(0) - sizes
     slot = torch.arange(len(image), device=image.device) - starts[image[order]]
     padded = rows.new_zeros(n, int(sizes.max()), rows.shape[1])
     padded[image[order], slot] = rows[order]
-    return padded.transpose(1, 2) @ padded
+    return padded
+
+
+CHUNK_BYTES = 2**26  # at most this much per (images, K, K) float64 tensor of the jackknife
 
 
 def _leave_one_image_out(
@@ -141,9 +149,10 @@ def _leave_one_image_out(
     counts: torch.Tensor,
     images: torch.Tensor,
     num_groups: int,
-) -> tuple[torch.Tensor, ...]:
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """The scatters and degrees of freedom of the estimate with each image left out in turn,
-    (n, K, K) and (n,), by downdating the full ones rather than recomputing them.
+    (c, K, K) and (c,) for chunks of c images (CHUNK_BYTES bounds each tensor), by downdating
+    the full ones rather than recomputing them.
 
     Removing a set of k rows from a group of c rows whose residuals about the group mean are
     r takes sum(r r^T) + (sum r)(sum r)^T / (c - k) from the group's scatter (the rest's mean
@@ -157,11 +166,22 @@ def _leave_one_image_out(
     sums = sums.reshape(n, num_groups, width)  # sum of r over each cell
     rest = counts - in_cell  # c - k
     weight = torch.where(rest > 0, 1 / rest.clamp_min(1), 0.0)
-    shift_y = (sums * weight[..., None]).transpose(1, 2) @ sums
-    scatter_y = residual.t() @ residual - per_image_scatter(residual, image, n) - shift_y
     sizes = torch.bincount(image, minlength=n).double()
     positions_left = ((counts > 0) & (rest > 0)).sum(1).double()
     error_sums = error.new_zeros(n, width).index_add_(0, image, error)
-    shift_e = error_sums[:, :, None] * error_sums[:, None, :] / (tokens - sizes)[:, None, None]
-    scatter_e = error.t() @ error - per_image_scatter(error, image, n) - shift_e
-    return scatter_y, scatter_e, tokens - sizes - positions_left, tokens - sizes - 1
+    rows_y, rows_e = by_image(residual, image, n), by_image(error, image, n)
+    full_y, full_e = residual.t() @ residual, error.t() @ error
+    chunk = max(1, CHUNK_BYTES // (8 * width * width))
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        own_y = rows_y[part].transpose(1, 2) @ rows_y[part]
+        shift_y = (sums[part] * weight[part, :, None]).transpose(1, 2) @ sums[part]
+        own_e = rows_e[part].transpose(1, 2) @ rows_e[part]
+        outer_e = error_sums[part, :, None] * error_sums[part, None, :]
+        shift_e = outer_e / (tokens - sizes[part])[:, None, None]
+        yield (
+            full_y - own_y - shift_y,
+            full_e - own_e - shift_e,
+            tokens - sizes[part] - positions_left[part],
+            tokens - sizes[part] - 1,
+        )

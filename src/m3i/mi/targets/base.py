@@ -93,11 +93,13 @@ def zero_bound(like: torch.Tensor) -> Bound:
 
 
 def mean_bound(bounds: list[Bound]) -> Bound:
-    """The mean of bounds over independent parts (e.g. the two images of a mix): its standard
-    error, where every part has one, is sqrt(sum se^2) / count."""
+    """The mean of bounds over parts (the two image streams of a mix, two directions): the
+    parts read the same images (stream B holds stream A's images in reverse order), so the
+    standard error of the mean, where every part has one, is taken as the mean standard error,
+    its upper bound (sd(X + Y) <= sd X + sd Y)."""
     count = len(bounds)
     errors = [b.se for b in bounds]
-    se = None if None in errors else sum(e.pow(2) for e in errors).sqrt() / count
+    se = None if None in errors else sum(errors) / count
     return Bound(sum(b.loss for b in bounds) / count, sum(b.mi for b in bounds) / count, se)
 
 

@@ -85,9 +85,8 @@ class PooledViewTarget(Target):
         q2 = self.predictor(self.projector(student["view2"]))
         rows = torch.arange(len(q2), device=q2.device)
         second = self.direction(q2, k1, rows, ctx.measure)
-        # the directions read the same images: the mean's error is at most the mean error
-        se = None if first.se is None else (first.se + second.se) / 2
-        return Bound(first.loss + second.loss, (first.mi + second.mi) / 2, se)
+        both = mean_bound([first, second])  # the figure and its standard error
+        return Bound(first.loss + second.loss, both.mi, both.se)
 
 
 def check_config(section: PooledViewConfig, cfg: Any, name: str) -> str | None:
