@@ -135,8 +135,20 @@ def test_two_ranks_train_the_weights_and_optimizer_state_of_one_process(runs, pr
     # the weights are compared to the size of the last step's update
     before = load(single / "checkpoints" / "step-00000002.pt")["model"]
     for name, value in single_state["model"].items():
-        update = (value - before[name]).norm()
-        assert (ddp_state["model"][name] - value).norm() <= 0.1 * update, name
+        kept = without_key_bias(name, value)
+        update = (value - before[name])[kept].norm()
+        assert (ddp_state["model"][name] - value)[kept].norm() <= 0.1 * update, name
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """All entries, but the key third of an attention block's qkv bias: its true gradient is 0
+    (q . b_k is the same for every key, and the softmax ignores a constant), so Adam turns its
+    rounding noise into steps of about lr that differ between any two summation orders."""
+    kept = torch.ones_like(value, dtype=torch.bool)
+    if name.endswith("attn.qkv.bias"):
+        third = len(value) // 3
+        kept[third : 2 * third] = False
+    return kept
 
 
 @pytest.mark.parametrize("preset", PRESETS)
