@@ -298,6 +298,26 @@ def test_every_run_is_planned_with_its_own_targets_count(monkeypatch):
         assert [(s.steps, s.flops_per_step) for s in plan] == [(steps, flops)], method
 
 
+def test_every_stage_is_planned_with_its_own_target_count(monkeypatch):
+    """The stand-in counter on the staged runs: each stage of `multistage` counts the one M3I
+    target it trains (a stage counted with all four would cost 90), each stage of
+    `multistage_classic` its preset's, and each stage spends a quarter of M3I's 8 steps of the
+    budget, to within one of its steps."""
+    monkeypatch.setattr(
+        ablation_compute,
+        "train_step_flops",
+        lambda cfg: sum(c for n, c in TARGET_COST.items() if getattr(cfg.targets, n).weight != 0),
+    )
+    plans, flop_budget = plan_compute(BUDGETS["tiny"], "shapes", list(MULTISTAGE), "flops")
+    assert flop_budget == 8 * (20 + 21 + 23 + 26)
+    # intra_view, inter_view, category, text; data2vec, siameseim, supervised, clip
+    assert [s.flops_per_step for s in plans["multistage"]] == [23, 26, 20, 21]
+    assert [s.flops_per_step for s in plans["multistage_classic"]] == [23, 26, 20, 21]
+    for plan in plans.values():
+        for stage in plan:
+            assert abs(stage.steps * stage.flops_per_step - flop_budget / 4) <= stage.flops_per_step
+
+
 def test_equal_steps_gives_every_method_the_budget_steps():
     plans, budget_flops = plan_compute(BUDGETS["tiny"], "shapes", list(METHODS), "steps")
     steps = {m: [s.steps for s in plan] for m, plan in plans.items()}
