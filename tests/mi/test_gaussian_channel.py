@@ -138,3 +138,26 @@ def test_chunks_of_images_give_the_same_jackknife(monkeypatch):
     chunked = channel.gaussian_information(*args)
     assert all(math.isfinite(v.item()) for v in whole)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_normed_float32_tokens_on_two_threads():
+    """The default run's intra_view shape: 64 images x 32 of 64 positions, LayerNorm'd float32
+    targets (rank 191 of 192: one direction left out). On 2 threads MKL's batched LU of the
+    leave-one-out scatters failed ("Parameter 6 was incorrect on entry to DLASWP") and the
+    logged figure was NaN; the figure must be finite and the same as on 1 thread."""
+    g = torch.Generator().manual_seed(0)
+    positions = torch.rand(64, 64, generator=g).argsort(1)[:, :32]
+    signal = torch.randn(64, 32, 192, generator=g)
+    target = torch.nn.functional.layer_norm(signal + torch.randn(64, 32, 192, generator=g), (192,))
+    prediction = torch.nn.functional.layer_norm(signal, (192,))
+    images = torch.arange(64)[:, None].expand(64, 32)
+    threads = torch.get_num_threads()
+    figures = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            figures.append(gaussian_information(prediction, target, positions, 64, images))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(math.isfinite(v.item()) for v in figures[1])
+    torch.testing.assert_close(figures[1], figures[0])
