@@ -112,7 +112,7 @@ CONFIG_CASES = [
     (["targets.text.head=mlp2"], "targets.text.head must be mlp or linear, got 'mlp2'"),
     (["targets.text.context_length=0"], "targets.text.context_length must be >= 1"),
     (["targets.text.vocab_size=0"], "targets.text.vocab_size must be >= 1"),
-    (["targets.text.tower=bert"], "targets.text.tower must be scratch or minilm, got 'bert'"),
+    (["targets.text.tower=bert"], "text.tower must be scratch, minilm or open_clip, got 'bert'"),
     (
         ["targets.text.tower=minilm", "targets.text.context_length=513"],
         "targets.text.context_length=513: the minilm tower reads 2 to 512 tokens",

@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--data", help="data spec (default: the run's own, else shapes)")
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    add_overrides(ev, "override an eval setting, e.g. knn.k=10, num_train=2000 (repeatable)")
+    add_overrides(
+        ev,
+        "override an eval setting, e.g. knn.k=10, num_train=2000, crop_pct=1, workers=4, "
+        "zeroshot.classnames=imagenet1k or a file (repeatable; docs/evaluation.md)",
+    )
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     speed = bench.add_parser(
         "speed",

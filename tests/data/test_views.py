@@ -1,18 +1,25 @@
 """Augmented views: the recorded box and flip are true, and randomness is reproducible."""
 
+import itertools
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
+import timm.data
 import torch
 import torchvision.transforms as legacy
+from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.base import ColourChange, ImageSource, Sample, ViewInfo
 from m3i.data.batch import collate
 from m3i.data.shapes import ShapesDataset
 from m3i.data.views import (
+    EVAL_CROP_PCT,
     ViewConfig,
     ViewDataset,
+    eval_annotations,
+    eval_data_config,
     eval_transform,
     make_view,
     sample_crop,
@@ -203,10 +210,98 @@ def test_view_dataset_is_reproducible_and_collates() -> None:
     assert batch.captions == [views[i]["caption"] for i in range(4)]
 
 
-def test_eval_transform_resizes_whole_image() -> None:
+def uint8_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 (3, H, W) pixels: every bicubic overshoot is clipped somewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+
+
+def as_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (3, H, W) tensor as the RGB PIL image timm's pipelines read (by hand)."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+@pytest.mark.parametrize(("height", "width"), [(40, 56), (56, 40), (32, 32)])
+def test_eval_transform_is_timms_create_transform(crop_pct, height, width) -> None:
+    """Exactly timm's eval transform of the same config on the same (PIL) image: m3i hands the
+    image to timm, so nothing may differ, not even rounding."""
+    image = uint8_image(height, width)
+    config = eval_data_config(32, crop_pct)
+    expected = timm.data.create_transform(**config, is_training=False)(as_pil(image))
+    view = eval_transform(image, config)
+    assert view.shape == expected.shape == (3, 32, 32)
+    assert torch.equal(view, expected)
+
+
+def test_eval_data_config_is_a_whole_timm_data_config() -> None:
+    config = eval_data_config(24)
+    assert timm.data.DEFAULT_CROP_PCT == 0.875 == EVAL_CROP_PCT == config["crop_pct"]
+    resolved = timm.data.resolve_data_config(pretrained_cfg=config)
+    assert resolved == config  # timm reads every key back, as m3i gave them
+    assert config["input_size"] == (3, 24, 24) and config["crop_mode"] == "center"
+    assert (config["mean"], config["std"]) == (ViewConfig.mean, ViewConfig.std)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="crop_pct must be in"):
+            eval_data_config(24, bad)
+
+
+def test_eval_transform_keeps_the_aspect_and_the_centre() -> None:
+    """By hand: crop_pct=1 resizes the 20x40 image to 16x32 and keeps its central 16 columns
+    (source columns 10..30): the bright left half ends at the middle of the view."""
     image = torch.full((3, 20, 40), 128, dtype=torch.uint8)
     image[:, :, 20:] = 0
-    view = eval_transform(image, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    view = pixels(eval_transform(image, eval_data_config(16, 1.0)))
     assert view.shape == (3, 16, 16)
-    torch.testing.assert_close(view[:, :, :7], torch.full((3, 16, 7), (128 / 255 - 0.5) / 0.25))
-    torch.testing.assert_close(view[:, :, 9:], torch.full((3, 16, 7), -2.0))
+    # columns 0-4 and 11-15 see no pixel of the other half (bicubic support: 2.5 sources)
+    torch.testing.assert_close(view[:, :, :5], torch.full((3, 16, 5), 128 / 255))
+    torch.testing.assert_close(view[:, :, 11:], torch.zeros(3, 16, 5), atol=1e-6, rtol=0)
+
+
+def source_pixels(view: int, resized: int, source: int, crop: int) -> list[list[int]]:
+    """By hand, per view row (or column): the source rows whose label nearest-neighbour may
+    give it: the one under its centre, or both where the centre lies on their shared edge."""
+    start = int(round((resized - crop) / 2))  # CenterCrop's offset
+    rows = []
+    for index in range(view):
+        centre = Fraction(2 * (index + start) + 1, 2) * Fraction(source, resized)
+        rows.append([int(centre) - 1, int(centre)] if centre.denominator == 1 else [int(centre)])
+    return rows
+
+
+@pytest.mark.parametrize(("crop_pct", "resized"), [(0.875, (36, 50)), (1.0, (32, 44))])
+def test_eval_annotations_mask_follows_the_images_geometry(crop_pct, resized) -> None:
+    """Each mask pixel is the label under its centre after timm's resize (short side to
+    floor(32 / crop_pct), the long one as torchvision rounds it) and central crop; timm's own
+    pipeline at nearest interpolation (no normalisation) gives the same, except where a centre
+    lies exactly on a source pixel edge, which PIL and torch round each their own way."""
+    labels = uint8_image(40, 56, seed=1)[0] % 7
+    config = eval_data_config(32, crop_pct)
+    mask = eval_annotations({"mask": labels.long()}, (40, 56), config)["mask"]
+    assert mask.shape == (32, 32) and mask.dtype == torch.int64
+    rows = source_pixels(32, resized[0], 40, 32)
+    columns = source_pixels(32, resized[1], 56, 32)
+    reference = {**config, "interpolation": "nearest", "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    pil = timm.data.create_transform(**reference)(as_pil(labels.expand(3, -1, -1)))[0]
+    for r, c in itertools.product(range(32), range(32)):
+        allowed = {labels[a, b].item() for a in rows[r] for b in columns[c]}
+        assert mask[r, c].item() in allowed, (r, c)
+        if len(allowed) == 1:
+            assert round(pil[r, c].item() * 255) == mask[r, c].item(), (r, c)
+
+
+def test_eval_annotations_boxes_by_hand() -> None:
+    """40x56 at 32, crop_pct 0.875: short side to floor(32 / 0.875) = 36, so 36x50 (scales
+    0.9 and 50/56), then the central 32x32 from row 2, column 9; boxes outside it go."""
+    boxes = torch.tensor([[10.0, 4, 30, 20], [0, 0, 3, 3], [50, 30, 56, 40], [5, 30, 20, 40]])
+    labels = torch.tensor([1, 2, 3, 4])
+    annotations = {"boxes": boxes, "box_labels": labels, "other": torch.tensor(7)}
+    out = eval_annotations(annotations, (40, 56), eval_data_config(32))
+    sx, sy = 50 / 56, 0.9
+    first = [10 * sx - 9, 4 * sy - 2, 30 * sx - 9, 20 * sy - 2]
+    last = [5 * sx - 9, 30 * sy - 2, 20 * sx - 9, 40 * sy - 2]
+    expected = torch.tensor([first, last]).clamp(0, 32)  # the last is cut left and below
+    torch.testing.assert_close(out["boxes"], expected)
+    assert out["box_labels"].tolist() == [1, 4] and out["other"].item() == 7
+    same = eval_annotations(annotations, (32, 32), eval_data_config(32, 1.0))
+    assert torch.equal(same["boxes"], boxes[[0, 1, 3]].clamp(0, 32))

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision.transforms.v2 import functional as TF
 
 from m3i.cli import check_final_eval, main
 from m3i.config import ConfigError, load_config
+from m3i.data.shapes import ShapesDataset
 from m3i.data.shapes_detect import ShapesDetection
-from m3i.eval import detect, tasks
+from m3i.eval import detect, segment, tasks
 from m3i.eval.features import extract, load_backbone
 from m3i.eval.tasks import TASKS, Need, Task
 from m3i.train import pretrain as pretraining
@@ -190,7 +192,10 @@ def test_folder_without_val(run, tmp_path, capsys):
 
 def test_zeroshot_without_text_target(supervised_run, capsys):
     expect_one_line_error(
-        capsys, eval_cli("zeroshot", supervised_run), "zeroshot", "tokenizer.json", "text target"
+        capsys,
+        eval_cli("zeroshot", supervised_run),
+        "zeroshot needs a run trained with a text target",
+        "(targets.text.weight=0)",
     )
 
 
@@ -215,6 +220,9 @@ def test_unknown_task(run, capsys):
         ("knn.k=0", "knn.k must be >= 1"),
         ("detect.hidden_dim=-1", "detect.hidden_dim must be >= 0 (0: a linear head)"),
         ("zeroshot.templates=[a photo]", "{}"),
+        ("crop_pct=0", "crop_pct must be in (0, 1]"),
+        ("crop_pct=1.2", "crop_pct must be in (0, 1]"),
+        ("workers=-1", "workers must be >= 0"),
     ],
 )
 def test_bad_setting(run, capsys, setting, fragment):
@@ -231,7 +239,43 @@ def test_dense_tasks_need_shapes(run, capsys, task):
     assert records(run) == before
 
 
-def test_detect_trains_and_scores_on_the_detection_scenes(run, capsys, monkeypatch):
+@pytest.mark.parametrize(("crop_pct", "resized"), [(0.875, 36), (1.0, 32)])
+def test_segment_scores_the_masks_where_its_views_show_them(
+    run, capsys, monkeypatch, crop_pct, resized
+):
+    """The masks follow the views' geometry (tests/data/test_views.py checks it against timm's):
+    the 32-pixel masks resized to `resized` by pixel-centre nearest neighbour, the central 32."""
+    seen = {}
+
+    def probe(train_tokens, train_masks, val_tokens, val_masks, num_classes, settings, seed):
+        seen.update(val=val_masks)
+        return {"miou": 0.0, "pixel_acc": 0.0}
+
+    monkeypatch.setattr(segment, "segment_probe", probe)
+    assert main(eval_cli("segment", run, "--json", "--set", f"crop_pct={crop_pct}")) == 0
+    shapes = ShapesDataset("val", 64, 32)
+    raw = torch.stack([shapes.annotations(i)["mask"] for i in range(64)])
+    nearest = TF.resize(raw, [resized] * 2, interpolation=TF.InterpolationMode.NEAREST_EXACT)
+    assert torch.equal(seen["val"], TF.center_crop(nearest, [32, 32]))
+    if crop_pct == 1.0:
+        assert torch.equal(seen["val"], raw)
+
+
+def cropped_boxes(boxes: torch.Tensor, labels: torch.Tensor, resized: int):
+    """By hand: 32-pixel boxes resized to `resized` pixels, then the central 32 (xyxy, clipped);
+    the boxes left under a pixel wide or tall go, with their labels."""
+    offset = round((resized - 32) / 2)
+    moved = (boxes * resized / 32 - offset).clamp(0, 32)
+    kept = (moved[:, 2] - moved[:, 0] >= 1) & (moved[:, 3] - moved[:, 1] >= 1)
+    return moved[kept], labels[kept]
+
+
+@pytest.mark.parametrize(("crop_pct", "resized"), [(0.875, 36), (1.0, 32)])
+def test_detect_trains_and_scores_on_the_detection_scenes(
+    run, capsys, monkeypatch, crop_pct, resized
+):
+    """The probe sees the scenes' boxes where its views show them: timm's resize of the
+    32-pixel scenes to floor(32 / crop_pct) and the central 32 pixels."""
     seen = {}
 
     def probe(train_tokens, train_boxes, train_labels, val_tokens, val_boxes, val_labels,
@@ -241,17 +285,22 @@ def test_detect_trains_and_scores_on_the_detection_scenes(run, capsys, monkeypat
         return {"ap": 0.0, "ap50": 0.0}
 
     monkeypatch.setattr(detect, "detect_probe", probe)
-    assert main(eval_cli("detect", run, "--json")) == 0
+    assert main(eval_cli("detect", run, "--json", "--set", f"crop_pct={crop_pct}")) == 0
     assert (seen["categories"], seen["size"]) == (10, 32)
     for split, count in (("train", 128), ("val", 64)):
         tokens, boxes = seen[split]
         scenes = ShapesDetection(split, count, 32)
         assert tokens.shape[0] == count
-        assert all(torch.equal(boxes[i], scenes.annotations(i)["boxes"]) for i in range(count))
+        for i in range(count):
+            truth = scenes.annotations(i)
+            expected, _ = cropped_boxes(truth["boxes"], truth["box_labels"], resized)
+            torch.testing.assert_close(boxes[i], expected)
+    truth = ShapesDetection("val", 64, 32).annotations(5)
     assert torch.equal(
-        seen["labels"][5], ShapesDetection("val", 64, 32).annotations(5)["box_labels"]
+        seen["labels"][5], cropped_boxes(truth["boxes"], truth["box_labels"], resized)[1]
     )
-    features = extract(load_backbone(run), ShapesDetection("val", 64, 32), dense=True)
+    val = ShapesDetection("val", 64, 32)
+    features = extract(load_backbone(run), val, dense=True, crop_pct=crop_pct)
     assert torch.allclose(seen["val"][0], features.dense, atol=1e-5)
 
 
@@ -293,7 +342,7 @@ def test_a_new_task_is_one_registry_line(run, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("needs", "data", "fragment"),
     [
-        ({Need.TEXT_TOWER}, "shapes", "tokenizer.json"),
+        ({Need.TEXT_TOWER}, "shapes", "needs a run trained with a text target"),
         ({Need.ANNOTATIONS}, "fashion-mnist", "no masks or boxes"),
     ],
 )

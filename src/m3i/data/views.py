@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import ClassVar
+from functools import lru_cache, partial
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL.Image import Image
+from timm.data import DEFAULT_CROP_PCT, create_transform
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.base import ColourChange, ImageSource, ViewInfo
@@ -26,6 +30,8 @@ COLOUR_OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "saturation": F.adjust_saturation,
     "hue": F.adjust_hue,
 }
+EVAL_CROP_PCT = DEFAULT_CROP_PCT  # timm's: the central 87.5% of the resized short side
+EVAL_INTERPOLATION = "bicubic"  # timm's eval default for ViTs and ConvNeXts
 
 
 @dataclass
@@ -134,12 +140,69 @@ def make_view(
     return view, ViewInfo(box, flipped, colour)
 
 
-def eval_transform(
-    image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """Evaluation view: the whole uint8 image resized to (size, size), antialiased, normalised."""
-    view = F.resize(image, [size, size], antialias=True)
-    return F.normalize(F.to_dtype(view, torch.float32, scale=True), list(mean), list(std))
+def eval_data_config(size: int, crop_pct: float = EVAL_CROP_PCT) -> dict[str, Any]:
+    """The timm data config m3i evaluates with: the short side resized to floor(size /
+    crop_pct) with bicubic interpolation, the central (size, size) crop, ViewConfig's mean/std
+    (the keys of ``timm.data.resolve_data_config``; a model's ``pretrained_cfg`` may hold it)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return {
+        "input_size": (3, size, size),
+        "interpolation": EVAL_INTERPOLATION,
+        "mean": ViewConfig.mean,
+        "std": ViewConfig.std,
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
+
+
+@lru_cache(maxsize=8)
+def _timm_eval_transform(frozen: tuple[tuple[str, Any], ...]) -> Callable[[Image], torch.Tensor]:
+    return create_transform(**dict(frozen), is_training=False)
+
+
+def _frozen(data_config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A data config as a hashable key (its lists as tuples)."""
+    return tuple(
+        (key, tuple(value) if isinstance(value, list) else value)
+        for key, value in sorted(data_config.items())
+    )
+
+
+def eval_transform(image: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
+    """Evaluation view (3, H, W) float of a uint8 (3, H', W') image: timm's eval transform
+    ``create_transform(**data_config, is_training=False)`` on the image as PIL, timm's input
+    (on float tensors its bicubic resize would not clip overshoots as PIL's does)."""
+    return _timm_eval_transform(_frozen(data_config))(F.to_pil_image(image))
+
+
+def eval_annotations(
+    annotations: dict[str, torch.Tensor],
+    canvas: tuple[int, int],
+    data_config: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The geometry of :func:`eval_transform` (resize of the short side, central crop) applied
+    to the annotations of a (H', W') ``canvas`` with torchvision's tv_tensors: ``mask`` (H', W')
+    by pixel-centre nearest neighbour; ``boxes`` (M, 4) xyxy pixels scaled, shifted, clipped
+    to the crop and dropped with their ``box_labels`` when under a pixel wide or tall.
+    Other keys pass unchanged. For a square ``input_size`` (as :func:`eval_data_config`'s)."""
+    size = data_config["input_size"][-1]
+    scale = math.floor(size / data_config["crop_pct"])  # timm's resize of the short side
+    geometry = v2.Compose(
+        [v2.Resize(scale, interpolation=v2.InterpolationMode.NEAREST_EXACT), v2.CenterCrop(size)]
+    )
+    out = dict(annotations)
+    if "mask" in out:
+        out["mask"] = geometry(tv_tensors.Mask(out["mask"])).as_subclass(torch.Tensor)
+    if "boxes" in out:
+        boxes = tv_tensors.BoundingBoxes(out["boxes"], format="XYXY", canvas_size=canvas)
+        kept = v2.SanitizeBoundingBoxes()(
+            {"boxes": geometry(boxes), "labels": out.get("box_labels")}
+        )
+        out["boxes"] = kept["boxes"].as_subclass(torch.Tensor)
+        if "box_labels" in out:
+            out["box_labels"] = kept["labels"]
+    return out
 
 
 def view_item(

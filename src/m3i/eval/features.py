@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -12,11 +13,10 @@ from torch import nn
 
 from m3i.data.base import DataError, ImageSource
 from m3i.data.specs import open_source
-from m3i.data.views import ViewConfig, eval_transform
+from m3i.data.views import EVAL_CROP_PCT, eval_data_config, eval_transform
 from m3i.models.backbone import frozen_features, input_size, load_timm_model
 from m3i.runtime import intra_op_threads
 
-MEAN, STD = ViewConfig.mean, ViewConfig.std
 log = logging.getLogger("m3i.eval")
 
 
@@ -90,13 +90,30 @@ class Features:
     labels: torch.Tensor
 
 
-def image_batches(source: ImageSource, size: int, batch_size: int):
-    """(images (B, 3, size, size) normalised, labels (B,)) in index order."""
-    for start in range(0, len(source), batch_size):
+class EvalImages(torch.utils.data.Dataset):
+    """A source's (eval view, label) pairs: :func:`m3i.data.views.eval_transform` of each image,
+    made single-threaded (as DataLoader workers are) when made in the main process."""
+
+    def __init__(self, source: ImageSource, data_config: dict[str, Any]) -> None:
+        self.source, self.data_config = source, data_config
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with intra_op_threads(1):
-            samples = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-            images = torch.stack([eval_transform(s.image, size, MEAN, STD) for s in samples])
-        yield images, torch.tensor([s.label for s in samples], dtype=torch.int64)
+            sample = self.source[index]
+            return eval_transform(sample.image, self.data_config), sample.label
+
+
+def image_batches(
+    source: ImageSource, data_config: dict[str, Any], batch_size: int, workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """(images (B, 3, size, size) normalised, labels (B,)) in index order, made by `workers`
+    DataLoader processes (0: in this one); the same values for any number of workers."""
+    return torch.utils.data.DataLoader(
+        EvalImages(source, data_config), batch_size=batch_size, num_workers=workers
+    )
 
 
 @torch.no_grad()
@@ -106,12 +123,15 @@ def extract(
     batch_size: int = 256,
     dense: bool = False,
     device: torch.device | str = "cpu",
+    crop_pct: float = EVAL_CROP_PCT,
+    workers: int = 0,
 ) -> Features:
-    """Run the frozen model over a split once, in batches, keeping everything in memory."""
+    """Run the frozen model over a split once, in batches, keeping everything in memory; each
+    image is timm's eval view at the model's input size and `crop_pct` (eval_data_config)."""
     model.eval().to(device)
-    size = input_size(model)
+    data_config = eval_data_config(input_size(model), crop_pct)
     pooled, tokens, labels = [], [], []
-    for images, batch_labels in image_batches(source, size, batch_size):
+    for images, batch_labels in image_batches(source, data_config, batch_size, workers):
         batch_pooled, batch_dense = frozen_features(model, images.to(device))
         pooled.append(batch_pooled.float().cpu())
         if dense:

@@ -10,7 +10,7 @@ from torch import nn
 
 from m3i.data.base import ImageSource
 from m3i.data.stream import batches
-from m3i.data.views import ViewConfig, ViewDataset
+from m3i.data.views import EVAL_CROP_PCT, ViewConfig, ViewDataset, eval_data_config
 from m3i.eval.features import image_batches
 from m3i.eval.knn import topk_accuracy
 from m3i.eval.settings import FinetuneSettings
@@ -24,9 +24,10 @@ def finetune(
     settings: FinetuneSettings,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    crop_pct: float = EVAL_CROP_PCT,
 ) -> dict[str, float]:
     """Train every weight of `model` (with a fresh classifier head) on augmented train views;
-    return val `top1`/`top5` in percent."""
+    return val `top1`/`top5` in percent, on timm's eval views at `crop_pct`."""
     torch.manual_seed(seed)
     model.to(device).train()
     size = input_size(model)
@@ -62,7 +63,7 @@ def finetune(
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for images, batch_labels in image_batches(val, size, 256):
+        for images, batch_labels in image_batches(val, eval_data_config(size, crop_pct), 256):
             logits.append(model(images.to(device)).float().cpu())
             labels.append(batch_labels)
     return topk_accuracy(torch.cat(logits), torch.cat(labels))

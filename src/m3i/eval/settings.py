@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from m3i.config import ConfigError, apply_overrides
 from m3i.data.shapes import MIN_IMAGE_SIZE
+from m3i.data.views import EVAL_CROP_PCT
 from m3i.ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Range, out_of_range
 
 
@@ -60,6 +61,12 @@ class ZeroshotSettings:
     templates: list[str] = field(
         default_factory=lambda: ["a {}", "a photo of a {}", "a small {}", "a large {}"]
     )
+    # a file of templates, one a line with {} where the name goes, or imagenet1k: open_clip's
+    # OpenAI ImageNet templates; null: `templates`
+    templates_file: str | None = None
+    # a file of class names, one a line in label order, or imagenet1k: open_clip's ImageNet-1k
+    # names; null: the data's own class names
+    classnames: str | None = None
 
 
 @dataclass
@@ -69,6 +76,8 @@ class EvalSettings:
     image_size: int | None = None  # side of generated `shapes` images (None: the backbone's)
     data_seed: int = 0  # which `shapes` dataset
     batch_size: int = 256  # feature extraction
+    crop_pct: float = EVAL_CROP_PCT  # timm's: resize the short side to side / crop_pct, crop
+    workers: int = 0  # DataLoader processes making the eval views (0: the main process)
     seed: int = 0
     device: str = "auto"
     knn: KnnSettings = field(default_factory=KnnSettings)
@@ -85,6 +94,8 @@ EVAL_RANGES: dict[str, Range] = {
     "image_size": Range(MIN_IMAGE_SIZE, note="null: the backbone's"),
     "data_seed": NON_NEGATIVE,
     "seed": NON_NEGATIVE,
+    "crop_pct": FRACTION,
+    "workers": NON_NEGATIVE,
     "*batch_size": COUNT,
     "*epochs": COUNT,
     "*lr": POSITIVE,

@@ -21,6 +21,7 @@ from m3i.data.base import ImageSource
 from m3i.data.shapes import ShapesDataset
 from m3i.data.shapes_detect import ShapesDetection
 from m3i.data.specs import eval_spec
+from m3i.data.views import eval_annotations, eval_data_config
 from m3i.eval.features import (
     EvalError,
     Features,
@@ -31,7 +32,13 @@ from m3i.eval.features import (
 )
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.eval.settings import EvalSettings
-from m3i.eval.zeroshot import class_embeddings, load_text_target, zeroshot_scores
+from m3i.eval.zeroshot import (
+    class_embeddings,
+    load_classnames,
+    load_templates,
+    load_text_target,
+    zeroshot_scores,
+)
 from m3i.io import append_jsonl
 from m3i.mi.targets.text import TextTarget
 from m3i.models.backbone import input_size
@@ -59,6 +66,8 @@ class Session:
         self.device = pick_device(settings.device, "device")
         self.model = load_backbone(checkpoint)
         self.size = settings.image_size or input_size(self.model)
+        # the eval view of every image (and of every mask and box): timm's, at the model's size
+        self.data_config = eval_data_config(input_size(self.model), settings.crop_pct)
         self._splits: dict[str, ImageSource] = {}
         self._features: dict[tuple[str, bool], Features] = {}
         self._annotations: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -90,7 +99,11 @@ class Session:
             if key in self._features:
                 return self._features[key]
         source = self.split(name)
-        features = extract(self.model, source, self.settings.batch_size, dense, self.device)
+        settings = self.settings
+        features = extract(
+            self.model, source, settings.batch_size, dense, self.device,
+            settings.crop_pct, settings.workers,
+        )  # fmt: skip
         self._features[(name, dense)] = features
         return features
 
@@ -109,7 +122,8 @@ class Session:
         return classes
 
     def annotations(self, name: str) -> list[dict[str, torch.Tensor]]:
-        """Every sample's mask and boxes (each image rendered once per session)."""
+        """Every sample's mask and boxes (each image rendered once per session), in the pixels
+        of its eval view: resized and cropped as the images are (eval_annotations)."""
         if name not in self._annotations:
             source = self.split(name)
             if not hasattr(source, "annotations"):
@@ -117,7 +131,11 @@ class Session:
                     f"data {self.data!r} has no masks or boxes; segment and detect run on "
                     "--data shapes"
                 )
-            self._annotations[name] = [source.annotations(i) for i in range(len(source))]
+            canvas = (source.image_size, source.image_size)
+            self._annotations[name] = [
+                eval_annotations(source.annotations(i), canvas, self.data_config)
+                for i in range(len(source))
+            ]
         return self._annotations[name]
 
     def text_target(self) -> TextTarget:
@@ -178,6 +196,7 @@ def run_finetune(session: Session) -> dict[str, float]:
         settings,
         session.settings.seed,
         session.device,
+        session.settings.crop_pct,
     )
 
 
@@ -221,7 +240,7 @@ def run_detect(session: Session) -> dict[str, float]:
         val.dense,
         *boxes[val_name],
         len(scenes.classes),
-        scenes.image_size,
+        session.data_config["input_size"][-1],  # the boxes' pixels: the eval view's
         session.settings.detect,
         session.settings.seed,
     )
@@ -229,9 +248,11 @@ def run_detect(session: Session) -> dict[str, float]:
 
 def run_zeroshot(session: Session) -> dict[str, float]:
     target = session.text_target()
-    classes = session.classes(("val",))
+    settings = session.settings.zeroshot  # names and templates read before any feature
+    classes = load_classnames(settings.classnames, session.classes(("val",)))
+    templates = load_templates(settings)
     val = session.features("val")
-    prompts = class_embeddings(target, classes, session.settings.zeroshot.templates)
+    prompts = class_embeddings(target, classes, templates)
     return topk_accuracy(zeroshot_scores(target, val.pooled, prompts), val.labels)
 
 

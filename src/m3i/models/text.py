@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from timm.models.vision_transformer import Block
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 
+from m3i.io import atomic_write_text
+
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
+TOKENIZER_FILE = "tokenizer.json"  # what a run with a `tokenizers` tokenizer writes
 
 
 def train_bpe(captions: list[str], vocab_size: int) -> Tokenizer:
@@ -70,6 +74,40 @@ def tokenize(
         ids[row, : len(tokens)] = torch.tensor(tokens)
         valid[row, : len(tokens)] = True
     return ids, valid
+
+
+class TextTokenizer(Protocol):
+    """The captions' tokenizer as the text target reads it: token ids and the valid-token mask
+    (N, context_length) of a list of texts, the vocabulary size (the scratch tower's embedding
+    table) and what a run writes into its directory so that zero-shot can rebuild it."""
+
+    vocab_size: int
+
+    def tokenize(
+        self, texts: list[str], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def save(self, run_dir: Path) -> None: ...
+
+
+class SubwordTokenizer:
+    """A `tokenizers` tokenizer (the run's BPE, MiniLM's WordPiece, a tokenizer.json) as a
+    TextTokenizer; a run saves it as tokenizer.json."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def tokenize(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(self.tokenizer, texts, context_length)
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_text(run_dir / TOKENIZER_FILE, self.tokenizer.to_str())
+
+
+def text_tokenizer(tokenizer: Tokenizer | TextTokenizer) -> TextTokenizer:
+    """`tokenizer` as a TextTokenizer: a `tokenizers` tokenizer is wrapped, others kept."""
+    return SubwordTokenizer(tokenizer) if isinstance(tokenizer, Tokenizer) else tokenizer
 
 
 class TextEncoder(nn.Module):

@@ -24,6 +24,7 @@ from m3i import runtime
 from m3i.config import Config
 from m3i.models.backbone import Backbone
 from m3i.models.minilm import LockedMiniLM
+from m3i.models.open_clip_text import LockedTextTower
 from m3i.train.step import M3IModel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -37,7 +38,8 @@ def shard(model: M3IModel) -> None:
     for backbone in backbones:
         for block in backbone.blocks():
             fully_shard(block)
-    locked = {p for m in model.modules() if isinstance(m, LockedMiniLM) for p in m.parameters()}
+    towers = (LockedMiniLM, LockedTextTower)
+    locked = {p for m in model.modules() if isinstance(m, towers) for p in m.parameters()}
     fully_shard(model, ignored_params=locked)
 
 

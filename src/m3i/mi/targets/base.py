@@ -25,6 +25,7 @@ from torch import nn
 
 from m3i.data.batch import Batch
 from m3i.mi.posteriors import Bound
+from m3i.models.text import TextTokenizer
 from m3i.ranges import Range, ranged
 
 
@@ -48,7 +49,7 @@ class RunContext:
     patch_size: int = 0
     num_classes: int = 0
     label_prior: torch.Tensor | None = None  # (num_classes,) the training labels' frequencies
-    tokenizer: Tokenizer | None = None  # the captions' tokenizer
+    tokenizer: Tokenizer | TextTokenizer | None = None  # the captions' tokenizer
 
 
 @dataclass
