@@ -18,7 +18,7 @@ import yaml
 
 from m3i.data.masking import MASKINGS
 from m3i.data.mixing import count_a
-from m3i.data.specs import spec_list
+from m3i.data.specs import is_stream, spec_list
 from m3i.data.views import ViewConfig
 from m3i.mi.targets import TARGETS
 from m3i.models.config import ATTENTIONS, ModelConfig
@@ -116,6 +116,12 @@ class MonitorConfig:
     knn_train: int = 1000  # kNN memory: the first train images
     knn_val: int = 500  # kNN queries: held-out val images
     tensorboard: bool = True  # also log to out/tensorboard when tensorboard is installed
+    wandb: bool = False  # also log to Weights & Biases (pip install -e ".[wandb]"), out/wandb
+    wandb_project: str = "m3i"
+    wandb_name: str = ""  # the W&B run's name ("": the run folder's name)
+    # the online kNN's own indexable data spec (e.g. fashion-mnist, folder:PATH with train/ and
+    # val/); "": the run's data (its first indexable source)
+    data: str = ""
     final_eval: list[str] = field(default_factory=lambda: ["knn", "linear"])  # after training
     final_eval_num_train: int = 10000  # at most this many train images (and data.num_train)
     final_eval_num_val: int = 2000
@@ -402,6 +408,11 @@ def validate(cfg: Config) -> None:
             not cfg.data.weights or len(cfg.data.weights) == len(specs),
             f"data.weights has {len(cfg.data.weights)} weights for {len(specs)} data sources "
             f"{specs}; give one weight per --data, in the same order (or none)",
+        ),
+        (
+            not is_stream(cfg.monitor.data),
+            f"monitor.data {cfg.monitor.data!r} must be indexable, not a wds: stream: give e.g. "
+            "shapes, fashion-mnist or folder:PATH with train/ and val/",
         ),
         (
             cfg.model.img_size % cfg.model.patch_size == 0,

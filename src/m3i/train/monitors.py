@@ -7,9 +7,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from m3i.config import Config
+from m3i.config import Config, ConfigError
+from m3i.data.base import DataError, ImageSource
 from m3i.data.specs import eval_spec
-from m3i.data.views import ViewConfig, eval_transform
+from m3i.data.views import eval_data_config, eval_transform
 from m3i.eval.features import EvalError, open_split
 from m3i.eval.knn import knn_scores, topk_accuracy
 from m3i.models.backbone import Backbone
@@ -37,24 +38,30 @@ class TrainingMonitor:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
-        size, mean, std = cfg.model.img_size, ViewConfig.mean, ViewConfig.std
+        view = eval_data_config(cfg.model.img_size)  # `m3i eval`'s default view
         memory = self._open(cfg, "train", cfg.monitor.knn_train)
         queries = self._open(cfg, "val", cfg.monitor.knn_val) if memory.classes else None
-        self.memory = torch.stack([eval_transform(s.image, size, mean, std) for s in memory])
+        self.memory = torch.stack([eval_transform(s.image, view) for s in memory])
         self.memory_labels = torch.tensor([s.label for s in memory])
         self.num_classes = len(memory.classes or [])
         self.queries = self.query_labels = None
         if queries is not None:
-            self.queries = torch.stack([eval_transform(s.image, size, mean, std) for s in queries])
+            self.queries = torch.stack([eval_transform(s.image, view) for s in queries])
             self.query_labels = torch.tensor([s.label for s in queries])
 
     @staticmethod
-    def _open(cfg: Config, split: str, count: int):
-        data = cfg.data
+    def _open(cfg: Config, split: str, count: int) -> ImageSource | None:
+        """`count` images of `split` of monitor.data, which must open (a ConfigError), else of
+        the run's data (whose lack of a val split leaves the kNN off, with a warning)."""
+        spec, data = cfg.monitor.data or eval_spec(cfg.data.spec), cfg.data
         try:
-            return open_split(eval_spec(data.spec), split, count, data.image_size, data.seed)
-        except EvalError as err:  # no val split: train without the kNN monitor
-            log.warning("no online kNN monitor: %s", err)
+            return open_split(spec, split, count, data.image_size, data.seed)
+        except (DataError, EvalError) as err:
+            if cfg.monitor.data:
+                raise ConfigError(f"monitor.data: {err}") from None
+            if not isinstance(err, EvalError):
+                raise
+            log.warning("no online kNN monitor: %s; or give it monitor.data", err)
             return None
 
     @torch.no_grad()

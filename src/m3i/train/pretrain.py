@@ -9,6 +9,7 @@ from m3i import runtime
 from m3i.config import Config
 from m3i.train import rundir
 from m3i.train.loop import TrainingError
+from m3i.train.metrics import require_wandb
 from m3i.train.stages import run_stages, stage_configs
 from m3i.train.trainer import train_one
 
@@ -30,6 +31,8 @@ def pretrain(
         raise TrainingError("--resume of a multistage run is not supported; resume its stage")
     if cfg.stages:
         stage_configs(cfg)  # a stage that cannot run is refused here, before any work
+    if cfg.monitor.wandb:
+        require_wandb()  # a one-line error, before any work, when wandb is not installed
     runtime.pick_device(cfg.train.device)  # a clear error for cuda without a GPU
     runtime.setup(cfg.train.device, cfg.train.dist_timeout)
     created = not out_dir.exists()

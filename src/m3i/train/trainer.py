@@ -3,7 +3,7 @@ monitor) and `Trainer.run` steps it to the end. It knows no target."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,6 +24,8 @@ from m3i.data.stream import SourceDraws
 from m3i.io import atomic_write_text
 from m3i.mi.targets import TARGETS
 from m3i.models.backbone import Backbone
+from m3i.models.pretrained import init_state
+from m3i.provenance import run_start
 from m3i.train import sharding
 from m3i.train.batches import training_source, training_stream, verify_files
 from m3i.train.checkpoint import check_resumable, load_checkpoint, set_rng_state
@@ -40,7 +42,7 @@ from m3i.train.loop import (
     should_stop,
     stop_signals,
 )
-from m3i.train.metrics import MetricsLog
+from m3i.train.metrics import MetricsLog, open_wandb
 from m3i.train.monitors import TrainingMonitor
 from m3i.train.optimise import Optimise, StepResult, build_optimizer
 from m3i.train.step import M3IModel
@@ -88,7 +90,7 @@ class Trainer:
         )
         bad_in_a_row, seen, tick = 0, 0, time.perf_counter()
         model.train()
-        with stop_signals() as received, contextlib.closing(self.metrics):
+        with stop_signals() as received, self.metrics:
             for step in bar:
                 every = cfg.monitor.every
                 monitor_now = bool(every) and (step % every == 0 or step == steps)
@@ -171,7 +173,7 @@ def training_monitor(cfg: Config, device: torch.device) -> TrainingMonitor | Non
     try:
         return TrainingMonitor(cfg, device)
     except DataError as err:
-        log.warning("no training monitors: %s", err)
+        log.warning("no training monitors: %s; or give them monitor.data", err)
         return None
 
 
@@ -222,6 +224,21 @@ def write_run_files(model: M3IModel, cfg: Config, out_dir: Path) -> None:
             TARGETS[name].save(target, out_dir)
 
 
+def record_start(out_dir: Path, resume: bool) -> None:
+    """provenance.json: {"starts": [...]}, this start's m3i.provenance.run_start appended to
+    the earlier ones of a resumed run (rewritten whole, atomically)."""
+    path, starts = out_dir / "provenance.json", []
+    if resume and path.is_file():
+        try:
+            starts = list(json.loads(path.read_text())["starts"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrainingError(
+                f"{path} is not a run provenance ({type(err).__name__}: {err}); delete it to resume"
+            ) from None
+    starts.append(run_start(runtime.world_size()))
+    atomic_write_text(path, json.dumps({"starts": starts}, indent=1) + "\n")
+
+
 def setup(
     cfg: Config, out_dir: Path, progress: bool, resume: bool, device: torch.device
 ) -> Trainer:
@@ -247,26 +264,28 @@ def setup(
     start = load_state(state, model, optimise, cfg) if state is not None else 0
     if main:
         write_run_files(model, cfg, out_dir)
-    metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, enabled=main, resume_step=start or None)
-    batches = training_stream(cfg, mixture, start, device)
-    stream: Iterator[Batch] = batches
-    if main:  # one warning line if the input cannot keep up with the step
-        stream = watch_input_rate(batches, cfg.train.batch_size, cfg.data.workers)
-    skipped = state.get("data_skipped", 0) if state is not None else 0
-    seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
-    if state is not None:
-        scheduler.step_update(start)
-        rngs = state["rng"]
-        if len(rngs) == runtime.world_size():
-            set_rng_state(rngs[runtime.rank()])
-        else:
-            log.warning(
-                "resuming on %d ranks from %d: RNG streams restart", runtime.world_size(), len(rngs)
-            )
-    elif cfg.monitor.every:
-        backbone = sharding.monitored_backbone(model, cfg, full)
-        if monitor is not None:
-            metrics.write({"step": 0, **monitor(backbone)})
+        record_start(out_dir, resume)
+    wandb = open_wandb(out_dir, cfg.monitor, to_dict(cfg)) if main and cfg.monitor.wandb else None
+    metrics = MetricsLog(out_dir, cfg.monitor.tensorboard, main, start or None, wandb)
+    with metrics.closed_on_failure():
+        batches = training_stream(cfg, mixture, start, device)
+        stream: Iterator[Batch] = batches
+        if main:  # one warning line if the input cannot keep up with the step
+            stream = watch_input_rate(batches, cfg.train.batch_size, cfg.data.workers)
+        skipped = state.get("data_skipped", 0) if state is not None else 0
+        seed_everything(mask_seed(cfg.train.seed, runtime.rank(), cfg.train.first_batch))
+        if state is not None:
+            scheduler.step_update(start)
+            rngs = state["rng"]
+            if len(rngs) == runtime.world_size():
+                set_rng_state(rngs[runtime.rank()])
+            else:
+                log.warning("resuming on %d ranks from %d: RNG streams restart",
+                            runtime.world_size(), len(rngs))  # fmt: skip
+        elif cfg.monitor.every:
+            backbone = sharding.monitored_backbone(model, cfg, full)
+            if monitor is not None:
+                metrics.write({"step": 0, **monitor(backbone)})
     return Trainer(
         cfg, out_dir, model, optimise, scheduler, stream, batches.draws,
         batches.draws.counts_before(cfg.train.first_batch), skipped, metrics,
