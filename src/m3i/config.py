@@ -24,6 +24,7 @@ from m3i.mi.targets import TARGETS
 from m3i.models.config import ATTENTIONS, ModelConfig
 from m3i.models.decoder import NORMS
 from m3i.models.ema import SCHEDULES, TeacherConfig
+from m3i.models.pretrained import init_problem
 from m3i.plugins import IMPORTED, PluginError, import_plugin, is_path
 from m3i.ranges import Range, config_value_problem, ranged
 
@@ -142,7 +143,9 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
     stage_steps: list[int] = field(default_factory=list)  # steps per stage ([]: equal split)
-    init: str = ""  # backbone.safetensors to start from
+    # the backbone's start: an m3i backbone.safetensors or run folder, a timm checkpoint file of
+    # model.name, a timm pretrained name, hf-hub:ORG/NAME or local-dir:FOLDER (models/pretrained)
+    init: str = ""
     # .py files (relative to the config file naming them) or modules imported before the config
     # is read: each may register targets (docs/architecture.md); only a config file names them
     plugins: list[str] = field(default_factory=list)
@@ -359,8 +362,8 @@ def validate(cfg: Config) -> None:
             "them before the config is read; not by --set",
         ),
         (
-            not cfg.init or Path(cfg.init).is_file(),
-            f"init {cfg.init!r} does not exist; give a backbone.safetensors written by m3i",
+            init_problem(cfg.init, cfg.model.name) is None,
+            init_problem(cfg.init, cfg.model.name),
         ),
         (
             cfg.decoder.dim % 4 == 0 and cfg.decoder.dim % cfg.decoder.heads == 0,

@@ -157,6 +157,9 @@ def test_only_rank_0_writes(runs, preset):
         "config.yaml",
         "metrics.jsonl",
         "backbone.safetensors",
+        "config.json",  # with model.safetensors: the run as a timm local-dir
+        "model.safetensors",
+        "provenance.json",
         "checkpoint.pt",
         "checkpoints",
         "checkpoints/step-00000002.pt",

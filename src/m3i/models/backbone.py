@@ -40,6 +40,8 @@ class Backbone(nn.Module, ABC):
     # whether the family's models have a class token (a ViT built without one says so on its
     # instance): what `forward_with_class_token` and `encode_mix(class_tokens=True)` read
     has_class_token: ClassVar[bool] = False
+    # the timm arguments a `local-dir` export adds, so that timm pools as m3i does
+    timm_dir_args: ClassVar[dict[str, object]] = {}
 
     def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs) -> Backbone:
         if cls is Backbone:  # (copy.deepcopy calls __new__ on the family, with no config)
@@ -154,6 +156,11 @@ class Backbone(nn.Module, ABC):
     def load(self, path: str | Path) -> None:
         """Load an m3i backbone.safetensors written with this model's settings (`init`); a
         one-line ValueError names the model.* keys that differ."""
+        self.timm_model.load_state_dict(self.checked_state(path))
+
+    def checked_state(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The weights of an m3i backbone.safetensors written with this model's settings; a
+        one-line ValueError names the model.* keys that differ."""
         name, kwargs = read_backbone_metadata(path)
         stored = {"name": name, **self.model_settings(kwargs)}
         mine = {"name": self.timm_name, **self.model_settings(self.timm_kwargs)}
@@ -164,7 +171,25 @@ class Backbone(nn.Module, ABC):
                 "from a backbone of this run's model"
             )
         _check_shapes(path, name, kwargs)
-        self.timm_model.load_state_dict(load_file(str(path)))
+        return load_file(str(path))
+
+    @staticmethod
+    @abstractmethod
+    def checkpoint_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict:
+        """timm's own `checkpoint_filter_fn` of the family: converts a checkpoint's layout to
+        timm's and resamples what the model's grid changes (position embeddings)."""
+
+    @classmethod
+    def to_timm_dir(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of a timm `local-dir` export (models/timm_dir.py) built with the extra
+        timm arguments `timm_dir_args`, whose timm pooling is m3i's: the same by default."""
+        return state
+
+    @classmethod
+    def from_timm_dir(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `to_timm_dir` (also what a timm model of the family built with
+        `timm_dir_args` holds)."""
+        return state
 
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the weights (or `state`, e.g. gathered from shards) as a plain timm state dict,

@@ -26,7 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
-from timm.models.convnext import ConvNeXt, ConvNeXtBlock
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock, checkpoint_filter_fn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -64,6 +64,10 @@ def _grn_sees_visible_cells(block: nn.Module, mask: torch.Tensor) -> Iterator[No
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _renamed(key: str, prefix: str, replacement: str) -> str:
+    return replacement + key[len(prefix) :] if key.startswith(prefix) else key
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
@@ -124,9 +128,23 @@ class ConvNetBackbone(Backbone):
         if cfg.freeze_patch_embed:  # the stem, at timm's initialisation
             self.freeze_patch_embedding()
 
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)  # timm's (FB layouts to timm's)
+    # m3i pools a ConvNeXt as timm's head_norm_first=True does (the head's LayerNorm at every
+    # position, then the mean): the export's norm is that model's norm_pre
+    HEAD_NORM, NORM_FIRST = "head.norm.", "norm_pre."
+    timm_dir_args = {"head_norm_first": True}
+
     @classmethod
     def claims(cls, name: str) -> bool:
         return name in timm.list_models(module="convnext")
+
+    @classmethod
+    def to_timm_dir(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {_renamed(k, cls.HEAD_NORM, cls.NORM_FIRST): v for k, v in state.items()}
+
+    @classmethod
+    def from_timm_dir(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {_renamed(k, cls.NORM_FIRST, cls.HEAD_NORM): v for k, v in state.items()}
 
     @classmethod
     def model_settings(cls, timm_kwargs: dict) -> dict[str, object]:

@@ -17,7 +17,7 @@ import math
 import timm
 import torch
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,6 +86,8 @@ class ViTBackbone(Backbone):
         self.has_class_token = vit.cls_token is not None
         if cfg.freeze_patch_embed:
             self.freeze_patch_embedding()
+
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)  # timm's: resamples pos_embed
 
     @classmethod
     def claims(cls, name: str) -> bool:

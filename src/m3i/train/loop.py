@@ -19,6 +19,7 @@ from m3i.config import Config, to_dict
 from m3i.data.mixture import Mixture
 from m3i.data.scan import Source
 from m3i.mi.targets import TARGETS, DataInfo, RunContext
+from m3i.models.timm_dir import save_backbone_files
 from m3i.train import sharding
 from m3i.train.checkpoint import (
     rng_state,
@@ -67,10 +68,13 @@ def target_run_context(cfg: Config, source: Mixture | Source) -> RunContext:
     return RunContext(**given)
 
 
-def build_model(cfg: Config, source: Mixture | Source) -> M3IModel:
+def build_model(
+    cfg: Config, source: Mixture | Source, init: dict[str, torch.Tensor] | None = None
+) -> M3IModel:
+    """The model, its backbone (and teacher) starting from `init` (`init_state(cfg.init)`)."""
     model = M3IModel(cfg, target_run_context(cfg, source))
-    if cfg.init:
-        model.backbone.load(cfg.init)
+    if init is not None:
+        model.backbone.timm_model.load_state_dict(init)
         if model.teacher is not None:
             model.teacher.module.load_state_dict(model.backbone.state_dict())
     model.backbone.grad_checkpointing = cfg.train.grad_checkpointing
@@ -86,7 +90,8 @@ def save_run(
     final: bool,
     skipped: int = 0,
 ) -> None:
-    """backbone.safetensors (timm state dict) and a checkpoint (everything to resume, and the
+    """The backbone's files (backbone.safetensors, a plain timm state dict, and the timm
+    local-dir files: models/timm_dir.py) and a checkpoint (everything to resume, and the
     unreadable samples `skipped` so far), written by rank 0 with every rank's RNG state; every
     rank calls it (sharded states are gathered)."""
     rngs = [None] * runtime.world_size()
@@ -103,7 +108,7 @@ def save_run(
     if runtime.rank() != 0:
         return
     backbone = sharding.backbone_state(model_state) if sharded else None
-    model.backbone.save(out_dir / "backbone.safetensors", backbone)
+    save_backbone_files(model.backbone, out_dir, backbone)
     state = {
         "step": step,
         "final": final,

@@ -11,6 +11,7 @@ from pathlib import Path
 from m3i import runtime
 from m3i.data.scan import SCAN_FILE
 from m3i.io import TEMPORARY_NAME, OutDirError, writable_dir
+from m3i.models.timm_dir import TIMM_DIR_FILES
 from m3i.train.checkpoint import HISTORY
 from m3i.train.metrics import heal_metrics
 
@@ -19,9 +20,9 @@ log = logging.getLogger("m3i.train")
 # every name `m3i pretrain`, `m3i eval` and `m3i report` write into a run directory
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "backbone.safetensors", "checkpoint.pt", "tokenizer.json",
-     "eval.jsonl", SCAN_FILE}
+     "eval.jsonl", "provenance.json", SCAN_FILE, *TIMM_DIR_FILES}
 )  # fmt: skip
-RUN_DIRS = frozenset({HISTORY, "stages", "report", "tensorboard"})
+RUN_DIRS = frozenset({HISTORY, "stages", "report", "tensorboard", "wandb"})
 # the names only a run writes: a directory holding one of them holds a run (a config.yaml or an
 # eval.jsonl alone may well be the user's own)
 MARKERS = frozenset({"metrics.jsonl", "checkpoint.pt", "backbone.safetensors", HISTORY, "stages"})

@@ -45,6 +45,7 @@ from m3i.config import (
 )
 from m3i.io import append_jsonl, atomic_copy, atomic_write_text
 from m3i.mi.targets import TARGETS
+from m3i.models.timm_dir import TIMM_DIR_FILES
 from m3i.train.trainer import train_one
 
 SHARED_SECTIONS = ("views", "data", "train", "monitor")
@@ -152,7 +153,7 @@ def run_stages(cfg: Config, out_dir: Path, progress: bool = True) -> Path:
             append_jsonl(out_dir / "metrics.jsonl", record)
         offset += stage_cfg.train.steps
         previous = stage_dir
-    for name in ("backbone.safetensors", "checkpoint.pt", "tokenizer.json"):
+    for name in ("backbone.safetensors", *TIMM_DIR_FILES, "checkpoint.pt", "tokenizer.json"):
         if main and (previous / name).exists():
             atomic_copy(previous / name, out_dir / name)
     return out_dir

@@ -249,10 +249,11 @@ def setup(
     if state is not None:
         check_resumable(state["config"], to_dict(cfg))
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    init = init_state(cfg.init, cfg.model) if cfg.init and state is None else None
     mixture = training_source(cfg, out_dir)  # the streams' scans, made once
     if main and len(mixture.sources) > 1:
         log.info("data: %s", mixture.describe())
-    model = runtime.sync_batch_norm(build_model(cfg, mixture).to(device), device)
+    model = runtime.sync_batch_norm(build_model(cfg, mixture, init).to(device), device)
     verify_files(cfg, mixture, out_dir, progress=progress and main)  # after the data checks
     monitor = training_monitor(cfg, device)
     forward, full = distribute(model, cfg, device, monitored=monitor is not None)
