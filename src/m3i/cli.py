@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         "ablation",
         help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
     )
-    abl.add_argument("--budget", choices=["tiny", "quick", "full", "gpu"], default="quick")
+    abl.add_argument("--budget", choices=["tiny", "smoke", "quick", "full", "gpu"], default="quick")
     abl.add_argument("--data", action="append", help="data spec (repeatable; default: budget's)")
     abl.add_argument("--seeds", type=int, help="seeds per data spec (default: the budget's)")
     abl.add_argument("--out", default="runs/ablation", help="directory for runs and results")

@@ -144,9 +144,10 @@ def test_tiny_ablation_writes_results(tmp_path, capsys):
     assert imread(tmp_path / "ablation.png").shape[0] > 100
 
 
-def test_quick_budget_in_ci(tmp_path):
-    """The real `--budget quick` (minutes): both data specs, the removals on shapes, the files."""
-    command = [sys.executable, "-m", "m3i", "bench", "ablation", "--budget", "quick"]
+def test_smoke_budget_end_to_end(tmp_path):
+    """The real `--budget smoke` (quick's plan, smaller: minutes): both data specs, the
+    removals on shapes, every task, the files."""
+    command = [sys.executable, "-m", "m3i", "bench", "ablation", "--budget", "smoke"]
     done = subprocess.run(
         [*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500
     )
@@ -157,7 +158,7 @@ def test_quick_budget_in_ci(tmp_path):
         ("fashion-mnist", m) for m in METHODS
     }
     for record in runs:
-        expected = tasks_for(record["method"], record["data"], BUDGETS["quick"])
+        expected = tasks_for(record["method"], record["data"], BUDGETS["smoke"])
         assert {k.split("/")[0] for k in record["metrics"]} == set(expected)
     assert_equal_flops(runs)
     markdown = (tmp_path / "results.md").read_text()

@@ -97,6 +97,20 @@ BUDGETS = {
         seeds={"shapes": 1},
         removals=(),
     ),
+    "smoke": Budget(  # CI's end-to-end ablation: quick's plan (both data specs, the removals
+        # on shapes, every task) at a 1-block model, a few steps and small probes
+        train=["model.depth=1", "train.steps=8", "train.batch_size=16", "data.num_train=256"],
+        evaluation=[
+            "num_train=256",
+            "num_val=128",
+            "linear.epochs=5",
+            "linear.lrs=[0.01,0.1]",
+            "segment.epochs=2",
+            "detect.epochs=2",
+            "detect.batch_size=32",
+        ],  # fmt: skip
+        seeds={"shapes": 1, "fashion-mnist": 1},
+    ),
     "quick": Budget(  # under 10 minutes on 2 CPU cores
         train=["model.depth=2", "train.steps=40", "train.batch_size=32", "data.num_train=2000"],
         evaluation=["num_train=2000", "num_val=500", "segment.epochs=10"] + SHORT_DETECT,
