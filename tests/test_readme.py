@@ -1,4 +1,5 @@
-"""The README's timm snippet, run as written against a backbone file of the default preset."""
+"""The README's timm snippet, run as written against the files a run of the default preset
+writes."""
 
 import re
 from pathlib import Path
@@ -7,16 +8,18 @@ import torch
 
 from m3i.config import load_config
 from m3i.models.backbone import Backbone, load_timm_model
+from m3i.models.timm_dir import save_backbone_files
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-PLACEHOLDER = "runs/m3i/backbone.safetensors"
+PLACEHOLDER = "runs/m3i"
+HEADING = "A finished run folder is a timm `local-dir`"
 
 
 def timm_snippet() -> str:
-    """The ```python block after "Load the backbone anywhere with timm"."""
-    after = README.read_text().split("Load the backbone anywhere with timm", 1)[1]
+    """The ```python block after the README's paragraph on the timm local-dir."""
+    after = README.read_text().split(HEADING, 1)[1]
     match = re.search(r"```python\n(.*?)```", after, re.DOTALL)
-    assert match, "no ```python block after 'Load the backbone anywhere with timm'"
+    assert match, f"no ```python block after {HEADING!r}"
     return match.group(1)
 
 
@@ -26,12 +29,12 @@ def test_readme_timm_snippet_gives_m3i_features(tmp_path):
     with torch.no_grad():  # weights far from init, so that every pooling choice shows
         for param in backbone.parameters():
             param.normal_(std=0.5)
+    save_backbone_files(backbone, tmp_path)  # what a run folder holds
     path = tmp_path / "backbone.safetensors"
-    backbone.save(path)
     snippet = timm_snippet()
     assert PLACEHOLDER in snippet
     namespace: dict = {}
-    exec(snippet.replace(PLACEHOLDER, str(path)), namespace)
+    exec(snippet.replace(PLACEHOLDER, str(tmp_path)), namespace)
     model = namespace["model"].eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
