@@ -13,7 +13,6 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from m3i.bench.measure import synthetic_batch
 from m3i.config import load_config
@@ -22,6 +21,7 @@ from m3i.mi.targets import RunContext
 from m3i.models.open_clip_text import ClipTokenizer, OpenCLIPTextEncoder, model_tokenizer
 from m3i.train import sharding
 from m3i.train.step import M3IModel
+from tests.models.locked_tower import sharded_step
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports
 
@@ -196,17 +196,7 @@ def test_fsdp_leaves_a_locked_tower_whole_and_out_of_the_gathered_state(checkpoi
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         model = tiny_model(checkpoint, lock=True)
-        sharding.shard(model)
-        encoder = model.targets["text"].encoder
-        assert all(type(p) is nn.Parameter for p in encoder.tower.parameters())
-        assert isinstance(encoder.projection.weight, DTensor)
-        optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-2)
-        captions = ShapesDataset("train", num_samples=40).captions()
-        loss, _ = model(synthetic_batch(8, 16, captions, torch.device("cpu")))
-        loss.backward()
-        optimizer.step()
-        state = {k: v.clone() for k, v in sharding.full_model_state(model).items()}
-        assert not [k for k in state if ".tower." in k]
+        optimizer, state = sharded_step(model)
         saved = {"model": state, "optimizer": sharding.full_optimizer_state(model, optimizer)}
         sharding.load_full_state(model, optimizer, saved)  # strict, without the tower's keys
     finally:

@@ -305,19 +305,28 @@ def _check_shapes(path: str | Path, name: str, kwargs: dict) -> None:
     with safe_open(str(path), framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     new_head = {key for key in expected if key.startswith("head.") and key not in stored}
-    differ = sorted(
-        (set(expected) - new_head) ^ set(stored)
-        | {key for key in set(expected) & set(stored) if expected[key] != stored[key]}
-    )
+    expected = {k: v for k, v in expected.items() if k not in new_head}
+    differ = tensor_differences(expected, stored, "in the file", "for the model")
     if differ:
-        key = differ[0]
-        found = f"{stored[key]} in the file" if key in stored else "not in the file"
-        wanted = f"{expected[key]} for the model" if key in expected else "not in the model"
         raise ValueError(
-            f"{path}: its weights do not fit {name} with {kwargs} ({len(differ)} tensors differ, "
-            f"e.g. {key}: {found}, {wanted}); give an unedited backbone.safetensors written by "
-            "`m3i pretrain`"
+            f"{path}: its weights do not fit {name} with {kwargs} ({differ}); give an unedited "
+            "backbone.safetensors written by `m3i pretrain`"
         )
+
+
+def tensor_differences(
+    expected: dict[str, tuple], found: dict[str, tuple], where_found: str, where_expected: str
+) -> str | None:
+    """`N tensors differ, e.g. KEY: (shape) WHERE_FOUND, (shape) WHERE_EXPECTED` for the
+    tensors (name -> shape) in one dict only or shaped otherwise; None when none differ."""
+    shared = set(expected) & set(found)
+    differ = sorted((set(expected) ^ set(found)) | {k for k in shared if expected[k] != found[k]})
+    if not differ:
+        return None
+    key = differ[0]
+    there = f"{found[key]} {where_found}" if key in found else f"not {where_found}"
+    wanted = f"{expected[key]} {where_expected}" if key in expected else f"not {where_expected}"
+    return f"{len(differ)} tensors differ, e.g. {key}: {there}, {wanted}"
 
 
 def load_timm_model(path: str | Path, **overrides) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from timm.models import load_state_dict
 
-from m3i.models.backbone import Backbone
+from m3i.models.backbone import Backbone, tensor_differences
 from m3i.models.config import ModelConfig
 
 SOURCES = ("hf-hub:", "local-dir:")  # timm's model sources
@@ -161,16 +161,12 @@ def _fit(
     state = {k: v for k, v in state.items() if k not in dropped}
     expected = {k: tuple(v.shape) for k, v in backbone.timm_model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
-    differ = sorted((set(expected) ^ set(found)) | {k for k in set(expected) & set(found)
-                                                     if expected[k] != found[k]})  # fmt: skip
+    differ = tensor_differences(expected, found, "in init", "in the model")
     if differ:
-        key = differ[0]
-        where = f"{found[key]} in init" if key in found else "not in init"
-        wanted = f"{expected[key]} in the model" if key in expected else "not in the model"
         raise ValueError(
             f"init {init!r} does not fit model.name={backbone.timm_name} with "
-            f"{_settings(backbone)} ({len(differ)} tensors differ, e.g. {key}: {where}, "
-            f"{wanted}); give a checkpoint of this architecture, or set model.* to its shape"
+            f"{_settings(backbone)} ({differ}); give a checkpoint of this architecture, or set "
+            "model.* to its shape"
         )
     return state
 
