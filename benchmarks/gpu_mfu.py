@@ -37,9 +37,9 @@ import torch
 from m3i.bench.measure import count_flops, matmul_tflops, summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
-from m3i.train.step import M3IModel
 
 # dense (no sparsity) peak TFLOP/s by a substring of torch.cuda.get_device_name: (bf16, fp32)
 DATASHEET = {

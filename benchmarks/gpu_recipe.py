@@ -63,10 +63,10 @@ from m3i.config import load_config
 from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.io import atomic_write_text
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
-from m3i.train.step import M3IModel
 
 TOP_KERNELS = 15
 

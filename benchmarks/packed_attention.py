@@ -20,11 +20,11 @@ import torch
 from m3i.bench.measure import summary, synthetic_batch, time_steps
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.packed import packed_kernel
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
-from m3i.train.step import M3IModel
 
 ATTENTIONS = ("separate", "packed")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -13,10 +12,7 @@ from pathlib import Path
 
 from m3i.config import ConfigError, load_config, preset_names, preset_values
 from m3i.eval.tasks import TASKS
-
-
-class Interrupted(Exception):
-    """Ctrl-C arrived; the message says what was recorded before it (exit status 130)."""
+from m3i.train.job import Interrupted, check_final_eval, format_result
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
@@ -148,8 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from m3i import runtime
-    from m3i.train.pretrain import pretrain
+    from m3i.train.job import pretrain_job
 
     if args.resume:
         if args.out or args.data or args.overwrite:
@@ -167,14 +162,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         )
         out = Path(args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_final_eval(cfg.monitor.final_eval)
-    main = not runtime.launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
     verb = "resuming" if args.resume else "pre-training"
 
     def started() -> None:
         data = cfg.data.spec if isinstance(cfg.data.spec, str) else " + ".join(cfg.data.spec)
         print(f"m3i: {verb} preset {cfg.preset!r} on {data!r} in {out}", file=sys.stderr)
 
-    pretrain(
+    pretrain_job(
         cfg,
         out,
         progress=not args.quiet,
@@ -182,72 +176,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         started=started,
     )
-    if not main:
-        return 0
-    print(f"m3i: wrote {out / 'backbone.safetensors'} and {out / 'metrics.jsonl'}", file=sys.stderr)
-    final_evaluation(cfg, out)
-    from m3i.eval.report import write_report
-
-    try:
-        write_report([out])
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted while writing the report; the run and its evaluations are recorded in "
-            f"{out}; write the report with `m3i report {out}`"
-        ) from None
-    print(f"m3i: report in {out / 'report'} (summary.md and plots)", file=sys.stderr)
     return 0
-
-
-def check_final_eval(tasks: list[str]) -> None:
-    """`monitor.final_eval` may only name eval tasks (checked before the run starts)."""
-    if not set(tasks) <= set(TASKS):
-        raise ConfigError(f"monitor.final_eval {tasks} may only list {', '.join(TASKS)}")
-
-
-def final_evaluation(cfg, out: Path) -> None:
-    """Run `monitor.final_eval` on the finished run: print one line per task and record it as
-    soon as it is computed (Ctrl-C: an Interrupted saying which results were recorded)."""
-    from m3i.data.base import DataError
-    from m3i.data.specs import eval_spec
-    from m3i.eval.features import EvalError
-    from m3i.eval.settings import EvalSettings
-    from m3i.eval.tasks import evaluate_each, record_result
-
-    monitor = cfg.monitor
-    if not monitor.final_eval:
-        return
-    settings = EvalSettings(
-        num_train=min(
-            cfg.data.num_train or monitor.final_eval_num_train, monitor.final_eval_num_train
-        ),
-        num_val=monitor.final_eval_num_val,
-        image_size=cfg.data.image_size,
-        data_seed=cfg.data.seed,
-        device=cfg.train.device,
-    )
-    recorded = []
-    try:
-        for result in evaluate_each(monitor.final_eval, out, eval_spec(cfg.data.spec), settings):
-            print(f"m3i: {format_result(result)}", flush=True)
-            if record_result(result):
-                recorded.append(result["task"])
-    except (EvalError, DataError) as err:
-        print(f"m3i: no final evaluation: {err}", file=sys.stderr)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted during the final evaluation; the run's files are written and "
-            f"{out / 'eval.jsonl'} records {', '.join(recorded) or 'no result'}; evaluate with "
-            f"`m3i eval TASK --checkpoint {out}`"
-        ) from None
-
-
-def format_result(result: dict) -> str:
-    """`knn on shapes: top1 25.15  top5 77.75` (plus what the protocol chose, e.g. lr)."""
-    values = {**result["metrics"], **result["chosen"]}
-    return f"{result['task']} on {result['data']}: " + "  ".join(
-        f"{k} {v:.4g}" for k, v in values.items()
-    )
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -26,8 +26,8 @@ from m3i.bench.ablation_stats import mean_ranks, summarise
 from m3i.bench.measure import train_step_flops
 from m3i.cli import main
 from m3i.data.shapes import CLASSES
+from m3i.method import M3IModel
 from m3i.mi.targets.text import TextTarget
-from m3i.train.step import M3IModel
 
 PROVENANCE = {"command": "m3i bench ablation", "commit": "unknown", "date": "2026-01-01T00:00:00",
               "cpu_cores": 2, "device": "CPU", "wall_s": 60.0}  # fmt: skip

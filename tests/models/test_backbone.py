@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from m3i.config import load_config
 from m3i.data.batch import Batch, View
 from m3i.data.mixing import gather_tokens, split_positions
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone, load_timm_model, read_backbone_metadata
 from m3i.models.config import ModelConfig
 from m3i.models.text import train_bpe
-from m3i.train.step import M3IModel
 from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
 

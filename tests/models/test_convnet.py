@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from m3i.config import load_config
 from m3i.data.batch import Batch, View
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.backbone import (
     Backbone,
@@ -23,7 +24,6 @@ from m3i.models.backbone import (
 from m3i.models.config import ModelConfig
 from m3i.models.convnet import ConvNetBackbone
 from m3i.models.text import train_bpe
-from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
 SIZE, STRIDE = 64, 16  # a 4 x 4 mix grid

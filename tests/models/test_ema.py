@@ -10,10 +10,10 @@ from torch import nn
 
 from m3i.config import ConfigError, load_config
 from m3i.data.batch import Batch, View
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.ema import MomentumTeacher, TeacherConfig, momentum_at
 from m3i.models.text import train_bpe
-from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
 

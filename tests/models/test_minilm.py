@@ -18,12 +18,12 @@ from m3i.config import load_config
 from m3i.data.shapes import ShapesDataset
 from m3i.eval.features import EvalError
 from m3i.eval.zeroshot import load_text_target
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models import minilm
 from m3i.models.text import tokenize
 from m3i.train import sharding
 from m3i.train.pretrain import pretrain
-from m3i.train.step import M3IModel
 from tests.models.locked_tower import sharded_step
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports

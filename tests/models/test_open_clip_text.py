@@ -17,10 +17,10 @@ from torch import nn
 from m3i.bench.measure import synthetic_batch
 from m3i.config import load_config
 from m3i.data.shapes import ShapesDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.open_clip_text import ClipTokenizer, OpenCLIPTextEncoder, model_tokenizer
 from m3i.train import sharding
-from m3i.train.step import M3IModel
 from tests.models.locked_tower import sharded_step
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports

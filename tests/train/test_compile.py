@@ -13,10 +13,10 @@ import torch._inductor.config
 from m3i.bench.measure import synthetic_batch
 from m3i.config import load_config
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
-from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
 CPU = torch.device("cpu")

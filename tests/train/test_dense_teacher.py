@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from m3i.bench.measure import synthetic_batch
 from m3i.config import load_config
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.mi.targets.dense import DenseTargetConfig
-from m3i.train.step import M3IModel
 from tests.by_hand import vit_blocks_by_hand
 from tests.tiny import TINY_M3I
 

@@ -10,11 +10,11 @@ from m3i.config import load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models import vit as backbone_module
 from m3i.models.text import train_bpe
 from m3i.train.optimise import Optimise, build_optimizer
-from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "train.batch_size=4", "train.grad_clip=0"]

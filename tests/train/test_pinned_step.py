@@ -15,11 +15,11 @@ from m3i.config import load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
 from m3i.train.pretrain import pretrain
-from m3i.train.step import M3IModel
 from tests.tiny import TINY_M3I
 
 TINY = [*TINY_M3I, "model.img_size=16", "model.patch_size=4"]
@@ -157,7 +157,7 @@ def test_inter_view_decoder_reads_stream_b_at_the_other_views_geometry(shapes, m
     N-1-k, encoded alone at the positions the mix gave it), those tokens' grid coordinates, and
     queries at view_to_view(box2, flip2 -> box1, flip1) of sample B: the target view's patch
     centres in the input view's frame, not the other way round."""
-    import m3i.train.step as step
+    import m3i.method as step
     from m3i.data.mixing import gather_tokens
     from m3i.models.decoder import grid_coords, view_to_view
 

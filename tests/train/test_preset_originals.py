@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from m3i.bench.measure import synthetic_batch
 from m3i.config import ConfigError, load_config
 from m3i.data.mixing import count_a, split_positions
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.train.pretrain import pretrain
-from m3i.train.step import M3IModel
 from tests.models.test_decoder import block_by_hand
 from tests.tiny import TINY_M3I
 

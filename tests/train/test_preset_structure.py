@@ -16,13 +16,13 @@ from m3i.config import load_config
 from m3i.data.batch import Batch, collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext, StepContext, Stream
 from m3i.mi.targets.text import TextTarget
 from m3i.mi.targets.view_contrast import ViewContrastTarget
 from m3i.mi.targets.view_regress import ViewRegressTarget
 from m3i.models.backbone import Backbone
 from m3i.models.text import train_bpe
-from m3i.train.step import M3IModel
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "model.depth=2"]
 VIT = dict(img_size=16, patch_size=4, depth=2)  # timm's arguments for the same model

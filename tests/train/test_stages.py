@@ -5,7 +5,7 @@ M3I but for the staging, `multistage_classic` the classic presets in sequence.""
 import pytest
 import torch
 
-import m3i.train.step
+import m3i.method
 from m3i.cli import main
 from m3i.config import ConfigError, load_config, to_dict
 from m3i.data.stream import BatchStream
@@ -30,7 +30,7 @@ def spy(monkeypatch):
     """Every batch the runs read ("index" and "view1") and every mix drawn (image A's
     positions), in order."""
     seen = {"index": [], "view1": [], "positions_a": []}
-    take, split = BatchStream.__next__, m3i.train.step.split_positions
+    take, split = BatchStream.__next__, m3i.method.split_positions
 
     def next_batch(self):
         batch = take(self)
@@ -44,7 +44,7 @@ def spy(monkeypatch):
         return positions_a, positions_b
 
     monkeypatch.setattr(BatchStream, "__next__", next_batch)
-    monkeypatch.setattr(m3i.train.step, "split_positions", split_positions)
+    monkeypatch.setattr(m3i.method, "split_positions", split_positions)
     return seen
 
 

@@ -26,9 +26,9 @@ from m3i.data.batch import Batch
 from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.data.stream import batches
 from m3i.data.views import ViewDataset
+from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import tokenize, train_bpe
-from m3i.train.step import M3IModel
 
 OURS = ("m3i", "supervised", "clip", "data2vec", "siameseim", "mae")
 REPLACED = ("supervised", "clip", "data2vec", "siameseim")  # what one M3I step stands for

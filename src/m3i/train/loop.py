@@ -18,6 +18,7 @@ from m3i import runtime
 from m3i.config import Config, to_dict
 from m3i.data.mixture import Mixture
 from m3i.data.scan import Source
+from m3i.method import M3IModel
 from m3i.mi.targets import TARGETS, DataInfo, RunContext
 from m3i.models.timm_dir import save_backbone_files
 from m3i.train import sharding
@@ -27,7 +28,6 @@ from m3i.train.checkpoint import (
 )
 from m3i.train.metrics import MetricsLog
 from m3i.train.optimise import Optimise
-from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
 MASK_SEED_STRIDE = 1_000_003  # more than any number of ranks

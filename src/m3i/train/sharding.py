@@ -22,10 +22,10 @@ from torch.distributed.fsdp import fully_shard
 
 from m3i import runtime
 from m3i.config import Config
+from m3i.method import M3IModel
 from m3i.models.backbone import Backbone
 from m3i.models.minilm import LockedMiniLM
 from m3i.models.open_clip_text import LockedTextTower
-from m3i.train.step import M3IModel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 BACKBONE = "backbone."  # then the name of its one child, the timm model

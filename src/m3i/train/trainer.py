@@ -22,6 +22,7 @@ from m3i.data.base import DataError
 from m3i.data.batch import Batch
 from m3i.data.stream import SourceDraws
 from m3i.io import atomic_write_text
+from m3i.method import M3IModel
 from m3i.mi.targets import TARGETS
 from m3i.models.backbone import Backbone
 from m3i.models.pretrained import init_state
@@ -45,7 +46,6 @@ from m3i.train.loop import (
 from m3i.train.metrics import MetricsLog, open_wandb
 from m3i.train.monitors import TrainingMonitor
 from m3i.train.optimise import Optimise, StepResult, build_optimizer
-from m3i.train.step import M3IModel
 
 log = logging.getLogger("m3i.train")
 
