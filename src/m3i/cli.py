@@ -25,6 +25,19 @@ def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3i", description="All-in-one pre-training (M3I).")
     sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    sub.add_parser("presets", help="list the presets, one line each")
+    _eval_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    _speed_parser(bench)
+    _data_bench_parser(bench)
+    _ablation_parser(bench)
+    _report_parser(sub)
+    return parser
+
+
+def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    """`m3i pretrain`."""
     pre = sub.add_parser("pretrain", help="pre-train a backbone with a preset or a config file")
     source = pre.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a preset name (see `m3i presets`); default m3i")
@@ -48,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_overrides(pre, "override a config key, e.g. train.steps=20 (repeatable)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("presets", help="list the presets, one line each")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`m3i eval TASK`."""
     ev = sub.add_parser("eval", help="evaluate a backbone: " + ", ".join(TASKS))
     ev.add_argument(
         "task", help="; ".join(f"{name} (needs {task.describe()})" for name, task in TASKS.items())
@@ -63,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
         "override an eval setting, e.g. knn.k=10, num_train=2000, crop_pct=1, workers=4, "
         "zeroshot.classnames=imagenet1k or a file (repeatable; docs/evaluation.md)",
     )
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+
+
+def _speed_parser(bench: argparse._SubParsersAction) -> None:
+    """`m3i bench speed`."""
     speed = bench.add_parser(
         "speed",
         help="step speed against peers and the matmul peak",
@@ -82,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         ", model.img_size=64, model.depth=null (the timm model's own), train.batch_size=32, "
         "mix.isolate=false (repeatable)",
     )
+
+
+def _data_bench_parser(bench: argparse._SubParsersAction) -> None:
+    """`m3i bench data`."""
     data = bench.add_parser("data", help="images/s of each data source against the workers")
     data.add_argument(
         "--data",
@@ -99,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--device", default="cpu", help="where batches go: cpu | cuda | auto")
     data.add_argument("--json", action="store_true", help="print one JSON object last")
     add_overrides(data, "a config override, e.g. views.color_jitter=0 (repeatable)")
+
+
+def _ablation_parser(bench: argparse._SubParsersAction) -> None:
+    """`m3i bench ablation`."""
     abl = bench.add_parser(
         "ablation",
         help="every method at equal training FLOPs (M3I's at the budget's steps), evaluated alike",
@@ -137,10 +164,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an evaluation setting for every run, after the budget's, e.g. num_train=64, "
         "detect.epochs=1 (repeatable; the keys of `m3i eval --set`)",
     )
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    """`m3i report`."""
     rep = sub.add_parser("report", help="plots and a summary table of one or more runs")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", help="write here instead of each run's report/")
-    return parser
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from m3i.data.masking import MASKINGS
 from m3i.data.mixing import count_a
 from m3i.data.specs import is_stream, spec_list
 from m3i.data.views import ViewConfig
+from m3i.errors import first_line
 from m3i.mi.targets import TARGETS
 from m3i.models.config import ATTENTIONS, ModelConfig
 from m3i.models.decoder import NORMS
@@ -274,7 +275,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{origin} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{origin} is not valid YAML: {first_line(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{origin} must hold a mapping of config keys")
     return values

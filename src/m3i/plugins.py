@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from m3i.errors import first_line
+
 IMPORTED: set[str] = set()  # every plug-in name imported so far, as it was given
 
 
@@ -31,9 +33,8 @@ def _imported_from(path: Path) -> ModuleType | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+def _failed(name: str, err: BaseException) -> PluginError:
+    return PluginError(f"plugin {name!r} failed to import: {first_line(err, with_type=True)}")
 
 
 def import_plugin(name: str) -> ModuleType:
@@ -54,9 +55,13 @@ def _import(name: str) -> ModuleType:
                 raise PluginError(
                     f"plugin {name!r}: no such module; give an importable module name or a .py file"
                 ) from None
-            raise PluginError(f"plugin {name!r} failed to import: {_first_line(err)}") from err
+            raise PluginError(
+                f"plugin {name!r} failed to import: {first_line(err, with_type=True)}"
+            ) from err
         except Exception as err:  # the plug-in's own error, on one line
-            raise PluginError(f"plugin {name!r} failed to import: {_first_line(err)}") from err
+            raise PluginError(
+                f"plugin {name!r} failed to import: {first_line(err, with_type=True)}"
+            ) from err
     path = Path(name).resolve()
     if not path.is_file():
         raise PluginError(f"plugin {name!r}: no such file; give a .py file or a module name")
@@ -72,5 +77,7 @@ def _import(name: str) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[module_name]
-        raise PluginError(f"plugin {name!r} failed to import: {_first_line(err)}") from err
+        raise PluginError(
+            f"plugin {name!r} failed to import: {first_line(err, with_type=True)}"
+        ) from err
     return module

@@ -28,6 +28,7 @@ from m3i import runtime
 from m3i.data.base import DataError, ImageSource, SourceScan
 from m3i.data.sources import ImageFiles
 from m3i.data.webdataset import WebDatasetStream
+from m3i.errors import first_line
 from m3i.io import atomic_write_text
 
 log = logging.getLogger("m3i.data")
@@ -91,7 +92,7 @@ def _on_rank0(work: Any) -> Any:
         try:
             result = work()
         except Exception as err:  # every rank must hear of it, not wait for it
-            result = _Failed(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+            result = _Failed(first_line(err))
     result = runtime.from_rank0(result)
     if isinstance(result, _Failed):
         raise DataError(result.message)

@@ -14,6 +14,7 @@ from torch import nn
 from m3i.data.base import DataError, ImageSource
 from m3i.data.specs import open_source
 from m3i.data.views import EVAL_CROP_PCT, eval_data_config, eval_transform
+from m3i.errors import first_line
 from m3i.models.backbone import frozen_features, input_size, load_timm_model
 from m3i.runtime import intra_op_threads
 
@@ -47,7 +48,7 @@ def load_backbone(checkpoint: str | Path, **overrides) -> nn.Module:
     try:
         return load_timm_model(path, **overrides)
     except (SafetensorError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise EvalError(
             f"{path} is not an m3i backbone ({reason}); give a backbone.safetensors written by "
             "`m3i pretrain`"

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from m3i.errors import first_line
 from m3i.io import atomic_save_safetensors
 from m3i.models.config import ModelConfig
 
@@ -282,7 +283,7 @@ def _create(path: str | Path, name: str, kwargs: dict) -> nn.Module:
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise ValueError(f"{path}: timm cannot build {name} from its metadata ({reason})") from None
     expected = family_for(name).timm_class
     if not isinstance(model, expected):

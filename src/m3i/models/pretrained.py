@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from timm.models import load_state_dict
 
+from m3i.errors import first_line
 from m3i.models.backbone import Backbone, tensor_differences
 from m3i.models.config import ModelConfig
 
@@ -97,7 +98,7 @@ def _file_state(path: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor]
         state = load_state_dict(str(path), use_ema=False)
     except Exception as err:  # torch.load's and safetensors' errors have no common base
         raise ValueError(
-            f"init {path} is not a checkpoint timm can read ({_first_line(err)}); {KINDS_HINT}"
+            f"init {path} is not a checkpoint timm can read ({first_line(err)}); {KINDS_HINT}"
         ) from None
     model = backbone.timm_model
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -106,7 +107,7 @@ def _file_state(path: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor]
         state = backbone.checkpoint_filter(state, model)
     except (KeyError, RuntimeError, ValueError, AttributeError) as err:
         raise ValueError(
-            f"init {path}: timm cannot convert it for {backbone.timm_name} ({_first_line(err)})"
+            f"init {path}: timm cannot convert it for {backbone.timm_name} ({first_line(err)})"
         ) from None
     return state, model.pretrained_cfg.get("classifier") or "head"
 
@@ -122,7 +123,7 @@ def _pretrained_state(init: str, backbone: Backbone) -> tuple[dict[str, torch.Te
     except Exception as err:  # hub, file and load_state_dict errors alike
         raise ValueError(
             f"init {init!r}: timm could not load these weights for the run's model "
-            f"({_first_line(err)}); {KINDS_HINT}"
+            f"({first_line(err)}); {KINDS_HINT}"
         ) from None
     architecture = model.pretrained_cfg.get("architecture")
     if architecture != backbone.timm_name:
@@ -148,7 +149,7 @@ def check_hub_reachable(init: str, timeout: float = 5.0) -> None:
     except OSError as err:
         raise ValueError(
             f"init {init!r}: the hub {constants.ENDPOINT} cannot be reached "
-            f"({_first_line(err)}); give a local timm checkpoint file, or set HF_HUB_OFFLINE=1 "
+            f"({first_line(err)}); give a local timm checkpoint file, or set HF_HUB_OFFLINE=1 "
             "to use weights already in the local cache"
         ) from None
 
@@ -174,8 +175,3 @@ def _fit(
 def _settings(backbone: Backbone) -> str:
     values = backbone.model_settings(backbone.timm_kwargs)
     return ", ".join(f"model.{k}={v}" for k, v in values.items())
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from m3i.config import ConfigError, MonitorConfig
+from m3i.errors import first_line
 from m3i.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger("m3i.train")
@@ -77,7 +78,7 @@ def open_wandb(out_dir: Path, monitor: MonitorConfig, config: dict[str, Any]) ->
         )  # fmt: skip
     except wandb.Error as err:
         raise ConfigError(
-            f"monitor.wandb: wandb.init failed ({str(err).strip().splitlines()[0]}); log in "
+            f"monitor.wandb: wandb.init failed ({first_line(err)}); log in "
             "with `wandb login`, or log offline with WANDB_MODE=offline"
         ) from None
 

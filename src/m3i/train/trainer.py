@@ -21,6 +21,7 @@ from m3i.config import Config, dump_yaml, to_dict
 from m3i.data.base import DataError
 from m3i.data.batch import Batch
 from m3i.data.stream import SourceDraws
+from m3i.errors import first_line
 from m3i.io import atomic_write_text
 from m3i.method import M3IModel
 from m3i.mi.targets import TARGETS
@@ -302,7 +303,7 @@ def train_one(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     except RuntimeError as err:
         if not runtime.lost_peer(err):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise TrainingError(
             f"rank {runtime.rank()}: a collective failed ({first}): another rank died or did "
             f"not answer within train.dist_timeout={cfg.train.dist_timeout}s; see its log"
