@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from m3i.data.shapes import CLASSES, ShapesDataset
+from m3i.data.views import eval_data_config
 from m3i.eval.features import image_batches
 from m3i.eval.knn import knn_scores, topk_accuracy
 
 
 def load(split: str, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The split's first `count` images as `m3i eval` reads them (normalised), and labels."""
-    batches = list(image_batches(ShapesDataset(split, count, image_size=size), size, 1000))
+    source = ShapesDataset(split, count, image_size=size)
+    batches = list(image_batches(source, eval_data_config(size), 1000))
     return torch.cat([images for images, _ in batches]), torch.cat(
         [labels for _, labels in batches]
     )

@@ -177,7 +177,7 @@ def test_overwrite_replaces_the_whole_run(copied, capsys, caplog):
         assert main([*argv, "--set=train.steps=1", "--set=model.depth=1"]) == 0
     assert [r.getMessage() for r in caplog.records] == [
         f"--overwrite: removed the run in {copied} (.checkpoint.pt.k2j4h6g8.tmp, "
-        "backbone.safetensors, checkpoint.pt, checkpoints/ and 5 more)"
+        "backbone.safetensors, checkpoint.pt, checkpoints/ and 8 more)"
     ]
     new = snapshot(copied)
     assert "eval.jsonl" not in new and "checkpoints/step-00000002.pt" not in new

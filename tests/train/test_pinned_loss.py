@@ -2,8 +2,10 @@
 values that the code before the typed batch and the target registry (main at ac2ff10) gave,
 single-threaded as every test runs (tests/conftest.py): the registry builds the same targets,
 in the same order, from the same random draws. On the machine that pinned them they agree to
-every bit; the 1e-6 tolerance leaves room for another CPU's rounding only (a change in what is
-built or drawn moves a loss by far more)."""
+every bit; the 1e-4 relative tolerance leaves room for another CPU's rounding only (on the
+machine of 2026-12-07 the code that pinned moco's gave 1.2e-5 relative away, where its BatchNorm
+projector and 2-tau InfoNCE amplify the last bits; a change in what is built or drawn moves a
+loss by 1e-2 or more)."""
 
 import pytest
 import torch
@@ -58,4 +60,4 @@ def test_first_loss_is_the_pinned_value(source, preset):
     )
     torch.manual_seed(1)
     loss, _ = model(batch)
-    torch.testing.assert_close(loss.item(), PINNED[preset], rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.item(), PINNED[preset], rtol=1e-4, atol=0)
