@@ -1,32 +1,62 @@
-"""Every number of the config and of the eval settings has a declared range."""
+"""Every number and every word with a fixed set of values, of the config and of the eval
+settings, declares what is valid on its own field; load_config refuses anything else."""
 
 import math
 from dataclasses import dataclass
 
 import pytest
 
-from m3i.config import Config
-from m3i.eval.settings import EVAL_RANGES, EvalSettings
+from m3i.config import Config, ConfigError, load_config
+from m3i.eval.settings import EvalSettings, load_settings
 from m3i.ranges import (
-    CONFIG_RANGES,
     Range,
+    declared_choices,
     declared_ranges,
     numbers,
-    out_of_range,
-    range_of,
+    one_of,
     ranged,
+    value_problem,
 )
 
 
-@pytest.mark.parametrize(
-    ("schema", "ranges"), [(Config, CONFIG_RANGES), (EvalSettings, EVAL_RANGES)]
-)
-def test_every_number_has_a_range_and_the_defaults_are_in_it(schema, ranges):
+@pytest.mark.parametrize("schema", [Config, EvalSettings])
+def test_every_number_declares_its_range_and_the_defaults_are_in_it(schema):
     keys = [key for key, _ in numbers(schema())]
     assert "train.lr" in keys or "knn.k" in keys
-    ranges = {**declared_ranges(schema()), **ranges}  # a field's own range, else the table's
-    assert [key for key in keys if range_of(key, ranges) is None] == []
-    assert out_of_range(schema(), ranges) is None
+    assert [key for key in keys if key not in declared_ranges(schema())] == []
+    assert value_problem(schema()) is None
+
+
+def test_the_words_with_fixed_values_declare_them():
+    assert declared_choices(Config()) == {
+        "model.attention": ("separate", "packed"),
+        "mix.masking": ("random", "block", "inverse_block"),
+        "teacher.schedule": ("cosine", "linear"),
+        "decoder.norm": ("layer", "batch"),
+        "train.device": ("auto", "cpu", "cuda"),
+        "train.precision": ("fp32", "bf16", "fp16"),
+        "train.strategy": ("ddp", "fsdp"),
+    }
+    assert declared_choices(EvalSettings()) == {"device": ("auto", "cpu", "cuda")}
+
+
+@pytest.mark.parametrize("key", sorted(declared_choices(Config())))
+def test_a_word_outside_its_choices_is_refused_naming_the_key(key):
+    with pytest.raises(ConfigError) as caught:
+        load_config("m3i", overrides=[f"{key}=nonsense"])
+    assert str(caught.value).startswith(f"{key} must be ")
+    assert str(caught.value).endswith("got 'nonsense'")
+
+
+def test_relations_between_fields_are_checked_after_the_ranges():
+    with pytest.raises(ConfigError, match=r"views.scale_min \(0.9\) must be <= views.scale_max"):
+        load_config("m3i", overrides=["views.scale_min=0.9", "views.scale_max=0.5"])
+    with pytest.raises(ConfigError, match=r"train.min_lr \(0.1\) must be <= train.lr"):
+        load_config("m3i", overrides=["train.min_lr=0.1"])
+    with pytest.raises(ConfigError, match=r"finetune.min_lr \(0.1\) must be <= finetune.lr"):
+        load_settings(["finetune.min_lr=0.1"])
+    with pytest.raises(ConfigError, match="^device must be auto, cpu or cuda, got 'tpu'$"):
+        load_settings(["device=tpu"])
 
 
 def test_numbers_walks_nested_optional_and_list_fields():
@@ -59,8 +89,6 @@ def test_a_targets_fields_declare_their_ranges_where_its_config_is():
     assert declared["targets.category.weight"] == Range(0, note="0: off")  # TargetConfig's
     assert declared["targets.view_contrast.temperature"].describe() == "> 0"
     assert declared["targets.text.depth"] == Range(0, note="0: the mean of the token embeddings")
-    assert not any(key.startswith("targets.") for key in CONFIG_RANGES)  # none in the table
-    assert range_of("train.some_new_number", CONFIG_RANGES) is None
 
 
 @dataclass
@@ -72,17 +100,26 @@ class Unranged:
 @dataclass
 class Declared:
     share: float = ranged(0.5, Range(0, 1))
+    shares: list[float] = ranged([0.5], Range(0, 1, low_open=True))
+    kind: str = one_of("a", ("a", "b"))
 
 
-def test_a_declared_range_is_checked_and_a_table_entry_overrides_it():
-    assert out_of_range(Declared(share=2.0), {}) == "share must be in [0, 1], got 2.0"
-    assert out_of_range(Declared(share=2.0), {"share": Range(0, 3)}) is None
+def test_a_declared_range_and_choice_are_checked():
+    assert value_problem(Declared()) is None
+    assert value_problem(Declared(share=2.0)) == "share must be in [0, 1], got 2.0"
+    assert value_problem(Declared(shares=[0.5, 0.0])) == "shares must be in (0, 1], got 0.0"
+    assert value_problem(Declared(kind="c")) == "kind must be a or b, got 'c'"
+    assert Declared().shares is not Declared().shares  # a list default is not shared
 
 
 def test_a_number_without_a_range_must_still_be_finite():
-    assert out_of_range(Unranged(), {}) is None  # any finite value
-    assert out_of_range(Unranged(ratio=math.inf), {}) == "ratio must be finite, got inf"
-    assert out_of_range(Unranged(), {"count": Range(1)}) == "count must be >= 1, got -3"
+    assert value_problem(Unranged()) is None  # any finite value, even -3
+    assert value_problem(Unranged(ratio=math.inf)) == "ratio must be finite, got inf"
+
+
+def test_a_default_outside_its_choices_is_a_programming_error():
+    with pytest.raises(ValueError, match="default 'c' is not one of"):
+        one_of("c", ("a", "b"))
 
 
 def outside(valid: Range, example: float) -> list[float]:
@@ -96,16 +133,14 @@ def outside(valid: Range, example: float) -> list[float]:
     return [int(v) if isinstance(example, int) else float(v) for v in values]
 
 
-def bounded_keys() -> list[tuple[str, float, bool]]:
+def bounded_keys(schema: type) -> list[tuple[str, float, bool]]:
     """(key, a number just outside one end of its range, whether the key holds a list) for
-    every end of every number's range in the config."""
-    cfg = Config()
-    ranges = {**declared_ranges(cfg), **CONFIG_RANGES}
+    every end of every number's range in the config (`schema`: Config or EvalSettings)."""
+    cfg = schema()
+    ranges = declared_ranges(cfg)
     found = []
     for key, values in numbers(cfg):
-        valid = range_of(key, ranges)
-        if valid is None:
-            continue
+        valid = ranges[key]
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
@@ -114,16 +149,27 @@ def bounded_keys() -> list[tuple[str, float, bool]]:
     return found
 
 
-def test_every_bounded_number_of_the_config_is_refused_outside_its_range():
+@pytest.mark.parametrize(
+    ("schema", "load", "least"),
+    [
+        (Config, lambda text: load_config("m3i", overrides=[text]), 80),
+        (EvalSettings, lambda text: load_settings([text]), 40),
+    ],
+)
+def test_every_bounded_number_is_refused_outside_its_range(schema, load, least):
     """Not only the keys a test names: each number, set just outside either end of its range
-    with --set, is refused by load_config with a line naming that key."""
-    from m3i.config import ConfigError, load_config
-
-    keys = bounded_keys()
-    assert len(keys) >= 80  # every section's numbers, the targets' included, both ends
-    assert ("views.flip", 1.5, False) in keys and ("mix.ratio", 1.5, False) in keys
+    with --set, is refused with a line naming that key."""
+    keys = bounded_keys(schema)
+    assert len(keys) >= least  # every section's numbers, the targets' included, both ends
     for key, value, is_list in keys:
         text = f"{key}=[{value}]" if is_list else f"{key}={value}"
         with pytest.raises(ConfigError) as caught:
-            load_config("m3i", overrides=[text])
+            load(text)
         assert str(caught.value).startswith(f"{key} must be"), (text, str(caught.value))
+
+
+def test_the_bounded_keys_reach_both_ends_of_a_range():
+    keys = bounded_keys(Config)
+    assert ("views.flip", 1.5, False) in keys and ("views.flip", -0.5, False) in keys
+    assert ("mix.ratio", 0.0, False) in keys and ("mix.ratio", 1.5, False) in keys
+    assert ("data.weights", 0.0, True) in keys

@@ -22,12 +22,23 @@ from m3i.data.specs import is_stream, spec_list
 from m3i.data.views import ViewConfig
 from m3i.errors import first_line
 from m3i.mi.targets import TARGETS
-from m3i.models.config import ATTENTIONS, ModelConfig
+from m3i.models.config import ModelConfig
 from m3i.models.decoder import NORMS
-from m3i.models.ema import SCHEDULES, TeacherConfig
+from m3i.models.ema import TeacherConfig
 from m3i.models.pretrained import init_problem
 from m3i.plugins import IMPORTED, PluginError, import_plugin, is_path
-from m3i.ranges import Range, config_value_problem, ranged
+from m3i.ranges import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    one_of,
+    ranged,
+    value_problem,
+)
+
+DEVICES = ("auto", "cpu", "cuda")  # the values of train.device
 
 
 class ConfigError(ValueError):
@@ -36,21 +47,22 @@ class ConfigError(ValueError):
 
 @dataclass
 class MixConfig:
-    ratio: float = 0.5  # share of grid positions that image A occupies in the mixed input
+    # share of grid positions that image A occupies in the mixed input
+    ratio: float = ranged(0.5, FRACTION)
     isolate: bool = True  # restrict encoder attention to tokens of the same image
     # how image A's positions are drawn (m3i.data.masking): random | block (BEiT's blocks:
     # SiameseIM's mask, whose masked part is A's) | inverse_block (data2vec 2.0's kept blocks)
-    masking: str = "random"
+    masking: str = one_of("random", MASKINGS)
 
 
 @dataclass
 class DecoderConfig:
-    dim: int = 128
-    depth: int = 2
-    heads: int = 4
+    dim: int = ranged(128, Range(4))
+    depth: int = ranged(2, COUNT)  # without a block no query sees the encoder tokens
+    heads: int = ranged(4, COUNT)
     # layer: LayerNorm blocks and a final LayerNorm; batch: SiameseIM's decoder blocks, BatchNorm
     # over the tokens in place of both LayerNorms of a block, no final norm
-    norm: str = "layer"
+    norm: str = one_of("layer", NORMS)
     # SiameseIM's projector: blocks on the encoder tokens before the queries join; an EMA copy
     # of it (and of the embedding) maps the teacher's tokens to the dense targets
     projector_depth: int = ranged(0, Range(0, note="0: no projector"))
@@ -76,47 +88,55 @@ class DataConfig:
     spec: str | list[str] = "shapes"
     # each source's share of the samples drawn, one per spec ([]: indexable sources in
     # proportion to their sizes; a mixture with a wds: stream, equal shares)
-    weights: list[float] = field(default_factory=list)
-    num_train: int | None = None  # None: the source's own size (of each indexable source)
-    image_size: int = 32  # side of generated `shapes` images
-    seed: int = 0  # which `shapes` dataset (independent of train.seed); the scans' sample
-    workers: int = 0
+    weights: list[float] = ranged([], POSITIVE)
+    # None: the source's own size (of each indexable source)
+    num_train: int | None = ranged(None, Range(1, note="null: the whole train split"))
+    image_size: int = ranged(32, COUNT)  # side of generated `shapes` images (`shapes`: >= 16)
+    # which `shapes` dataset (independent of train.seed); the scans' sample
+    seed: int = ranged(0, NON_NEGATIVE)
+    workers: int = ranged(0, NON_NEGATIVE)
     verify: bool = True  # open every folder:/images:/captions: image's header before training
     # a wds: stream stops when more than this share of its last 1,000 samples were unreadable
-    # (a file source: of all its images)
-    max_corrupt_fraction: float = 0.01
-    scan_samples: int = 10000  # samples of a wds: stream read at start-up (label prior, captions)
+    # (a file source: of all its images; 1 would mean all unreadable, no sample)
+    max_corrupt_fraction: float = ranged(0.01, Range(0, 1, high_open=True))
+    # samples of a wds: stream read at start-up (label prior, captions)
+    scan_samples: int = ranged(10000, COUNT)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    grad_clip: float = 3.0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
-    keep_checkpoints: int = 2  # checkpoints/step-N.pt kept (the newest is also checkpoint.pt)
-    accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split into them)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    steps: int = ranged(200, NON_NEGATIVE)
+    batch_size: int = ranged(64, COUNT)
+    lr: float = ranged(1e-3, POSITIVE)
+    min_lr: float = ranged(1e-5, NON_NEGATIVE)
+    weight_decay: float = ranged(0.05, NON_NEGATIVE)
+    warmup_steps: int = ranged(20, NON_NEGATIVE)
+    grad_clip: float = ranged(3.0, Range(0, note="0: no clipping"))
+    log_every: int = ranged(10, COUNT)
+    checkpoint_every: int = ranged(100, COUNT)
+    seed: int = ranged(0, NON_NEGATIVE)
+    device: str = one_of("auto", DEVICES)
+    max_bad_steps: int = ranged(10, COUNT)  # stop after this many non-finite losses in a row
+    # checkpoints/step-N.pt kept (the newest is also checkpoint.pt)
+    keep_checkpoints: int = ranged(2, COUNT)
+    # micro-batches per optimizer step (batch_size is split into them)
+    accum_steps: int = ranged(1, COUNT)
+    # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    precision: str = one_of("fp32", ("fp32", "bf16", "fp16"))
     grad_checkpointing: bool = False  # recompute backbone blocks in backward to save memory
     compile: bool = False  # torch.compile the step
-    dist_timeout: int = 600  # seconds a rank waits for the others before failing
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) under torchrun
-    first_batch: int = 0  # global batch number of step 1 (multistage: where the last stage ended)
+    dist_timeout: int = ranged(600, COUNT)  # seconds a rank waits for the others before failing
+    strategy: str = one_of("ddp", ("ddp", "fsdp"))  # FSDP: FSDP2 fully_shard, under torchrun
+    # global batch number of step 1 (multistage: where the last stage ended)
+    first_batch: int = ranged(0, Range(0, note="the global batch a stage's first step reads"))
 
 
 @dataclass
 class MonitorConfig:
-    every: int = 50  # steps between collapse monitors and online kNN (0: off)
-    knn_train: int = 1000  # kNN memory: the first train images
-    knn_val: int = 500  # kNN queries: held-out val images
+    # steps between collapse monitors and online kNN
+    every: int = ranged(50, Range(0, note="0: no monitors"))
+    knn_train: int = ranged(1000, COUNT)  # kNN memory: the first train images
+    knn_val: int = ranged(500, COUNT)  # kNN queries: held-out val images
     tensorboard: bool = True  # also log to out/tensorboard when tensorboard is installed
     wandb: bool = False  # also log to Weights & Biases (pip install -e ".[wandb]"), out/wandb
     wandb_project: str = "m3i"
@@ -125,8 +145,9 @@ class MonitorConfig:
     # val/); "": the run's data (its first indexable source)
     data: str = ""
     final_eval: list[str] = field(default_factory=lambda: ["knn", "linear"])  # after training
-    final_eval_num_train: int = 10000  # at most this many train images (and data.num_train)
-    final_eval_num_val: int = 2000
+    # at most this many train images (and data.num_train)
+    final_eval_num_train: int = ranged(10000, COUNT)
+    final_eval_num_val: int = ranged(2000, COUNT)
 
 
 @dataclass
@@ -143,7 +164,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stages: list[str] = field(default_factory=list)  # multistage: presets run one after another
-    stage_steps: list[int] = field(default_factory=list)  # steps per stage ([]: equal split)
+    stage_steps: list[int] = ranged([], NON_NEGATIVE)  # steps per stage ([]: equal split)
     # the backbone's start: an m3i backbone.safetensors or run folder, a timm checkpoint file of
     # model.name, a timm pretrained name, hf-hub:ORG/NAME or local-dir:FOLDER (models/pretrained)
     init: str = ""
@@ -352,11 +373,20 @@ def config_from_dict(values: dict[str, Any], check: bool = True) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject configs that cannot train, naming the key and what would work."""
-    problem = config_value_problem(cfg)
+    problem = value_problem(cfg)  # first: the checks below divide by some of the values
     if problem:
         raise ConfigError(problem)
     specs = spec_list(cfg.data.spec)
     checks = [
+        (
+            cfg.views.relation_problem("views.") is None,
+            cfg.views.relation_problem("views."),
+        ),
+        (
+            cfg.train.min_lr <= cfg.train.lr,
+            f"train.min_lr ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr}): the "
+            "schedule warms up from min_lr to lr and decays back",
+        ),
         (
             set(cfg.plugins) <= IMPORTED,
             f"plugins {cfg.plugins} must be named in a config file (--config), which imports "
@@ -376,34 +406,11 @@ def validate(cfg: Config) -> None:
             "mix.isolate=false needs an even micro-batch (train.batch_size / accum_steps): with an "
             "odd one the middle sample is mixed with itself and its hidden patches leak",
         ),
-        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
-        (
-            cfg.decoder.norm in NORMS,
-            f"decoder.norm must be {' or '.join(NORMS)}, got {cfg.decoder.norm!r}",
-        ),
-        (
-            cfg.teacher.schedule in SCHEDULES,
-            f"teacher.schedule must be {' or '.join(SCHEDULES)}, got {cfg.teacher.schedule!r}",
-        ),
-        (
-            cfg.mix.masking in MASKINGS,
-            f"mix.masking must be {' or '.join(MASKINGS)}, got {cfg.mix.masking!r}",
-        ),
         (
             cfg.train.batch_size % cfg.train.accum_steps == 0,
             f"train.accum_steps ({cfg.train.accum_steps}) must divide "
             f"train.batch_size ({cfg.train.batch_size})",
         ),
-        (
-            cfg.train.precision in ("fp32", "bf16", "fp16"),
-            f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}",
-        ),
-        (cfg.train.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
-        (
-            cfg.model.attention in ATTENTIONS,
-            f"model.attention must be {' or '.join(ATTENTIONS)}, got {cfg.model.attention!r}",
-        ),
-        (cfg.train.first_batch >= 0, "train.first_batch must be >= 0"),
         (
             bool(specs) and all(isinstance(spec, str) and spec for spec in specs),
             f"data.spec must be a data spec or a list of them, got {cfg.data.spec!r}",

@@ -174,7 +174,7 @@ def test_presets_mask_as_their_originals():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("mix.masking=blocks", "mix.masking must be random or block or inverse_block"),
+        ("mix.masking=blocks", "mix.masking must be random, block or inverse_block"),
         ("decoder.norm=group", "decoder.norm must be layer or batch"),
         ("decoder.projector_depth=-1", "decoder.projector_depth must be >= 0"),
         ("teacher.anneal_steps=-5", "teacher.anneal_steps must be >= 0"),

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from m3i.data.base import ColourChange, ImageSource, ViewInfo
+from m3i.ranges import FRACTION, NON_NEGATIVE, PROBABILITY, Range, ranged, value_problem
 
 # colour step name -> torchvision op on a float image (ColorJitter's four steps)
 COLOUR_OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
@@ -43,24 +44,26 @@ class ViewConfig:
     mean: ClassVar[tuple[float, float, float]] = (0.485, 0.456, 0.406)  # ImageNet's, as timm's
     std: ClassVar[tuple[float, float, float]] = (0.229, 0.224, 0.225)
 
-    scale_min: float = 0.35  # RandomResizedCrop area range
-    scale_max: float = 1.0
-    flip: float = 0.5  # horizontal flip probability
-    color_jitter: float = 0.4  # brightness/contrast/saturation strength, 0 disables
-    hue: float = 0.1  # hue jitter in [-hue, hue] (of a full turn), 0 disables
-    grayscale: float = 0.1  # probability
+    scale_min: float = ranged(0.35, FRACTION)  # RandomResizedCrop area range
+    scale_max: float = ranged(1.0, FRACTION)
+    flip: float = ranged(0.5, PROBABILITY)  # horizontal flip probability
+    # brightness/contrast/saturation strength, 0 disables
+    color_jitter: float = ranged(0.4, NON_NEGATIVE)
+    hue: float = ranged(0.1, Range(0, 0.5))  # hue jitter in [-hue, hue] (of a full turn), 0: off
+    grayscale: float = ranged(0.1, PROBABILITY)  # probability
 
     def __post_init__(self) -> None:
-        checks = {
-            "0 < scale_min <= scale_max <= 1": 0 < self.scale_min <= self.scale_max <= 1,
-            "0 <= flip <= 1": 0 <= self.flip <= 1,
-            "color_jitter >= 0": self.color_jitter >= 0,
-            "0 <= hue <= 0.5": 0 <= self.hue <= 0.5,
-            "0 <= grayscale <= 1": 0 <= self.grayscale <= 1,
-        }
-        failed = [rule for rule, ok in checks.items() if not ok]
-        if failed:
-            raise ValueError(f"ViewConfig needs {', '.join(failed)}; got {self}")
+        problem = value_problem(self) or self.relation_problem()
+        if problem:
+            raise ValueError(f"ViewConfig: {problem}")
+
+    def relation_problem(self, prefix: str = "") -> str | None:
+        """A one-line message if the values do not fit together, else None."""
+        if self.scale_min <= self.scale_max:
+            return None
+        return (
+            f"{prefix}scale_min ({self.scale_min}) must be <= {prefix}scale_max ({self.scale_max})"
+        )
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:

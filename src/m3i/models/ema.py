@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from m3i.ranges import Range, ranged
+from m3i.ranges import PROBABILITY, Range, one_of, ranged
 
 SCHEDULES = ("cosine", "linear")  # the values of teacher.schedule
 
@@ -46,9 +46,9 @@ class TeacherConfig:
     With `reference_steps`, the momenta and anneal_steps are a published run's of that many
     steps and are scaled to this run's length (`scaled_to_run`, anneal_steps in proportion)."""
 
-    momentum: float = 0.995  # EMA momentum at step 0
-    momentum_final: float = 1.0  # reached at anneal_steps
-    schedule: str = "cosine"  # cosine (BYOL, SiameseIM) | linear (data2vec 2.0)
+    momentum: float = ranged(0.995, PROBABILITY)  # EMA momentum at step 0
+    momentum_final: float = ranged(1.0, PROBABILITY)  # reached at anneal_steps
+    schedule: str = one_of("cosine", SCHEDULES)  # cosine (BYOL, SiameseIM) | linear (data2vec 2.0)
     anneal_steps: int = ranged(0, Range(0, note="0: the whole run"))
     reference_steps: int = ranged(0, Range(0, note="0: the momenta are for this run"))
 
