@@ -16,7 +16,7 @@ From the repository root (the package need not be installed):
 
     # GPU: ViT-B/16 and ViT-L/16 at 224, bf16
     PYTHONPATH=src python3 benchmarks/gpu_mfu.py --batch-size 64
-    # CPU, tiny (what tests/test_gpu_mfu.py runs)
+    # CPU, tiny (what tests/benchmarks/test_gpu_mfu.py runs)
     PYTHONPATH=src python3 benchmarks/gpu_mfu.py --device cpu --models vit_tiny_patch16_224 \
         --img-size 32 --patch-size 8 --depth 1 --batch-size 4 --steps 2 --warmup 1
 

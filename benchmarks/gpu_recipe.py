@@ -16,7 +16,7 @@ batch 64 eager; compile times are a guess for Inductor on a 16-core host):
 A part is started only if the seconds gone plus its estimate fit in --budget-s (default 540);
 one that does not is listed under "skipped" in the JSON, so the run stays under 10 minutes.
 
-Each step is the training loop's own (`m3i.train.optimise.Optimise`: autocast, backward,
+Each step is the training loop's own (`m3i.train.optimizer_step.OptimizerStep`: autocast, backward,
 clipping, the fused AdamW of `build_optimizer`, then the EMA update) on a synthetic batch
 already on the device. Gradient checkpointing is turned on only when a step runs out of memory
 without it. Per configuration: model FLOPs per step (FlopCounterMode, eager, no recomputation),
@@ -66,7 +66,7 @@ from m3i.io import atomic_write_text
 from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
-from m3i.train.optimise import Optimise, build_optimizer
+from m3i.train.optimizer_step import OptimizerStep, build_optimizer
 
 TOP_KERNELS = 15
 
@@ -209,7 +209,7 @@ def run_step(cfg, compiled: bool, sizes: Sizes, device: torch.device, peak: floa
         torch._dynamo.reset()  # a fresh compilation for every configuration
     forward = torch.compile(model, backend=sizes.backend) if compiled else model
     optimizer = build_optimizer(model, cfg.train, device)
-    optimise = Optimise(model, forward, optimizer, cfg.train, device)
+    optimise = OptimizerStep(model, forward, optimizer, cfg.train, device)
 
     def step() -> None:
         optimise(batch)

@@ -25,8 +25,8 @@ from m3i.data.views import ViewDataset
 from m3i.mi.gaussian_channel import gaussian_information
 from m3i.mi.targets.base import row_images
 from m3i.train.batches import training_source
+from m3i.train.build import build_model
 from m3i.train.checkpoint import load_checkpoint
-from m3i.train.loop import build_model
 
 
 def spectrum(prediction: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, grid: int):

@@ -1,6 +1,6 @@
 """model.attention=packed against separate: the M3I training step's seconds, timed interleaved in
 one process on one synthetic batch (forward, backward, AdamW, EMA update; the training loop's
-own `Optimise`), the two models built from the same seed (the same weights).
+own `OptimizerStep`), the two models built from the same seed (the same weights).
 
     PYTHONPATH=src python3 benchmarks/packed_attention.py                 # the m3i preset
     PYTHONPATH=src python3 benchmarks/packed_attention.py --set train.batch_size=128 ...
@@ -24,7 +24,7 @@ from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.packed import packed_kernel
 from m3i.models.text import train_bpe
-from m3i.train.optimise import Optimise, build_optimizer
+from m3i.train.optimizer_step import OptimizerStep, build_optimizer
 
 ATTENTIONS = ("separate", "packed")
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         model = M3IModel(cfg, context).to(device).train()
         model.measure_information = False
         optimizer = build_optimizer(model, cfg.train, device)
-        optimise = Optimise(model, model, optimizer, cfg.train, device)
+        optimise = OptimizerStep(model, model, optimizer, cfg.train, device)
 
         def step(model=model, optimise=optimise) -> None:
             optimise(batch)

@@ -26,7 +26,7 @@ from m3i.config import load_config
 from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
-from m3i.train.loop import build_model
+from m3i.train.build import build_model
 
 
 def backbone_gradient(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from m3i.cli import main
 from m3i.config import load_config, preset_names, preset_values
-from m3i.mi.posteriors import Bound
+from m3i.mi.posteriors import LossAndMI
 from m3i.mi.targets.category import CategoryTarget
-from m3i.train.loop import TrainingError
 from m3i.train.pretrain import pretrain
+from m3i.train.stopping import TrainingError
 
 QUIET = ["monitor.every=0", "monitor.final_eval=[]"]  # no monitors, no final evaluation
 FAST = ["model.depth=2", "decoder.depth=1", "data.num_train=512", "train.batch_size=32", *QUIET]
@@ -152,7 +152,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         calls["n"] += 1
         bound = original(self, ctx)
         if calls["n"] in (2, 3) or calls["n"] >= 5:
-            return Bound(bound.loss * float("nan"), bound.mi)
+            return LossAndMI(bound.loss * float("nan"), bound.mi)
         return bound
 
     monkeypatch.setattr(CategoryTarget, "forward", sometimes_nan)

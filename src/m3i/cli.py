@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["m3i", *argv])
     from m3i.data.base import DataError
     from m3i.train.checkpoint import CheckpointError
-    from m3i.train.loop import TrainingError, TrainingStopped
+    from m3i.train.stopping import TrainingError, TrainingStopped
 
     commands = {"pretrain": _pretrain, "eval": _eval, "report": _report, "bench": _bench}
     try:

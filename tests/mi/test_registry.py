@@ -1,16 +1,17 @@
 """The target registry: the data checks and preparations that reach the run through it, the
 generic mix checks, and its refusals."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import pytest
 import torch
 
-from m3i.config import ConfigError, load_config
-from m3i.mi.targets import TARGETS, Target, TargetSpec
+from m3i.config import Config, ConfigError, load_config
+from m3i.mi.targets import TARGETS, Target, TargetSpec, information
 from m3i.mi.targets.category import CategoryTargetConfig
 from m3i.mi.targets.registry import register
-from m3i.train.loop import TrainingError, build_model, target_run_context
+from m3i.train.build import build_model, target_run_context
+from m3i.train.stopping import TrainingError
 from tests.tiny import TINY_M3I
 
 TINY = [*TINY_M3I, "model.img_size=16", "model.patch_size=4", "targets.text.vocab_size=60"]
@@ -82,3 +83,21 @@ def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="information must be 'lower bound' or 'estimate'"):
         register(TargetSpec("new", CategoryTargetConfig, Target, "a bound"))
     assert "new" not in TARGETS
+
+
+def test_every_target_says_whether_its_figure_is_a_bound_or_an_estimate():
+    # by hand, from docs/information.md: Boltzmann posteriors give InfoNCE-style lower bounds,
+    # Gaussian ones the Gaussian-channel estimate
+    expected = {
+        "category": "lower bound",
+        "text": "lower bound",
+        "view_contrast": "lower bound",
+        "intra_view": "estimate",
+        "inter_view": "estimate",
+        "pixels": "estimate",
+        "view_regress": "estimate",
+    }
+    assert {name: information()[name] for name in expected} == expected
+    assert [f.name for f in fields(Config().targets)] == [
+        "category", "text", "intra_view", "inter_view", "pixels", "view_contrast", "view_regress"
+    ]  # fmt: skip

@@ -18,7 +18,7 @@ from m3i.data.batch import collate
 from m3i.data.specs import open_source
 from m3i.data.views import ViewDataset
 from m3i.mi.targets import TARGETS, information
-from m3i.train.loop import build_model
+from m3i.train.build import build_model
 from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3i.mi.posteriors import Bound, gaussian
-from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, mean_bound
+from m3i.mi.posteriors import LossAndMI, gaussian
+from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, mean_loss_and_mi
 from m3i.mi.targets.registry import TargetSpec, register
 from m3i.models.heads import mlp_head
 from m3i.ranges import Range, ranged
@@ -26,9 +26,9 @@ class ColourTarget(Target):
         super().__init__(cfg.weight)
         self.head = mlp_head(run.encoder_dim, cfg.hidden_dim, 3)
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         colours = ctx.batch.views[0].image.mean(dim=(2, 3))  # (N, 3)
-        return mean_bound(
+        return mean_loss_and_mi(
             [
                 gaussian(self.head(s.pooled), colours[s.samples], measure=ctx.measure)
                 for s in ctx.streams.values()

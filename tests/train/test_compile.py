@@ -16,7 +16,7 @@ from m3i.data.shapes import CLASSES, ShapesDataset
 from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.text import train_bpe
-from m3i.train.optimise import Optimise, build_optimizer
+from m3i.train.optimizer_step import OptimizerStep, build_optimizer
 from tests.tiny import TINY_M3I
 
 CPU = torch.device("cpu")
@@ -24,8 +24,8 @@ STEPS = 3
 
 
 def run_steps(model: M3IModel, forward, cfg, batch, steps: int) -> list[dict]:
-    """Loss, monitors and gradients of each of `steps` optimizer steps (the loop's Optimise)."""
-    optimise = Optimise(model, forward, build_optimizer(model, cfg.train, CPU), cfg.train, CPU)
+    """Loss, monitors and gradients of each of `steps` optimizer steps (OptimizerStep)."""
+    optimise = OptimizerStep(model, forward, build_optimizer(model, cfg.train, CPU), cfg.train, CPU)
     results = []
     for step in range(steps):
         torch.manual_seed(step)  # the mix's draws

@@ -16,7 +16,7 @@ from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models.backbone import Backbone
 from m3i.models.config import ModelConfig
-from m3i.train.optimise import build_optimizer
+from m3i.train.optimizer_step import build_optimizer
 from m3i.train.pretrain import pretrain
 from tests.tiny import TINY_M3I
 from tests.train.test_ddp import free_ports

@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from m3i.train.loop import mean_over_ranks
-from m3i.train.optimise import finite_mean
+from m3i.train.logged_means import finite_mean, mean_over_ranks
 
 NAN = float("nan")
 

@@ -15,7 +15,7 @@ TIMEOUT = 5
 def worker(rank: int, port: int, out: Path, queue) -> None:
     import torch
 
-    from m3i.train import optimise
+    from m3i.train import optimizer_step
     from m3i.train.pretrain import pretrain
 
     torch.set_num_threads(1)
@@ -25,7 +25,7 @@ def worker(rank: int, port: int, out: Path, queue) -> None:
     )  # fmt: skip
     if rank == 1:  # dies at its second step, without a word to rank 0
         calls = []
-        step = optimise.Optimise.__call__
+        step = optimizer_step.OptimizerStep.__call__
 
         def dying(self, batch):
             calls.append(1)
@@ -33,7 +33,7 @@ def worker(rank: int, port: int, out: Path, queue) -> None:
                 os._exit(1)
             return step(self, batch)
 
-        optimise.Optimise.__call__ = dying
+        optimizer_step.OptimizerStep.__call__ = dying
     cfg = load_config(
         "supervised",
         overrides=TINY_M3I

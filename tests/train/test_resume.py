@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from m3i.cli import main
 from m3i.config import ConfigError, load_config, to_dict
 from m3i.train.checkpoint import check_resumable
-from m3i.train.loop import stop_signals
+from m3i.train.stopping import stop_signals
 from tests.tiny import TINY_M3I
 
 STEPS = 40

@@ -15,7 +15,8 @@ from m3i.data.views import ViewDataset
 from m3i.method import M3IModel
 from m3i.mi.targets import RunContext, information
 from m3i.models.text import train_bpe
-from m3i.train.loop import TrainingError, build_model
+from m3i.train.build import build_model
+from m3i.train.stopping import TrainingError
 from tests.tiny import TINY_M3I
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "model.depth=2", "decoder.depth=1"]

@@ -41,9 +41,9 @@ from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
 from m3i.io import OutDirError, atomic_write_text
 from m3i.runtime import pick_device
-from m3i.train.loop import TrainingStopped
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps
+from m3i.train.stopping import TrainingStopped
 
 METHODS = (
     "random", "supervised", "clip", "mae", "data2vec", "siameseim", "multistage",

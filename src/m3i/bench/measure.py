@@ -14,7 +14,7 @@ from m3i.config import Config
 from m3i.data.batch import Batch, View
 from m3i.data.shapes import CLASSES
 from m3i.train.batches import training_source, training_stream
-from m3i.train.loop import build_model
+from m3i.train.build import build_model
 
 
 def sync(device: torch.device) -> None:

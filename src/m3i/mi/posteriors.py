@@ -26,7 +26,9 @@ docs/information.md has the measurements.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from m3i.mi.gaussian_channel import gaussian_information
 
 
 @dataclass
-class Bound:
+class LossAndMI:
     """A target's loss (to minimise) and its information figure `mi` in nats.
 
     Boltzmann posteriors (`boltzmann`, `symmetric_infonce`, `query_key_infonce`): `mi` is a
@@ -52,26 +54,26 @@ class Bound:
 
 def boltzmann(
     logits: torch.Tensor, labels: torch.Tensor, label_entropy: float | None = None
-) -> Bound:
+) -> LossAndMI:
     """Softmax cross-entropy over the candidates in the last dimension of `logits`.
 
     The bound is H(Y) - CE with H(Y) = `label_entropy` (nats), the entropy of the labels'
     prior; without it log C, the entropy of C equally likely candidates (InfoNCE's case)."""
     loss = F.cross_entropy(logits, labels)
     entropy = math.log(logits.shape[-1]) if label_entropy is None else label_entropy
-    return Bound(loss, entropy - loss.detach())
+    return LossAndMI(loss, entropy - loss.detach())
 
 
-def symmetric_infonce(logits: torch.Tensor) -> Bound:
+def symmetric_infonce(logits: torch.Tensor) -> LossAndMI:
     """CLIP's loss: row i's positive is column i, averaged over both directions."""
     labels = torch.arange(logits.shape[0], device=logits.device)
     rows, cols = boltzmann(logits, labels), boltzmann(logits.t(), labels)
-    return Bound((rows.loss + cols.loss) / 2, (rows.mi + cols.mi) / 2)
+    return LossAndMI((rows.loss + cols.loss) / 2, (rows.mi + cols.mi) / 2)
 
 
 def query_key_infonce(
     queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float
-) -> Bound:
+) -> LossAndMI:
     """MoCo v3's contrastive loss: each query against all K keys, its own key at `positives`.
 
     Both sets are L2-normalised here; logits q.k / temperature. The loss is MoCo v3's
@@ -80,7 +82,7 @@ def query_key_infonce(
     q, k = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
     cross_entropy = F.cross_entropy(q @ k.t() / temperature, positives)
     mi = math.log(keys.shape[0]) - cross_entropy.detach()
-    return Bound(2 * temperature * cross_entropy, mi)
+    return LossAndMI(2 * temperature * cross_entropy, mi)
 
 
 def gaussian(
@@ -90,7 +92,7 @@ def gaussian(
     num_positions: int | None = None,
     measure: bool = True,
     images: torch.Tensor | None = None,
-) -> Bound:
+) -> LossAndMI:
     """L2 regression onto `target` (rows are tokens, the last dimension is the vector); the
     figure is `gaussian_information` (an estimate, not a bound) over the same tokens: with
     `images` (the leading shape, which image each token comes from) the jackknife over images
@@ -100,13 +102,15 @@ def gaussian(
     loss = F.mse_loss(rows, target.reshape(-1, target.shape[-1]).to(prediction.dtype))
     if not measure:
         nan = torch.full((), math.nan, device=loss.device)
-        return Bound(loss, nan, nan if images is not None else None)
+        return LossAndMI(loss, nan, nan if images is not None else None)
     with torch.no_grad():
         mi, se = gaussian_information(prediction, target, positions, num_positions, images)
-    return Bound(loss, mi, se if images is not None else None)
+    return LossAndMI(loss, mi, se if images is not None else None)
 
 
-def normalised_l2(prediction: torch.Tensor, target: torch.Tensor, measure: bool = True) -> Bound:
+def normalised_l2(
+    prediction: torch.Tensor, target: torch.Tensor, measure: bool = True
+) -> LossAndMI:
     """BYOL's regression: 2 - 2 cos(prediction, target), a Gaussian on the unit sphere; the
     figure is the Gaussian-channel estimate on the normalised vectors (no positions; one
     token per image, so its jackknife leaves out one row at a time)."""
@@ -114,4 +118,13 @@ def normalised_l2(prediction: torch.Tensor, target: torch.Tensor, measure: bool 
     loss = (2 - 2 * (p * t).sum(-1)).mean()
     images = torch.arange(len(p), device=p.device)
     bound = gaussian(p, t, measure=measure, images=images)
-    return Bound(loss, bound.mi, bound.se)
+    return LossAndMI(loss, bound.mi, bound.se)
+
+
+def __getattr__(name: str) -> Any:
+    """`Bound`, the old name of LossAndMI (it also carries estimates, which are not bounds),
+    with a DeprecationWarning (docs/migration.md)."""
+    if name == "Bound":
+        warnings.warn("m3i.mi.posteriors.Bound is now LossAndMI", DeprecationWarning, stacklevel=2)
+        return LossAndMI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

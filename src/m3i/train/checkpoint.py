@@ -22,6 +22,10 @@ import torch
 from m3i import runtime
 from m3i.config import Config, ConfigError, flat_keys, to_dict
 from m3i.io import atomic_torch_save, atomic_write
+from m3i.method import M3IModel
+from m3i.models.timm_dir import save_backbone_files
+from m3i.train import sharding
+from m3i.train.optimizer_step import OptimizerStep
 
 log = logging.getLogger("m3i.train")
 HISTORY = "checkpoints"
@@ -140,3 +144,44 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any]) -> None:
             f"cannot resume: the config changed {', '.join(changed)} since the checkpoint; "
             "only train.steps and logging/checkpoint/monitor settings may change"
         )
+
+
+def save_run(
+    model: M3IModel,
+    optimise: OptimizerStep,
+    cfg: Config,
+    step: int,
+    out_dir: Path,
+    final: bool,
+    skipped: int = 0,
+) -> None:
+    """The backbone's files (backbone.safetensors, a plain timm state dict, and the timm
+    local-dir files: models/timm_dir.py) and a checkpoint (everything to resume, and the
+    unreadable samples `skipped` so far), written by rank 0 with every rank's RNG state; every
+    rank calls it (sharded states are gathered)."""
+    rngs = [None] * runtime.world_size()
+    if runtime.is_distributed():
+        torch.distributed.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    sharded = sharding.is_sharded(cfg)
+    model_state = sharding.full_model_state(model) if sharded else model.state_dict()
+    optimizer = optimise.optimizer
+    optimizer_state = (
+        sharding.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    )
+    if runtime.rank() != 0:
+        return
+    backbone = sharding.backbone_state(model_state) if sharded else None
+    save_backbone_files(model.backbone, out_dir, backbone)
+    state = {
+        "step": step,
+        "final": final,
+        "config": to_dict(cfg),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scaler": optimise.scaler.state_dict(),
+        "rng": rngs,
+        "data_skipped": skipped,
+    }
+    save_checkpoint(state, out_dir, cfg.train.keep_checkpoints)

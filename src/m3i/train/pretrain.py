@@ -8,9 +8,9 @@ from pathlib import Path
 from m3i import runtime
 from m3i.config import Config
 from m3i.train import rundir
-from m3i.train.loop import TrainingError
 from m3i.train.metrics import require_wandb
 from m3i.train.stages import run_stages, stage_configs
+from m3i.train.stopping import TrainingError
 from m3i.train.trainer import train_one
 
 

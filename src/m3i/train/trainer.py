@@ -30,23 +30,20 @@ from m3i.models.pretrained import init_state
 from m3i.provenance import run_start
 from m3i.train import sharding
 from m3i.train.batches import training_source, training_stream, verify_files
-from m3i.train.checkpoint import check_resumable, load_checkpoint, set_rng_state
+from m3i.train.build import build_model, mask_seed, seed_everything
+from m3i.train.checkpoint import check_resumable, load_checkpoint, save_run, set_rng_state
 from m3i.train.input_rate import watch_input_rate
-from m3i.train.loop import (
+from m3i.train.logged_means import mean_over_ranks
+from m3i.train.metrics import MetricsLog, open_wandb
+from m3i.train.monitors import TrainingMonitor
+from m3i.train.optimizer_step import OptimizerStep, StepResult, build_optimizer
+from m3i.train.stopping import (
     TrainingError,
     TrainingStopped,
-    build_model,
-    mask_seed,
-    mean_over_ranks,
     record_skip,
-    save_run,
-    seed_everything,
     should_stop,
     stop_signals,
 )
-from m3i.train.metrics import MetricsLog, open_wandb
-from m3i.train.monitors import TrainingMonitor
-from m3i.train.optimise import Optimise, StepResult, build_optimizer
 
 log = logging.getLogger("m3i.train")
 
@@ -58,7 +55,7 @@ class Trainer:
     cfg: Config
     out_dir: Path
     model: M3IModel
-    optimise: Optimise
+    optimise: OptimizerStep
     scheduler: CosineLRScheduler
     stream: Iterator[Batch]  # this rank's batches from step start + 1 on
     draws: SourceDraws  # which source each sample of every global batch is drawn from
@@ -205,7 +202,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> CosineLRSc
     )
 
 
-def load_state(state: dict[str, Any], model: M3IModel, optimise: Optimise, cfg: Config) -> int:
+def load_state(state: dict[str, Any], model: M3IModel, optimise: OptimizerStep, cfg: Config) -> int:
     """Model, optimiser and gradient scaler from a checkpoint; the step it was taken at."""
     if sharding.is_sharded(cfg):
         sharding.load_full_state(model, optimise.optimizer, state)
@@ -261,7 +258,7 @@ def setup(
     optimizer = build_optimizer(model, cfg.train, device)
     if cfg.train.compile:
         forward = torch.compile(forward)
-    optimise = Optimise(model, forward, optimizer, cfg.train, device)
+    optimise = OptimizerStep(model, forward, optimizer, cfg.train, device)
     scheduler = cosine_schedule(optimizer, cfg)  # before loading: it adds initial_lr to groups
     start = load_state(state, model, optimise, cfg) if state is not None else 0
     if main:

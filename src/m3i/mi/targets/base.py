@@ -1,8 +1,9 @@
 """What every target is and reads: the step's shared pieces (`StepContext`), the run's
-(`RunContext`), the `Target` module and its zero and mean bounds.
+(`RunContext`), the `Target` module, and a target's result when it has no sample and as a mean
+over parts.
 
-A target reads what the step computed once for all of them and returns a `Bound`: its loss and
-its information figure in nats, a lower bound (Boltzmann family) or a Gaussian-channel estimate
+A target reads what the step computed once for all of them and returns a `LossAndMI`: its loss
+and its information figure in nats, a lower bound (Boltzmann family) or a Gaussian-channel estimate
 (Gaussian family). Its class attributes say what it reads, so the step computes only that:
 
     stream       "a" | "b" | "pooled" (pooled features of every encoded image)
@@ -17,14 +18,16 @@ its information figure in nats, a lower bound (Boltzmann family) or a Gaussian-c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 
 from m3i.data.batch import Batch
-from m3i.mi.posteriors import Bound
+from m3i.mi.posteriors import LossAndMI
 from m3i.models.text import TextTokenizer
 from m3i.ranges import Range, ranged
 
@@ -86,22 +89,22 @@ class StepContext:
     measure: bool = True  # compute the Gaussian estimates (they cost; NaN when False)
 
 
-def zero_bound(like: torch.Tensor) -> Bound:
+def no_samples(like: torch.Tensor) -> LossAndMI:
     """No sample carries this target in the batch: a zero loss that keeps the graph connected
     (no gradient), and no figure (NaN: the log writes null, and means over micro-batches and
     ranks leave it out rather than count a 0)."""
-    return Bound(like.sum() * 0.0, torch.full((), float("nan"), device=like.device))
+    return LossAndMI(like.sum() * 0.0, torch.full((), float("nan"), device=like.device))
 
 
-def mean_bound(bounds: list[Bound]) -> Bound:
-    """The mean of bounds over parts (the two image streams of a mix, two directions): the
+def mean_loss_and_mi(bounds: list[LossAndMI]) -> LossAndMI:
+    """The mean of results over parts (the two image streams of a mix, two directions): the
     parts read the same images (stream B holds stream A's images in reverse order), so the
     standard error of the mean, where every part has one, is taken as the mean standard error,
     its upper bound (sd(X + Y) <= sd X + sd Y)."""
     count = len(bounds)
     errors = [b.se for b in bounds]
     se = None if None in errors else sum(errors) / count
-    return Bound(sum(b.loss for b in bounds) / count, sum(b.mi for b in bounds) / count, se)
+    return LossAndMI(sum(b.loss for b in bounds) / count, sum(b.mi for b in bounds) / count, se)
 
 
 def row_images(positions: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class Target(nn.Module):
         super().__init__()
         self.weight = weight
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         raise NotImplementedError
 
     def momentum_update(self, momentum: float) -> None:
@@ -133,3 +136,18 @@ class Target(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Project this target's parameters back into their allowed range, if it has any."""
+
+
+_RENAMED = {"mean_bound": "mean_loss_and_mi", "zero_bound": "no_samples"}
+
+
+def __getattr__(name: str) -> Any:
+    """The old names of renamed helpers, with a DeprecationWarning (docs/migration.md)."""
+    if name in _RENAMED:
+        warnings.warn(
+            f"m3i.mi.targets.base.{name} is now {_RENAMED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3i.mi.posteriors import Bound, boltzmann
-from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, zero_bound
+from m3i.mi.posteriors import LossAndMI, boltzmann
+from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, no_samples
 from m3i.mi.targets.registry import DataInfo, TargetSpec, register
 from m3i.models.heads import HEADS, mlp_head
 from m3i.ranges import COUNT, Range, ranged
@@ -59,14 +59,14 @@ class CategoryTarget(Target):
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.linear(self.head(pooled), self.class_embedding, self.class_bias)
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         """Cross-entropy and H(Y) - CE over the labelled images of the batch only (no labelled
         image: no gradient and a NaN figure, which the log writes as null)."""
         logits = torch.cat([self.logits(s.pooled) for s in ctx.streams.values()])
         labels = torch.cat([ctx.batch.labels[s.samples] for s in ctx.streams.values()])
         labelled = labels >= 0
         if not labelled.any():
-            return zero_bound(logits)
+            return no_samples(logits)
         return boltzmann(logits[labelled], labels[labelled], self.label_entropy)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m3i.data.mixing import gather_tokens
-from m3i.mi.posteriors import Bound, gaussian
+from m3i.mi.posteriors import LossAndMI, gaussian
 from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, row_images
 from m3i.mi.targets.registry import TargetSpec, register
 from m3i.ranges import COUNT, Range, ranged
@@ -87,7 +87,7 @@ class DenseTeacherTarget(Target):
         """(N, Q) grid position of each query in its target view."""
         raise NotImplementedError
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         prediction = self.head(ctx.decoded[self.queries])
         target = self.target_tokens(ctx)
         positions = self.query_positions(ctx)
@@ -102,7 +102,7 @@ class DenseTeacherTarget(Target):
         if not self.decorrelation:
             return bound
         negative = decorrelation_term(prediction, target) / prediction.shape[-1]
-        return Bound(bound.loss + self.decorrelation * negative, bound.mi, bound.se)
+        return LossAndMI(bound.loss + self.decorrelation * negative, bound.mi, bound.se)
 
 
 class IntraViewTarget(DenseTeacherTarget):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from m3i.data.mixing import gather_tokens
-from m3i.mi.posteriors import Bound, gaussian
+from m3i.mi.posteriors import LossAndMI, gaussian
 from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, row_images
 from m3i.mi.targets.registry import TargetSpec, register
 
@@ -36,7 +36,7 @@ class PixelTarget(Target):
         self.norm_pix = cfg.norm_pix
         self.head = nn.Linear(run.decoder_dim, run.patch_size * run.patch_size * 3)
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         images = ctx.batch.views[0].image[ctx.streams["a"].samples]
         patches = patchify(images, ctx.patch_size)
         target = gather_tokens(patches, ctx.masked_positions)

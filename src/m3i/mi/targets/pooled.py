@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from m3i.data.mixing import count_a
-from m3i.mi.posteriors import Bound
-from m3i.mi.targets.base import StepContext, Stream, Target, TargetConfig, mean_bound
+from m3i.mi.posteriors import LossAndMI
+from m3i.mi.targets.base import StepContext, Stream, Target, TargetConfig, mean_loss_and_mi
 from m3i.models.backbone import family_for
 from m3i.models.ema import MomentumTeacher
 from m3i.ranges import COUNT, ranged
@@ -59,7 +59,7 @@ class PooledViewTarget(Target):
 
     def direction(
         self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
-    ) -> Bound:
+    ) -> LossAndMI:
         """The posterior of one direction: query (N, E) predictions, keys (N, E) the EMA
         projections of the other view in batch order, rows (N,) the key row of each query;
         `measure`: whether to compute a costly information estimate (StepContext.measure)."""
@@ -69,12 +69,12 @@ class PooledViewTarget(Target):
         """A stream's pooled features: the mean of each image's tokens, or its class token."""
         return stream.class_token if self.pool == "cls" else stream.pooled
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         cls = self.pool == "cls"
         teacher = ctx.teacher_class_token if cls else ctx.teacher_pooled
         student = ctx.student_class_token if cls else ctx.student_pooled
         k1, k2 = (self.teacher_projector(teacher[v]) for v in ("view1", "view2"))
-        first = mean_bound(
+        first = mean_loss_and_mi(
             [
                 self.direction(
                     self.predictor(self.projector(self.features(s))), k2, s.samples, ctx.measure
@@ -85,8 +85,8 @@ class PooledViewTarget(Target):
         q2 = self.predictor(self.projector(student["view2"]))
         rows = torch.arange(len(q2), device=q2.device)
         second = self.direction(q2, k1, rows, ctx.measure)
-        both = mean_bound([first, second])  # the figure and its standard error
-        return Bound(first.loss + second.loss, both.mi, both.se)
+        both = mean_loss_and_mi([first, second])  # the figure and its standard error
+        return LossAndMI(first.loss + second.loss, both.mi, both.se)
 
 
 def check_config(section: PooledViewConfig, cfg: Any, name: str) -> str | None:

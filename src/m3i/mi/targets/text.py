@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3i.mi.posteriors import Bound, symmetric_infonce
+from m3i.mi.posteriors import LossAndMI, symmetric_infonce
 from m3i.mi.targets.base import (
     RunContext,
     StepContext,
     Target,
     TargetConfig,
-    mean_bound,
-    zero_bound,
+    mean_loss_and_mi,
+    no_samples,
 )
 from m3i.mi.targets.registry import DataInfo, TargetSpec, register
 from m3i.models import minilm, open_clip_text
@@ -113,7 +113,7 @@ class TextTarget(Target):
     def after_optimizer_step(self) -> None:
         self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
-    def forward(self, ctx: StepContext) -> Bound:
+    def forward(self, ctx: StepContext) -> LossAndMI:
         captions = list(ctx.batch.captions)
         has_caption = torch.tensor([bool(c) for c in captions], device=self.logit_scale.device)
         text = self.encode_text(captions)
@@ -128,7 +128,7 @@ class TextTarget(Target):
                 text_all = gather_with_grad(text[stream.samples])[keep]
                 bounds.append(symmetric_infonce(scale * image_all @ text_all.t()))
         # no caption anywhere: a zero loss that still touches every parameter (DDP needs that)
-        return mean_bound(bounds) if bounds else zero_bound(used * 0)
+        return mean_loss_and_mi(bounds) if bounds else no_samples(used * 0)
 
 
 def check_config(text: TextTargetConfig, cfg: Any) -> str | None:

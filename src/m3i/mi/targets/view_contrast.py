@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from m3i import runtime
-from m3i.mi.posteriors import Bound, query_key_infonce
+from m3i.mi.posteriors import LossAndMI, query_key_infonce
 from m3i.mi.targets.base import RunContext
 from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_config
 from m3i.mi.targets.registry import TargetSpec, register
@@ -39,7 +39,7 @@ class ViewContrastTarget(PooledViewTarget):
 
     def direction(
         self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
-    ) -> Bound:
+    ) -> LossAndMI:
         positives = runtime.rank() * len(keys) + rows
         return query_key_infonce(query, runtime.gather(keys), positives, self.temperature)
 

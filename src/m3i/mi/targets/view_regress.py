@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from m3i.mi.posteriors import Bound, normalised_l2
+from m3i.mi.posteriors import LossAndMI, normalised_l2
 from m3i.mi.targets.base import RunContext
 from m3i.mi.targets.pooled import PooledViewConfig, PooledViewTarget, check_config
 from m3i.mi.targets.registry import TargetSpec, register
@@ -34,7 +34,7 @@ class ViewRegressTarget(PooledViewTarget):
 
     def direction(
         self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, measure: bool
-    ) -> Bound:
+    ) -> LossAndMI:
         return normalised_l2(query, keys[rows], measure)
 
 

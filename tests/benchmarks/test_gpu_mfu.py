@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(img_size=32, patch_size=8, depth=1, batch_size=4, dim=192)  # vit_tiny, one block
 MODEL_KEYS = {
     "model",

@@ -1,4 +1,4 @@
-"""One optimizer step (`Optimise`): accumulation, autocast, gradient scaling, skips, recompute."""
+"""One optimizer step (`OptimizerStep`): accumulation, autocast, gradient scaling, skips."""
 
 import copy
 
@@ -14,7 +14,7 @@ from m3i.method import M3IModel
 from m3i.mi.targets import RunContext
 from m3i.models import vit as backbone_module
 from m3i.models.text import train_bpe
-from m3i.train.optimise import Optimise, build_optimizer
+from m3i.train.optimizer_step import OptimizerStep, build_optimizer
 from tests.tiny import TINY_M3I
 
 SMALL = ["model.img_size=16", "model.patch_size=4", "train.batch_size=4", "train.grad_clip=0"]
@@ -81,7 +81,7 @@ def test_accumulation_steps_on_the_mean_of_the_micro_batch_gradients(source, tok
     mean = {name: (grads[0][name] + grads[1][name]) / 2 for name in grads[0]}
     before = parameters(model)
 
-    result = Optimise(model, model, sgd(model), cfg.train, CPU)(batch)
+    result = OptimizerStep(model, model, sgd(model), cfg.train, CPU)(batch)
 
     assert result.skipped is None
     torch.testing.assert_close(result.loss, (losses[0] + losses[1]) / 2)
@@ -110,9 +110,9 @@ def test_one_micro_batch_is_a_plain_backward_and_step(source, tokenizer):
     loss.backward()
     optimizer.step()
 
-    result = Optimise(model, model, torch.optim.AdamW(model.parameters(), lr=1e-3), cfg.train, CPU)(
-        batch
-    )
+    result = OptimizerStep(
+        model, model, torch.optim.AdamW(model.parameters(), lr=1e-3), cfg.train, CPU
+    )(batch)
 
     assert result.skipped is None
     torch.testing.assert_close(result.loss, loss.detach())
@@ -123,7 +123,7 @@ def test_one_micro_batch_is_a_plain_backward_and_step(source, tokenizer):
 def test_the_stepped_gradient_is_clipped_to_grad_clip(source, tokenizer):
     cfg = config("supervised", "train.grad_clip=0.01")
     model = make_model(cfg, source, tokenizer)
-    result = Optimise(model, model, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
+    result = OptimizerStep(model, model, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
     assert result.skipped is None
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     assert norm.item() == pytest.approx(0.01, rel=1e-4)
@@ -145,12 +145,12 @@ def test_reduced_precision_steps_with_a_loss_close_to_fp32(source, tokenizer, pr
     model = make_model(cfg, source, tokenizer)
     low = copy.deepcopy(model)
     batch = make_batch(source, cfg)
-    full = Optimise(model, model, sgd(model, 0.1), cfg.train, CPU)(batch)
+    full = OptimizerStep(model, model, sgd(model, 0.1), cfg.train, CPU)(batch)
     seen = autocast_dtype(low)
     before = parameters(low)
     cfg_low = config("clip", f"train.precision={precision}")
 
-    optimise = Optimise(low, low, sgd(low, 0.1), cfg_low.train, CPU)
+    optimise = OptimizerStep(low, low, sgd(low, 0.1), cfg_low.train, CPU)
     skips = []
     while (result := optimise(batch)).skipped:
         assert result.skipped.startswith("fp16 gradient overflow") and not result.fatal
@@ -176,7 +176,7 @@ def test_an_fp16_overflow_is_skipped_without_counting_and_lowers_the_scale(sourc
     weight = model.backbone.vit.patch_embed.proj.weight
     weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = parameters(model)
-    optimise = Optimise(model, model, sgd(model), cfg.train, CPU)
+    optimise = OptimizerStep(model, model, sgd(model), cfg.train, CPU)
     scale = optimise.scaler.get_scale()
 
     result = optimise(make_batch(source, cfg))
@@ -199,7 +199,7 @@ def test_a_non_finite_loss_is_skipped_and_changes_nothing(source, tokenizer):
         return (loss * float("nan") if len(calls) == 2 else loss), monitors
 
     before = parameters(model)
-    result = Optimise(model, nan_second, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
+    result = OptimizerStep(model, nan_second, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
 
     assert calls == [2, 2]
     assert result.skipped.startswith("non-finite loss") and result.fatal
@@ -217,7 +217,7 @@ def test_fp16_steps_on_after_a_non_finite_loss(source, tokenizer):
         loss, monitors = model(batch)
         return (loss * float("nan") if len(calls) == 1 else loss), monitors
 
-    optimise = Optimise(model, nan_first, sgd(model, 0.1), cfg.train, CPU)
+    optimise = OptimizerStep(model, nan_first, sgd(model, 0.1), cfg.train, CPU)
     batch = make_batch(source, cfg)
     first = optimise(batch)
     assert first.skipped.startswith("non-finite loss")
@@ -237,7 +237,7 @@ def test_a_non_finite_gradient_is_skipped_and_counts(source, tokenizer):
     model = make_model(cfg, source, tokenizer)
     model.backbone.vit.pos_embed.register_hook(lambda grad: grad * float("nan"))
     before = parameters(model)
-    result = Optimise(model, model, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
+    result = OptimizerStep(model, model, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
     assert torch.isfinite(result.loss)
     assert result.skipped.startswith("non-finite gradient norm") and result.fatal
     assert_unchanged(model, before)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from m3i.data.batch import Batch
 from m3i.mi.gaussian_channel import gaussian_information
-from m3i.mi.targets import RunContext, StepContext, Stream
+from m3i.mi.targets import RunContext, StepContext
 from m3i.mi.targets.dense import (
     DenseTargetConfig,
     InterViewTarget,
@@ -21,23 +21,16 @@ from m3i.mi.targets.dense import (
     data2vec_target,
     decorrelation_term,
 )
+from tests.mi.step_inputs import (
+    DEC_DIM,
+    ENC_DIM,
+    identity_head,
+    make_streams,
+    position_only_tokens,
+)
 
 # the 2-rank test spawns processes that import this module: it imports no heavy test helpers
-ENC_DIM, DEC_DIM = 12, 10
 EPS = 1e-5  # torch's default for instance_norm and layer_norm, as data2vec 2.0 uses them
-
-
-def make_streams(n: int, grid: int, seed: int) -> dict[str, Stream]:
-    """Stream a holds sample i in row i, stream b the partner n - 1 - i (as the step does)."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.rand(n, grid, generator=g).argsort(dim=1)
-    half = grid // 2
-    return {
-        "a": Stream(torch.randn(n, half, ENC_DIM), order[:, :half], torch.arange(n)),
-        "b": Stream(
-            torch.randn(n, grid - half, ENC_DIM), order[:, half:], torch.arange(n - 1, -1, -1)
-        ),
-    }
 
 
 def free_port() -> int:
@@ -235,3 +228,86 @@ def test_inter_view_figure_is_the_jackknife_over_its_rows_images():
     assert bound.mi.item() == pytest.approx(expected, abs=1e-3)
     expected_se = ((n - 1) / n * (loo - loo.mean()).pow(2).sum()).sqrt().item()
     assert bound.se.item() == pytest.approx(expected_se, rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_intra_view_regresses_teacher_view1_at_masked_positions(n):
+    grid, q = 16, 8
+    torch.manual_seed(0)
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
+    g = torch.Generator().manual_seed(n)
+    streams = make_streams(n, grid, seed=n)
+    streams["a"].samples = torch.arange(n - 1, -1, -1)
+    masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
+    teacher = {
+        "view1": torch.randn(n, grid, ENC_DIM, generator=g),
+        "view2": torch.randn(n, grid, ENC_DIM, generator=g),
+    }
+    decoded = torch.randn(n, q, DEC_DIM, generator=g)
+    ctx = StepContext(
+        {}, streams, 4, masked_positions=masked, decoded={"masked": decoded}, teacher_dense=teacher
+    )
+    reference = torch.empty(n, q, ENC_DIM)
+    for r in range(n):
+        for j in range(q):
+            reference[r, j] = teacher["view1"][int(streams["a"].samples[r]), int(masked[r, j])]
+    torch.testing.assert_close(target.target_tokens(ctx), reference)
+    expected = F.mse_loss(target.head(decoded), reference)
+    torch.testing.assert_close(target(ctx).loss, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_inter_view_regresses_partner_teacher_view2_densely(n):
+    grid = 16
+    torch.manual_seed(0)
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, DEC_DIM))
+    g = torch.Generator().manual_seed(n)
+    streams = make_streams(n, grid, seed=n)
+    teacher = {
+        "view1": torch.randn(n, grid, ENC_DIM, generator=g),
+        "view2": torch.randn(n, grid, ENC_DIM, generator=g),
+    }
+    decoded = torch.randn(n, grid, DEC_DIM, generator=g)
+    ctx = StepContext({}, streams, 4, decoded={"other_view": decoded}, teacher_dense=teacher)
+    reference = torch.empty(n, grid, ENC_DIM)
+    for r in range(n):
+        partner = n - 1 - r  # stream b row r holds image B = sample n-1-r
+        for j in range(grid):
+            reference[r, j] = teacher["view2"][partner, j]
+    torch.testing.assert_close(target.target_tokens(ctx), reference)
+    expected = F.mse_loss(target.head(decoded), reference)
+    torch.testing.assert_close(target(ctx).loss, expected)
+
+
+def test_intra_view_figure_is_zero_for_a_position_only_predictor():
+    """The queries' positions reach the estimate: predicting each masked position's mean tells
+    nothing (without the positions the figure would be far above 0)."""
+    n, grid, q = 64, 16, 8
+    target = IntraViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
+    identity_head(target)
+    means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=0)
+    g = torch.Generator().manual_seed(1)
+    masked = torch.stack([torch.randperm(grid, generator=g)[:q] for _ in range(n)])
+    streams = make_streams(n, grid, seed=0)
+    streams["a"].samples = torch.arange(n - 1, -1, -1)
+    ctx = StepContext(
+        Batch([]),
+        streams,
+        4,
+        masked,
+        {"masked": means[masked]},
+        {"view1": teacher, "view2": teacher},
+    )
+    assert abs(target(ctx).mi.item()) < 0.1
+
+
+def test_inter_view_figure_is_zero_for_a_position_only_predictor():
+    n, grid = 64, 16
+    target = InterViewTarget(DenseTargetConfig(weight=1.0), RunContext(ENC_DIM, ENC_DIM))
+    identity_head(target)
+    means, teacher = position_only_tokens(n, grid, ENC_DIM, seed=2)
+    decoded = {"other_view": means.expand(n, grid, ENC_DIM)}
+    ctx = StepContext(
+        Batch([]), make_streams(n, grid, seed=2), 4, None, decoded, {"view2": teacher}
+    )
+    assert abs(target(ctx).mi.item()) < 0.1

@@ -11,7 +11,7 @@ import pytest
 from m3i.data.sources import FASHION_MNIST_DIR, FashionMNIST
 from m3i.data.specs import open_source
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import mixture_study  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(

@@ -1,4 +1,5 @@
-"""One optimizer step: micro-batches, autocast, gradient scaling, clipping, non-finite skips.
+"""One optimizer step (`OptimizerStep`): micro-batches, autocast, gradient scaling, clipping,
+non-finite skips.
 
 Gradient accumulation (`train.accum_steps`) splits each batch into equal micro-batches and
 averages their gradients. Each micro-batch is a complete M3I step of its own: images are mixed
@@ -18,6 +19,7 @@ from timm.optim import create_optimizer_v2
 from m3i import runtime
 from m3i.config import TrainConfig
 from m3i.data.batch import Batch
+from m3i.train.logged_means import finite_mean
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +44,7 @@ class StepResult:
     fatal: bool = True  # whether a skip counts towards train.max_bad_steps
 
 
-class Optimise:
+class OptimizerStep:
     """Runs `forward(batch) -> (loss, monitors)` over micro-batches and steps the optimizer."""
 
     def __init__(
@@ -98,11 +100,3 @@ class Optimise:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return StepResult(loss, monitors)
-
-
-def finite_mean(values: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of the finite values (a micro-batch without a target's samples has a NaN
-    figure for it); NaN when none is finite."""
-    stacked = torch.stack([value.float() for value in values])
-    finite = torch.isfinite(stacked)
-    return torch.where(finite, stacked, 0.0).sum() / finite.sum()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_gpu_mfu import backbone_forward_flops
+from tests.benchmarks.test_gpu_mfu import backbone_forward_flops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_measures_every_part_into_one_json_file(tmp_path):

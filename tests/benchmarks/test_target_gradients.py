@@ -8,7 +8,7 @@ import pytest
 
 from tests.tiny import TINY_M3I
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location(
     "target_gradients", ROOT / "benchmarks" / "target_gradients.py"
 )

@@ -1,8 +1,10 @@
-"""The text target with open_clip's text side: the CLIP BPE under the scratch tower
-(targets.text.tokenizer=clip) and open_clip text towers (targets.text.tower=open_clip), each
-refusal one line at config time, tiny `m3i pretrain` runs and zero-shot rebuilding their text
-target against open_clip's own models."""
+"""The text target (`targets.text`): CLIP's loss and learnt temperature against open_clip's
+ClipLoss on a hand-built StepContext; with open_clip's text side, the CLIP BPE under the scratch
+tower (targets.text.tokenizer=clip) and open_clip text towers (targets.text.tower=open_clip):
+each refusal one line at config time, tiny `m3i pretrain` runs, and zero-shot rebuilding their
+text target against open_clip's own models."""
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -11,11 +13,17 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from m3i.config import ConfigError, load_config
+from m3i.data.batch import Batch
 from m3i.eval.features import EvalError
 from m3i.eval.zeroshot import load_text_target
+from m3i.mi.targets import RunContext, StepContext
+from m3i.mi.targets.text import TextTarget, TextTargetConfig
+from m3i.models.text import train_bpe
 from m3i.train.pretrain import pretrain
+from tests.mi.step_inputs import ENC_DIM, make_streams
 from tests.models.test_open_clip_text import (
     CAPTIONS,
     TINY_MODEL,
@@ -177,3 +185,111 @@ def test_zeroshot_of_a_locked_run_whose_checkpoint_moved_says_so(locked_run, tmp
     message = f"zeroshot cannot rebuild the text target of {run}: targets.text.open_clip_checkpoint"
     with pytest.raises(EvalError, match=re.escape(message)):
         load_text_target(run, ENCODER_DIM)
+
+
+# ---------------------------------------------------------------- the loss, by hand
+
+
+BPE_CAPTIONS = [
+    "a red circle on a blue background",
+    "a green square next to a yellow triangle",
+    "two small blue circles",
+    "a large red square",
+    "a yellow triangle above a green circle",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(BPE_CAPTIONS, vocab_size=80)
+
+
+def text_target(tokenizer) -> TextTarget:
+    torch.manual_seed(0)
+    cfg = TextTargetConfig(
+        weight=1.0, embed_dim=8, hidden_dim=16, width=16, depth=1, heads=2, context_length=12
+    )
+    return TextTarget(cfg, RunContext(ENC_DIM, tokenizer=tokenizer)).eval()
+
+
+def test_text_init_temperature(tokenizer):
+    target = text_target(tokenizer)
+    assert (1 / target.logit_scale.exp()).item() == pytest.approx(0.07, rel=1e-6)
+
+
+@pytest.mark.parametrize("log_scale", [math.log(14.0), math.log(99.0), math.log(150.0)])
+def test_text_logit_scale_gradient_is_open_clips_below_and_above_the_cap(log_scale, tokenizer):
+    """The forward pass uses exp(logit_scale) as it is: its gradient is open_clip's ClipLoss
+    gradient, never cut to zero (the cap is applied after the optimizer step instead)."""
+    target = text_target(tokenizer)
+    with torch.no_grad():
+        target.logit_scale.fill_(log_scale)
+    streams = make_streams(3, 16, seed=7, both=False)
+    bound = target(StepContext(Batch([], captions=BPE_CAPTIONS[:3]), streams, 4))
+    bound.loss.backward()
+    image = target.encode_image(streams["a"].tokens.mean(dim=1)).detach()
+    text = target.encode_text(BPE_CAPTIONS[:3]).detach()
+    reference_log_scale = torch.tensor(log_scale, requires_grad=True)
+    ClipLoss()(image, text, reference_log_scale.exp()).backward()
+    assert reference_log_scale.grad.abs() > 1e-4
+    torch.testing.assert_close(
+        target.logit_scale.grad[0], reference_log_scale.grad, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_text_after_optimizer_step_caps_the_scale_at_100(tokenizer):
+    target = text_target(tokenizer)
+    for log_scale, expected in [(math.log(250.0), 100.0), (math.log(40.0), 40.0), (-1.0, 1.0)]:
+        with torch.no_grad():
+            target.logit_scale.fill_(log_scale)
+        target.after_optimizer_step()
+        assert target.logit_scale.exp().item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_text_one_stream_equals_open_clip(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=n, both=False)
+    captions = [BPE_CAPTIONS[i] for i in range(n)]
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
+    image = target.encode_image(streams["a"].tokens.mean(dim=1))
+    text = target.encode_text(captions)
+    reference = ClipLoss()(image, text, target.logit_scale.exp())
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bound.mi, math.log(n) - reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_text_excludes_captionless_samples(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=n, both=False)
+    captions = [BPE_CAPTIONS[i] if i != 1 else "" for i in range(n)]
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
+    keep = [i for i in range(n) if captions[i]]
+    image = target.encode_image(streams["a"].tokens.mean(dim=1))[keep]
+    text = target.encode_text([captions[i] for i in keep])  # encoded without the empty ones
+    reference = ClipLoss()(image, text, target.logit_scale.exp())
+    torch.testing.assert_close(bound.loss, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_text_two_streams_average_their_clip_losses(n, tokenizer):
+    target = text_target(tokenizer)
+    streams = make_streams(n, 16, seed=10 + n)
+    captions = [BPE_CAPTIONS[i] if i != 0 or n == 1 else "" for i in range(n)]
+    bound = target(StepContext(Batch([], captions=captions), streams, 4))
+    losses = []
+    for stream in streams.values():
+        image = target.encode_image(stream.tokens.mean(dim=1))
+        rows = [r for r in range(n) if captions[int(stream.samples[r])]]
+        text = target.encode_text([captions[int(stream.samples[r])] for r in rows])
+        losses.append(ClipLoss()(image[rows], text, target.logit_scale.exp()))
+    torch.testing.assert_close(bound.loss, sum(losses) / 2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_text_without_captions_is_zero_without_a_figure(n, tokenizer):
+    target = text_target(tokenizer)
+    bound = target(StepContext(Batch([], captions=[""] * n), make_streams(n, 16, seed=n), 4))
+    assert torch.isfinite(bound.loss) and bound.loss.item() == 0.0
+    assert math.isnan(bound.mi.item())  # null in the log, left out of means
