@@ -187,17 +187,23 @@ def test_an_fp16_overflow_is_skipped_without_counting_and_lowers_the_scale(sourc
     assert_unchanged(model, before)
 
 
+def nan_at_call(model, which: int, calls: list[int]):
+    """The model's forward, its loss NaN at call number `which`; `calls` gets each batch size."""
+
+    def forward(batch):
+        calls.append(len(batch))
+        loss, monitors = model(batch)
+        return (loss * float("nan") if len(calls) == which else loss), monitors
+
+    return forward
+
+
 def test_a_non_finite_loss_is_skipped_and_changes_nothing(source, tokenizer):
     """NaN in the second micro-batch only: the step's mean loss is NaN, no parameter moves."""
     cfg = config("supervised", "train.accum_steps=2")
     model = make_model(cfg, source, tokenizer)
     calls = []
-
-    def nan_second(batch):
-        calls.append(len(batch))
-        loss, monitors = model(batch)
-        return (loss * float("nan") if len(calls) == 2 else loss), monitors
-
+    nan_second = nan_at_call(model, 2, calls)
     before = parameters(model)
     result = OptimizerStep(model, nan_second, sgd(model), cfg.train, CPU)(make_batch(source, cfg))
 
@@ -211,12 +217,7 @@ def test_fp16_steps_on_after_a_non_finite_loss(source, tokenizer):
     cfg = config("supervised", "train.precision=fp16")
     model = make_model(cfg, source, tokenizer)
     calls = []
-
-    def nan_first(batch):
-        calls.append(1)
-        loss, monitors = model(batch)
-        return (loss * float("nan") if len(calls) == 1 else loss), monitors
-
+    nan_first = nan_at_call(model, 1, calls)
     optimise = OptimizerStep(model, nan_first, sgd(model, 0.1), cfg.train, CPU)
     batch = make_batch(source, cfg)
     first = optimise(batch)
