@@ -36,6 +36,13 @@ def test_the_words_with_fixed_values_declare_them():
         "train.device": ("auto", "cpu", "cuda"),
         "train.precision": ("fp32", "bf16", "fp16"),
         "train.strategy": ("ddp", "fsdp"),
+        "targets.category.head": ("mlp", "linear"),
+        "targets.text.head": ("mlp", "linear"),
+        "targets.text.tower": ("scratch", "minilm", "open_clip"),
+        "targets.intra_view.norm": ("layer", "instance"),
+        "targets.inter_view.norm": ("layer", "instance"),
+        "targets.view_contrast.pool": ("mean", "cls"),
+        "targets.view_regress.pool": ("mean", "cls"),
     }
     assert declared_choices(EvalSettings()) == {"device": ("auto", "cpu", "cuda")}
 

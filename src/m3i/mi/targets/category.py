@@ -14,7 +14,7 @@ from m3i.mi.posteriors import LossAndMI, boltzmann
 from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, no_samples
 from m3i.mi.targets.registry import DataInfo, TargetSpec, register
 from m3i.models.heads import HEADS, mlp_head
-from m3i.ranges import COUNT, Range, ranged
+from m3i.ranges import COUNT, Range, one_of, ranged
 
 log = logging.getLogger("m3i.train")
 
@@ -24,7 +24,7 @@ class CategoryTargetConfig(TargetConfig):
     # "mlp": an MLP head maps the pooled features to the class embeddings' space (M3I's GAP/MLP
     # head); "linear": timm's classifier on the pooled features, logits = W p + b, the rows of
     # W the learned class embeddings (in the encoder's width), b a learned bias per class
-    head: str = "mlp"
+    head: str = one_of("mlp", HEADS)
     hidden_dim: int = ranged(256, Range(1, note="no hidden layer: head=linear"))  # head=mlp
     embed_dim: int = ranged(128, COUNT)  # dimension of the learned class embeddings (head=mlp)
 

@@ -15,8 +15,10 @@ from m3i.data.mixing import gather_tokens
 from m3i.mi.posteriors import LossAndMI, gaussian
 from m3i.mi.targets.base import RunContext, StepContext, Target, TargetConfig, row_images
 from m3i.mi.targets.registry import TargetSpec, register
-from m3i.ranges import COUNT, Range, ranged
+from m3i.ranges import COUNT, Range, one_of, ranged
 from m3i.runtime import sum_over_ranks
+
+NORMS = ("layer", "instance")  # the values of targets.<dense target>.norm
 
 
 @dataclass
@@ -24,7 +26,7 @@ class DenseTargetConfig(TargetConfig):
     # "layer": the teacher's last-layer tokens, LayerNorm'd without affine (M3I, SiameseIM);
     # "instance": data2vec 2.0's target, the average of the MLP outputs of the teacher's top
     # `layers` blocks, each instance-normalised over the view's tokens, then LayerNorm'd
-    norm: str = "layer"
+    norm: str = one_of("layer", NORMS)
     # top blocks averaged by norm=instance (all of them when the model has fewer)
     layers: int = ranged(1, COUNT)
     # weight of SiameseIM's decorrelation term (its neg_weight)
@@ -133,8 +135,6 @@ class InterViewTarget(DenseTeacherTarget):
 
 def check_config(dense: DenseTargetConfig, cfg: Any, name: str) -> str | None:
     """The teacher target's normalisation and the blocks it averages."""
-    if dense.norm not in ("layer", "instance"):
-        return f"targets.{name}.norm must be layer or instance, got {dense.norm!r}"
     if dense.norm != "instance" and dense.layers != 1:
         return (
             f"targets.{name}.layers={dense.layers} needs norm=instance (norm=layer "

