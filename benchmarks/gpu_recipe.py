@@ -209,10 +209,10 @@ def run_step(cfg, compiled: bool, sizes: Sizes, device: torch.device, peak: floa
         torch._dynamo.reset()  # a fresh compilation for every configuration
     forward = torch.compile(model, backend=sizes.backend) if compiled else model
     optimizer = build_optimizer(model, cfg.train, device)
-    optimise = OptimizerStep(model, forward, optimizer, cfg.train, device)
+    optimizer_step = OptimizerStep(model, forward, optimizer, cfg.train, device)
 
     def step() -> None:
-        optimise(batch)
+        optimizer_step(batch)
         model.after_optimizer_step()
         model.momentum_update(0.996)
 

@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         model = M3IModel(cfg, context).to(device).train()
         model.measure_information = False
         optimizer = build_optimizer(model, cfg.train, device)
-        optimise = OptimizerStep(model, model, optimizer, cfg.train, device)
+        optimizer_step = OptimizerStep(model, model, optimizer, cfg.train, device)
 
-        def step(model=model, optimise=optimise) -> None:
-            optimise(batch)
+        def step(model=model, optimizer_step=optimizer_step) -> None:
+            optimizer_step(batch)
             model.after_optimizer_step()
             model.momentum_update(0.996)
 

@@ -1,5 +1,6 @@
 """The layers (pyproject.toml [tool.importlinter]): every import of the package points down
-runtime/io/ranges < data < models < mi < config < eval < train < bench < cli, imports inside
+errors < runtime/io/ranges < data < models < mi < config < method < eval < train < bench < cli,
+imports inside
 functions and under TYPE_CHECKING included, and no module of a package imports one that imports
 it back. Checked by import-linter on the source these tests import."""
 

@@ -25,11 +25,13 @@ STEPS = 3
 
 def run_steps(model: M3IModel, forward, cfg, batch, steps: int) -> list[dict]:
     """Loss, monitors and gradients of each of `steps` optimizer steps (OptimizerStep)."""
-    optimise = OptimizerStep(model, forward, build_optimizer(model, cfg.train, CPU), cfg.train, CPU)
+    optimizer_step = OptimizerStep(
+        model, forward, build_optimizer(model, cfg.train, CPU), cfg.train, CPU
+    )
     results = []
     for step in range(steps):
         torch.manual_seed(step)  # the mix's draws
-        result = optimise(batch)
+        result = optimizer_step(batch)
         assert result.skipped is None
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         monitors = {k: v.detach() for k, v in result.monitors.items() if k.startswith("loss/")}

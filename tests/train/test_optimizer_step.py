@@ -150,9 +150,9 @@ def test_reduced_precision_steps_with_a_loss_close_to_fp32(source, tokenizer, pr
     before = parameters(low)
     cfg_low = config("clip", f"train.precision={precision}")
 
-    optimise = OptimizerStep(low, low, sgd(low, 0.1), cfg_low.train, CPU)
+    optimizer_step = OptimizerStep(low, low, sgd(low, 0.1), cfg_low.train, CPU)
     skips = []
-    while (result := optimise(batch)).skipped:
+    while (result := optimizer_step(batch)).skipped:
         assert result.skipped.startswith("fp16 gradient overflow") and not result.fatal
         assert_unchanged(low, before)
         skips.append(result)
@@ -161,9 +161,9 @@ def test_reduced_precision_steps_with_a_loss_close_to_fp32(source, tokenizer, pr
     assert set(seen) == {{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
     assert torch.isfinite(result.loss)
     assert result.loss.item() == pytest.approx(full.loss.item(), rel=0.05)
-    assert optimise.scaler.is_enabled() == (precision == "fp16")
+    assert optimizer_step.scaler.is_enabled() == (precision == "fp16")
     if precision == "fp16":
-        assert optimise.scaler.get_scale() == 2.0 ** (16 - len(skips))
+        assert optimizer_step.scaler.get_scale() == 2.0 ** (16 - len(skips))
     else:
         assert not skips
     changed = [not torch.equal(p, before[n]) for n, p in low.named_parameters()]
@@ -176,14 +176,14 @@ def test_an_fp16_overflow_is_skipped_without_counting_and_lowers_the_scale(sourc
     weight = model.backbone.vit.patch_embed.proj.weight
     weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = parameters(model)
-    optimise = OptimizerStep(model, model, sgd(model), cfg.train, CPU)
-    scale = optimise.scaler.get_scale()
+    optimizer_step = OptimizerStep(model, model, sgd(model), cfg.train, CPU)
+    scale = optimizer_step.scaler.get_scale()
 
-    result = optimise(make_batch(source, cfg))
+    result = optimizer_step(make_batch(source, cfg))
 
     assert torch.isfinite(result.loss)
     assert result.skipped.startswith("fp16 gradient overflow") and not result.fatal
-    assert optimise.scaler.get_scale() == scale / 2
+    assert optimizer_step.scaler.get_scale() == scale / 2
     assert_unchanged(model, before)
 
 
@@ -218,13 +218,13 @@ def test_fp16_steps_on_after_a_non_finite_loss(source, tokenizer):
     model = make_model(cfg, source, tokenizer)
     calls = []
     nan_first = nan_at_call(model, 1, calls)
-    optimise = OptimizerStep(model, nan_first, sgd(model, 0.1), cfg.train, CPU)
+    optimizer_step = OptimizerStep(model, nan_first, sgd(model, 0.1), cfg.train, CPU)
     batch = make_batch(source, cfg)
-    first = optimise(batch)
+    first = optimizer_step(batch)
     assert first.skipped.startswith("non-finite loss")
     # the scaler then halves its scale on each gradient overflow (the linear classifier's first
     # gradients overflow fp16 at 2^15) until a step is taken
-    later = [optimise(batch) for _ in range(4)]
+    later = [optimizer_step(batch) for _ in range(4)]
     skipped = [r.skipped for r in later]
     taken = skipped.index(None)
     assert all(

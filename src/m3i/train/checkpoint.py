@@ -148,7 +148,7 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any]) -> None:
 
 def save_run(
     model: M3IModel,
-    optimise: OptimizerStep,
+    optimizer_step: OptimizerStep,
     cfg: Config,
     step: int,
     out_dir: Path,
@@ -166,7 +166,7 @@ def save_run(
         rngs = [rng_state()]
     sharded = sharding.is_sharded(cfg)
     model_state = sharding.full_model_state(model) if sharded else model.state_dict()
-    optimizer = optimise.optimizer
+    optimizer = optimizer_step.optimizer
     optimizer_state = (
         sharding.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
     )
@@ -180,7 +180,7 @@ def save_run(
         "config": to_dict(cfg),
         "model": model_state,
         "optimizer": optimizer_state,
-        "scaler": optimise.scaler.state_dict(),
+        "scaler": optimizer_step.scaler.state_dict(),
         "rng": rngs,
         "data_skipped": skipped,
     }

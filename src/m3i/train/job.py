@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from m3i import runtime
 from m3i.config import Config, ConfigError
@@ -25,13 +25,21 @@ class Interrupted(Exception):
     """Ctrl-C arrived; the message says what was recorded before it (exit status 130)."""
 
 
-def pretrain_job(cfg: Config, out_dir: str | Path, **options: Any) -> Path:
+def pretrain_job(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    started: Callable[[], None] | None = None,
+) -> Path:
     """Pre-train `cfg` into `out_dir`, then, on rank 0, run its final evaluation and write its
-    report, exactly as `m3i pretrain` does; the run directory. `options` are
-    `m3i.train.pretrain.pretrain`'s: progress, resume, overwrite, started."""
+    report, exactly as `m3i pretrain` does; the run directory. The options are
+    `m3i.train.pretrain.pretrain`'s."""
     out = Path(out_dir)
     check_final_eval(cfg.monitor.final_eval)
-    pretrain(cfg, out, **options)
+    pretrain(cfg, out, progress=progress, resume=resume, overwrite=overwrite, started=started)
     if runtime.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
         return out
     print(f"m3i: wrote {out / 'backbone.safetensors'} and {out / 'metrics.jsonl'}", file=sys.stderr)

@@ -55,7 +55,7 @@ class Trainer:
     cfg: Config
     out_dir: Path
     model: M3IModel
-    optimise: OptimizerStep
+    optimizer_step: OptimizerStep
     scheduler: CosineLRScheduler
     stream: Iterator[Batch]  # this rank's batches from step start + 1 on
     draws: SourceDraws  # which source each sample of every global batch is drawn from
@@ -76,7 +76,7 @@ class Trainer:
         return self.skipped
 
     def run(self) -> Path:
-        """Step from `start` to train.steps: optimise, schedules, logs, checkpoints, signals."""
+        """Step from `start` to train.steps: steps, schedules, logs, checkpoints, signals."""
         cfg, model, steps = self.cfg, self.model, self.cfg.train.steps
         bar = tqdm(
             range(self.start + 1, steps + 1),
@@ -96,7 +96,7 @@ class Trainer:
                 model.measure_information = logged  # the Gaussian estimates only when logged
                 batch = next(self.stream)
                 self.skipped_here += batch.skipped
-                result = self.optimise(batch)
+                result = self.optimizer_step(batch)
                 self.scheduler.step_update(step)
                 if result.skipped:
                     bad_in_a_row += result.fatal
@@ -128,7 +128,7 @@ class Trainer:
     def save(self, step: int, final: bool) -> None:
         """The run's files at `step` (every rank calls it)."""
         skipped = self.count_skipped()
-        save_run(self.model, self.optimise, self.cfg, step, self.out_dir, final, skipped)
+        save_run(self.model, self.optimizer_step, self.cfg, step, self.out_dir, final, skipped)
 
     def data_record(self, step: int) -> dict[str, int]:
         """`data/samples/K`: samples drawn from source K by steps 1..step (all ranks);
@@ -146,7 +146,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": step,
             "loss": loss,
-            "lr": self.optimise.optimizer.param_groups[0]["lr"],
+            "lr": self.optimizer_step.optimizer.param_groups[0]["lr"],
             "momentum": momentum,
             "img_per_s": img_per_s,
         }
@@ -202,14 +202,16 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> CosineLRSc
     )
 
 
-def load_state(state: dict[str, Any], model: M3IModel, optimise: OptimizerStep, cfg: Config) -> int:
+def load_state(
+    state: dict[str, Any], model: M3IModel, optimizer_step: OptimizerStep, cfg: Config
+) -> int:
     """Model, optimiser and gradient scaler from a checkpoint; the step it was taken at."""
     if sharding.is_sharded(cfg):
-        sharding.load_full_state(model, optimise.optimizer, state)
+        sharding.load_full_state(model, optimizer_step.optimizer, state)
     else:
         model.load_state_dict(state["model"])
-        optimise.optimizer.load_state_dict(state["optimizer"])
-    optimise.scaler.load_state_dict(state["scaler"])
+        optimizer_step.optimizer.load_state_dict(state["optimizer"])
+    optimizer_step.scaler.load_state_dict(state["scaler"])
     return state["step"]
 
 
@@ -258,9 +260,9 @@ def setup(
     optimizer = build_optimizer(model, cfg.train, device)
     if cfg.train.compile:
         forward = torch.compile(forward)
-    optimise = OptimizerStep(model, forward, optimizer, cfg.train, device)
+    optimizer_step = OptimizerStep(model, forward, optimizer, cfg.train, device)
     scheduler = cosine_schedule(optimizer, cfg)  # before loading: it adds initial_lr to groups
-    start = load_state(state, model, optimise, cfg) if state is not None else 0
+    start = load_state(state, model, optimizer_step, cfg) if state is not None else 0
     if main:
         write_run_files(model, cfg, out_dir)
         record_start(out_dir, resume)
@@ -286,7 +288,7 @@ def setup(
             if monitor is not None:
                 metrics.write({"step": 0, **monitor(backbone)})
     return Trainer(
-        cfg, out_dir, model, optimise, scheduler, stream, batches.draws,
+        cfg, out_dir, model, optimizer_step, scheduler, stream, batches.draws,
         batches.draws.counts_before(cfg.train.first_batch), skipped, metrics,
         monitor, full, start, progress,
     )  # fmt: skip
