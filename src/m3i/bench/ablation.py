@@ -111,13 +111,13 @@ BUDGETS = {
         ],  # fmt: skip
         seeds={"shapes": 1, "fashion-mnist": 1},
     ),
-    "quick": Budget(  # under 10 minutes on 2 CPU cores
+    "quick": Budget(  # 11 minutes on 2 CPU cores before multistage_classic and the timm view
         train=["model.depth=2", "train.steps=40", "train.batch_size=32", "data.num_train=2000"],
         evaluation=["num_train=2000", "num_val=500", "segment.epochs=10"] + SHORT_DETECT,
         seeds={"shapes": 1, "fashion-mnist": 1},
     ),
-    # the README's table: the default model, 3 seeds on both datasets (42 trained runs took
-    # 71 min on 2 CPU cores; the 48 with multistage_classic are not timed yet). Equal FLOPs make
+    # docs/results.md's table: the default model, 3 seeds on both datasets (48 trained runs and
+    # 6 of random init: 87 min on 2 CPU cores, alone). Equal FLOPs make
     # every method train about as long as M3I, so the trained runs get 80 M3I steps at batch 32
     # (60–100 s of training each), shorter probes, and the minus-one runs are left to `gpu`
     "full": Budget(
