@@ -13,6 +13,7 @@ holds m3i's eval transform (mean, std, input size, crop_pct, interpolation), whi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -34,22 +35,28 @@ TAG = "m3i"  # the pretrained tag of an export (not the tag of the weights timm 
 SOURCE_KEYS = ("hf_hub_id", "url", "license", "paper_ids", "paper_name", "notes", "origin_url")
 
 
-def timm_dir_config(backbone: Backbone) -> dict:
+def timm_dir_config(backbone: Backbone) -> str:
     """The config.json of a backbone's export, as timm's `save_config_for_hf` writes it for
     a model built with the export's arguments, its pretrained_cfg m3i's eval data config."""
+    arguments = {**backbone.timm_kwargs, **backbone.timm_dir_args}
+    return _config_text(backbone.timm_name, json.dumps(arguments), backbone.img_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _config_text(name: str, arguments: str, img_size: int) -> str:
+    """config.json for timm model `name` with these (JSON) arguments: built once per run, not
+    at every checkpoint (a meta-device model and timm's writer)."""
     with torch.device("meta"):
-        model = timm.create_model(
-            backbone.timm_name, **backbone.timm_kwargs, **backbone.timm_dir_args
-        )
+        model = timm.create_model(name, **json.loads(arguments))
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / CONFIG_FILE
-        save_config_for_hf(model, str(path), data_config=eval_data_config(backbone.img_size))
+        save_config_for_hf(model, str(path), data_config=eval_data_config(img_size))
         config = json.loads(path.read_text())
     pretrained = config["pretrained_cfg"]
     for key in SOURCE_KEYS:  # the architecture's default weights say where they came from
         pretrained.pop(key, None)
     pretrained["tag"] = TAG
-    return config
+    return json.dumps(config, indent=2) + "\n"
 
 
 def save_backbone_files(
@@ -69,8 +76,7 @@ def save_backbone_files(
         link_or_copy(out_dir / "backbone.safetensors", out_dir / WEIGHTS_FILE)
     else:
         atomic_save_safetensors(exported, out_dir / WEIGHTS_FILE, {"format": "pt"})
-    text = json.dumps(timm_dir_config(backbone), indent=2) + "\n"
-    atomic_write_text(out_dir / CONFIG_FILE, text)
+    atomic_write_text(out_dir / CONFIG_FILE, timm_dir_config(backbone))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
