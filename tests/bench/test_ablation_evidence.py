@@ -21,10 +21,10 @@ from m3i.bench.ablation_stats import (
     rank_statement,
     seed_ranks,
 )
-from m3i.bench.provenance import git_commit
 from m3i.cli import main
 from m3i.config import load_config
 from m3i.eval.settings import DenseSettings, DetectSettings, load_settings
+from m3i.provenance import git_commit
 from m3i.train.pretrain import pretrain
 
 # 2 methods, 3 seeds, 2 metrics, on one dataset: (knn, linear) per seed

@@ -11,8 +11,8 @@ import pytest
 import m3i.bench.ablation as ablation
 from m3i.bench.ablation import METHODS, RECORD_SUFFIX, data_dir, finished_runs
 from m3i.bench.ablation_report import provenance_lines
-from m3i.bench.provenance import git_commit, package_digest
 from m3i.cli import main
+from m3i.provenance import git_commit, package_digest
 from m3i.train.stopping import TrainingStopped
 
 TINY = ["bench", "ablation", "--budget", "tiny", "--equal", "steps"]  # 8 steps for every method

@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from m3i.bench.ablation_compute import FlopCounts, StagePlan, check_equal, plan_run, with_steps
-from m3i.bench.provenance import device_name, git_commit, package_digest
+from m3i.bench.provenance import device_name
 from m3i.config import ConfigError, load_config, validate
 from m3i.eval.settings import EvalSettings, load_settings
 from m3i.eval.tasks import evaluate
 from m3i.io import OutDirError, atomic_write_text
+from m3i.provenance import git_commit, package_digest
 from m3i.runtime import pick_device
 from m3i.train.pretrain import pretrain
 from m3i.train.stages import stage_steps

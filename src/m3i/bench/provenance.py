@@ -9,7 +9,6 @@ import datetime
 import torch
 
 from m3i.provenance import git_commit
-from m3i.provenance import package_digest as package_digest  # used by the ablation's records
 from m3i.train.input_rate import usable_cores
 
 
